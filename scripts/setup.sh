@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create .venv (if missing or stale) with torch CPU first, then the project and its dev tools.
+# Idempotent: a stamp keyed on pyproject.toml skips the install when nothing changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+STAMP="$VENV/.d2llm-setup-stamp"
+want=$(sha256sum pyproject.toml | cut -c1-16)
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "d2llm needs Python >= 3.11 (found $("$PYTHON" --version)); set PYTHON=..." >&2
+  exit 1
+fi
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+echo "setting up $VENV (first run takes a few minutes)..." >&2
+"$VENV/bin/python" -m pip install -q --upgrade pip
+# torch first, pinned: an unpinned torch pulled in by a dependency can be a multi-GB CUDA build.
+# Set TORCH_INDEX_URL (e.g. the PyTorch CPU index) where the CPU wheel is not the default.
+"$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+echo "$want" > "$STAMP"

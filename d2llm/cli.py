@@ -73,7 +73,9 @@ def cmd_prepare(args: argparse.Namespace, params: Params) -> int:
 
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--report-dir", type=Path, help="GX results and Data Docs (default: validation.report_dir)")
+    p.add_argument(
+        "--report-dir", type=Path, help="GX results and Data Docs (default: validation.report_dir)"
+    )
 
 
 @command("validate", "validate the canonical tables with Great Expectations")
@@ -125,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     except D2LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

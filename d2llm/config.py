@@ -45,6 +45,8 @@ class CustomPairsDataset(_Section):
     label_range: tuple[float, float] | None = None  # for scores: inclusive range
     label_set: list[str] | None = None  # for classes
     positive_labels: list[str] = Field(default_factory=list)  # classes that mean "match"
+    # Scores at or above this are positives; None: 80% up label_range (4 on a 0-5 scale).
+    positive_min_score: float | None = None
     files: dict[Literal["train", "dev", "test"], str]
     columns: ColumnMapping = ColumnMapping()
 
@@ -54,6 +56,13 @@ class CustomPairsDataset(_Section):
             raise ValueError(f"dataset {self.name!r}: a score dataset needs label_range")
         if self.label_kind == "class" and not self.label_set:
             raise ValueError(f"dataset {self.name!r}: a class dataset needs label_set")
+        if self.label_range is not None and self.label_range[0] > self.label_range[1]:
+            raise ValueError(f"dataset {self.name!r}: label_range {self.label_range} has low > high")
+        unknown = sorted(set(self.positive_labels) - set(self.label_set or []))
+        if unknown:
+            raise ValueError(f"dataset {self.name!r}: positive_labels {unknown} are not in label_set")
+        if not self.files:
+            raise ValueError(f"dataset {self.name!r}: files needs at least one split")
         return self
 
 
@@ -74,6 +83,28 @@ class DataConfig(_Section):
     # used for training.
     ir_train_pairs: Literal["title_body", "none"] = "title_body"
     custom: list[CustomPairsDataset] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _custom_names_unique(self) -> DataConfig:
+        # Names a built-in source produces (d2llm.data.sources.BUILTIN_DATASETS, kept in sync by a test).
+        builtin = {
+            "stsb_en",
+            "sick",
+            "sick_r",
+            "snli",
+            "cranfield",
+            "cisi",
+            "cranfield_titles",
+            "cisi_titles",
+        }
+        builtin |= {"stsb_zh", "ocnli", "atec"}
+        names = [c.name for c in self.custom]
+        for name in names:
+            if names.count(name) > 1:
+                raise ValueError(f"data.custom: dataset name {name!r} is used twice")
+            if name in builtin:
+                raise ValueError(f"data.custom: dataset name {name!r} is taken by a built-in dataset")
+        return self
 
 
 class ValidationConfig(_Section):
@@ -106,6 +137,9 @@ class TeacherFinetuneConfig(_Section):
     # Gold datasets (canonical names, e.g. "sick") the teacher is fine-tuned on.
     datasets: list[str] = Field(default_factory=lambda: ["sick"])
     lora: LoraConfig = LoraConfig(enabled=False)
+    grad_clip: float = Field(default=1.0, gt=0)
+    max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); None: epochs decide
+    max_dev_pairs: int | None = Field(default=2000, ge=1)  # per dataset, for the before/after eval
 
 
 class PromptConfig(_Section):
@@ -116,7 +150,15 @@ class PromptConfig(_Section):
         "Judge whether #P is absolutely correct about the event in #Q, or #Q about #P. "
         "Answer yes or no."
     )
-    asym: str = "#Q: {a}\n#P: {b}\nJudge whether #P can correctly answer the question in #Q. Answer yes or no."
+    asym: str = (
+        "#Q: {a}\n#P: {b}\nJudge whether #P can correctly answer the question in #Q. Answer yes or no."
+    )
+    # Chinese templates, used for pairs written in Chinese (see ``language``). They still ask for
+    # yes/no so that one pair of answer tokens serves both languages.
+    sym_zh: str = "#Q: {a}\n#P: {b}\n请判断#P是否完全符合#Q所描述的事件，或#Q是否完全符合#P。请回答yes或no。"
+    asym_zh: str = "#Q: {a}\n#P: {b}\n请判断#P是否能正确回答#Q中的问题。请回答yes或no。"
+    # "auto": the Chinese template when either text contains CJK characters.
+    language: Literal["auto", "en", "zh"] = "auto"
     yes_word: str = "yes"
     no_word: str = "no"
     use_chat_template: bool = True
@@ -217,10 +259,14 @@ class TrainingConfig(_Section):
 class EvaluationConfig(_Section):
     output: Path = Path("reports/metrics.json")
     # Test sets of the three-system table (canonical dataset names).
-    pair_datasets: list[str] = Field(default_factory=lambda: ["stsb_en", "sick"])
+    # Class datasets (sick, snli) give AP + accuracy, score datasets (stsb_en, sick_r) Spearman.
+    pair_datasets: list[str] = Field(default_factory=lambda: ["stsb_en", "sick", "sick_r"])
     ir_datasets: list[str] = Field(default_factory=lambda: ["cranfield", "cisi"])
-    max_pairs: int | None = Field(default=None, ge=1)
+    max_pairs: int | None = Field(default=None, ge=1)  # seeded sample of each test split
+    max_queries: int | None = Field(default=None, ge=1)  # seeded sample of each IR query set
     include_teacher: bool = True
+    # The teacher re-ranks BM25's top M per query (scoring the full corpus is what D2LLM avoids).
+    teacher_rerank_depth: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)
 
 

@@ -32,9 +32,9 @@ def resolve_model_ref(ref: str) -> str:
         try:
             module = importlib.import_module(module_name)
         except ImportError as err:
-            raise ModelNotFoundError(
-                f"model package {module_name!r} is not installed (pip install {module_name.replace('_', '-')})"
-            ) from err
+            hint = module_name.replace("_", "-")
+            message = f"model package {module_name!r} is not installed (pip install {hint})"
+            raise ModelNotFoundError(message) from err
         getter = getattr(module, "get_model_path", None)
         folder = Path(getter()) if callable(getter) else Path(module.__file__).parent
         if not folder.is_dir():
@@ -47,7 +47,9 @@ def resolve_model_ref(ref: str) -> str:
         return str(path)
     if ref.count("/") == 1 and not ref.startswith((".", "/")):
         return ref  # a hub id: transformers resolves it (or fails clearly when offline)
-    raise ModelNotFoundError(f"model reference {ref!r} is neither a package:, an existing folder nor a hub id")
+    raise ModelNotFoundError(
+        f"model reference {ref!r} is neither a package:, an existing folder nor a hub id"
+    )
 
 
 def load_tokenizer(ref: str, gguf_file: str | None = None, trust_remote_code: bool = False) -> Any:

@@ -1,0 +1,329 @@
+"""Distil the teacher into the student: the training loop.
+
+One optimisation step sees one labelled group (B anchors, their positives and K hard negatives
+each) and the teacher's scores for exactly those pairs, so the in-batch teacher matrix is always
+valid. Groups are shuffled between epochs (never their content), with an order derived from the
+seed and the epoch so that a resumed run replays the same sequence.
+
+The dev metric (not a training loss) is measured at step 0 and every ``eval_every`` steps; the best
+student is kept, so early stopping can never return a model worse than the one it started from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from d2llm.config import Params, TaskKind
+from d2llm.errors import ArtifactError, DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from d2llm.student.model import D2LLMStudent
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_DIR = "checkpoint"
+HISTORY_FILE = "training_history.json"
+
+
+# --------------------------------------------------------------------------- dev evaluation
+
+
+@dataclass(frozen=True)
+class DevSet:
+    """Pairs of a dev split with the gold signal the dev metric needs."""
+
+    pairs: list[tuple[str, str]]
+    gold: np.ndarray
+    task: TaskKind
+    metric: str  # "ap" or "spearman"
+
+
+def load_dev_set(params: Params, prepared_dir: Path) -> DevSet:
+    from d2llm.data.tables import load_pairs
+
+    cfg = params.training
+    df = load_pairs(prepared_dir, cfg.dev_dataset, split="dev")
+    if df.empty:
+        raise DataError(f"dev dataset {cfg.dev_dataset!r} has no dev split in {prepared_dir}")
+    if cfg.max_dev_pairs is not None and len(df) > cfg.max_dev_pairs:
+        df = df.sample(n=cfg.max_dev_pairs, random_state=params.seed).sort_index()
+    if cfg.dev_metric == "ap":
+        gold = df["is_positive"].to_numpy(dtype=float)
+        if gold.min() == gold.max():
+            raise DataError(f"dev split of {cfg.dev_dataset!r} has only one class: AP is undefined")
+    elif cfg.dev_metric == "spearman":
+        gold = df["label"].to_numpy(dtype=float)
+    else:
+        raise DataError(
+            f"training.dev_metric {cfg.dev_metric!r} needs a pair dataset metric (ap or spearman)"
+        )
+    return DevSet(
+        pairs=list(zip(df["text_a"], df["text_b"], strict=True)),
+        gold=gold,
+        task=str(df["task"].iloc[0]),  # type: ignore[arg-type]
+        metric=cfg.dev_metric,
+    )
+
+
+def evaluate_dev(student: D2LLMStudent, dev: DevSet, batch_size: int = 64) -> float:
+    """The dev metric x100 of the student's IEM scores."""
+    from d2llm.evaluation.metrics import average_precision, spearman
+
+    was_training = student.training
+    student.eval()
+    with torch.no_grad():
+        scores = student.score(dev.pairs, dev.task, batch_size=batch_size).float().cpu().numpy()
+    student.train(was_training)
+    if dev.metric == "ap":
+        return 100.0 * average_precision(scores, dev.gold)
+    return 100.0 * spearman(scores, dev.gold)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def group_logits(
+    student: D2LLMStudent,
+    anchors: list[str],
+    positives: list[str],
+    negatives: list[list[str]],
+    task: TaskKind,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Student logits for a group: in-batch [B, B], hard [B, K+1] and IEM branch vectors [B, K+1, H].
+
+    Each text is encoded once; the in-batch matrix reuses the positives' vectors.
+    """
+    batch, k = len(anchors), len(negatives[0])
+    flat_negatives = [text for row in negatives for text in row]
+    e_a = student.embed_texts(anchors)
+    e_c = student.embed_texts(positives + flat_negatives)
+    e_pos, e_neg = e_c[:batch], e_c[batch:].view(batch, k, -1)
+
+    dim = e_a.shape[-1]
+    z_in = student.score_vectors(
+        e_a.unsqueeze(1).expand(batch, batch, dim).reshape(-1, dim),
+        e_pos.unsqueeze(0).expand(batch, batch, dim).reshape(-1, dim),
+        task,
+    ).view(batch, batch)
+    candidates = torch.cat([e_pos.unsqueeze(1), e_neg], dim=1)  # [B, K+1, d], column 0 = positive
+    z_hn, u_hn = student.iem_features(
+        e_a.unsqueeze(1).expand(batch, k + 1, dim).reshape(-1, dim),
+        candidates.reshape(-1, dim),
+        task,
+    )
+    return z_in, z_hn.view(batch, k + 1), u_hn.view(batch, k + 1, -1)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    best_metric: float
+    best_step: int
+    initial_metric: float
+    steps: int
+    stopped_early: bool
+    seconds: float
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "history"}
+
+
+def _linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(total_steps - warmup_steps, 1)
+        return max(0.0, (total_steps - step) / remaining)
+
+    return factor
+
+
+def _epoch_order(num_groups: int, seed: int, epoch: int) -> list[int]:
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_groups, generator=generator).tolist()
+
+
+def train_student(
+    params: Params,
+    labels_dir: Path,
+    prepared_dir: Path,
+    out_dir: Path,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
+    on_eval: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """Train a student on labelled groups; write the best student to ``out_dir``.
+
+    ``out_dir/checkpoint`` holds the latest full training state and is picked up by a rerun
+    (``resume``). ``stop_after_steps`` ends the run early without finishing it, as a kill would
+    (used to test resumption). ``on_eval`` receives each dev evaluation record (for tracking).
+    """
+    from d2llm.hub import pick_device, seed_everything
+    from d2llm.labelling import load_labels
+    from d2llm.losses import D2LLMLoss
+    from d2llm.student.model import D2LLMStudent
+
+    started = time.perf_counter()
+    cfg = params.training
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    seed_everything(params.seed)
+    device = pick_device(params.device)
+
+    labels = load_labels(labels_dir)
+    num_groups = len(labels.groups)
+    if num_groups == 0:
+        raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
+    dev = load_dev_set(params, prepared_dir)
+
+    student = D2LLMStudent.from_config(params.student).to(device)
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    steps_per_epoch = math.ceil(num_groups / cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_warmup_decay(total_steps, int(cfg.warmup_ratio * total_steps))
+    )
+
+    loop: dict[str, Any] = {
+        "step": 0,
+        "micro": 0,
+        "best_metric": None,
+        "best_step": 0,
+        "initial_metric": None,
+        "bad_evals": 0,
+        "stopped_early": False,
+        "history": [],
+    }
+    checkpoint_dir = out_dir / CHECKPOINT_DIR
+    if resume and checkpoint_dir.exists():
+        from d2llm.checkpoint import load_checkpoint
+
+        weights, loop = load_checkpoint(checkpoint_dir, optimizer, scheduler)
+        missing = set(trainable) - set(weights)
+        if missing:
+            raise ArtifactError(
+                f"checkpoint {checkpoint_dir} does not match the student config ({len(missing)} "
+                "parameters missing); delete it or train into a new folder"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                trainable[name].copy_(tensor.to(device))
+        log.info("resumed from step %d", loop["step"])
+
+    use_bf16 = cfg.bf16 and device.type == "cuda"
+    student.train()
+
+    def evaluate_and_keep_best() -> bool:
+        """Measure the dev metric; save the student when it is the best so far. True = stop."""
+        metric = evaluate_dev(student, dev)
+        record = {"step": loop["step"], "dev_metric": metric, "lr": scheduler.get_last_lr()[0]}
+        loop["history"].append(record)
+        if on_eval:
+            on_eval(record)
+        if loop["initial_metric"] is None:
+            loop["initial_metric"] = metric
+        if loop["best_metric"] is None or metric > loop["best_metric"]:
+            loop.update(best_metric=metric, best_step=loop["step"], bad_evals=0)
+            student.save_pretrained(out_dir)
+        else:
+            loop["bad_evals"] += 1
+        log.info(
+            "step %d: dev %s %.2f (best %.2f at step %d)",
+            loop["step"],
+            dev.metric,
+            metric,
+            loop["best_metric"],
+            loop["best_step"],
+        )
+        return loop["bad_evals"] >= cfg.patience
+
+    def save_state() -> None:
+        from d2llm.checkpoint import save_checkpoint
+
+        save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, loop)
+
+    from tqdm.auto import tqdm
+
+    stopped_early = loop["stopped_early"]
+    if loop["initial_metric"] is None:
+        stopped_early = evaluate_and_keep_best()
+        save_state()
+    progress = tqdm(total=total_steps, initial=loop["step"], desc="distil", unit="step")
+    steps_this_run = 0
+    while loop["step"] < total_steps and not stopped_early:
+        epoch, position = divmod(loop["micro"], num_groups)
+        group_index = _epoch_order(num_groups, params.seed, epoch)[position]
+        group = labels.group(group_index)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            z_in, z_hn, u_hn = group_logits(
+                student, group.anchors, group.positives, group.negatives, group.task
+            )
+            parts = loss_fn(
+                z_in=z_in.float(),
+                z_hn=z_hn.float(),
+                t_in=group.in_batch.to(device),
+                t_hn=group.hard.to(device),
+                u_hn=u_hn.float(),
+                c_teacher=group.feature_cos.to(device),
+            )
+        (parts["total"] / cfg.grad_accum).backward()
+        loop["micro"] += 1
+        if loop["micro"] % cfg.grad_accum:
+            continue
+        torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loop["step"] += 1
+        steps_this_run += 1
+        progress.update(1)
+        progress.set_postfix(loss=f"{parts['total'].item():.3f}")
+        loop["history"].append({"step": loop["step"], **{f"loss_{k}": v.item() for k, v in parts.items()}})
+        if loop["step"] % cfg.eval_every == 0 or loop["step"] == total_steps:
+            stopped_early = loop["stopped_early"] = evaluate_and_keep_best()
+            save_state()
+        if stop_after_steps is not None and steps_this_run >= stop_after_steps:
+            save_state()
+            progress.close()
+            raise InterruptedError(f"stopped after {steps_this_run} steps on request")
+    progress.close()
+
+    result = TrainResult(
+        best_metric=loop["best_metric"],
+        best_step=loop["best_step"],
+        initial_metric=loop["initial_metric"],
+        steps=loop["step"],
+        stopped_early=stopped_early,
+        seconds=time.perf_counter() - started,
+        history=loop["history"],
+    )
+    (out_dir / HISTORY_FILE).write_text(
+        json.dumps({"summary": result.to_dict(), "history": result.history}, indent=1), encoding="utf-8"
+    )
+    return result
+
+
+def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame(history)

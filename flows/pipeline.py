@@ -1,0 +1,302 @@
+"""The training pipeline as a Prefect flow: validate, mine, teacher, label, distil, evaluate, register.
+
+This module only composes d2llm library functions as tasks. What Prefect adds:
+- caching keyed on content: each task's cache key is the content fingerprint of its input
+  artefacts, the config sections it reads and the library's source, so an unchanged stage (the
+  teacher labelling above all) is skipped on the next run; a cached stage whose output folder
+  has gone missing is recomputed;
+- retries on transient failures (never on errors in the data or the config, which a retry
+  cannot fix);
+- a "gpu" concurrency limit around the stages that use the accelerator
+  (``prefect gcl create gpu --limit 1`` on a shared server; without it they run unthrottled);
+- one MLflow parent run per pipeline run, a nested run per stage.
+
+Run it: ``python -m flows.pipeline`` (the README's ``make run``), or through the deployment in
+``prefect.yaml`` / ``flows/deploy.py`` for scheduled retraining.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import INPUTS, TASK_SOURCE
+from prefect.concurrency.sync import concurrency
+
+from d2llm import layout
+from d2llm.config import Params, load_params
+from d2llm.errors import D2LLMError
+from d2llm.fingerprint import code_fingerprint, path_fingerprint
+
+# The cache key is built from everything a task reads except the full config object, whose
+# unrelated sections must not invalidate the stage.
+CACHED = (INPUTS - "params") + TASK_SOURCE
+
+
+def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Retry only failures a retry can fix: not bad data, bad config or a missing artefact."""
+    try:
+        state.result()
+    except D2LLMError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _section(params: Params, *names: str) -> dict[str, Any]:
+    return {name: getattr(params, name).model_dump(mode="json") for name in names}
+
+
+def _gpu_slot() -> Any:
+    # strict=False: without a "gpu" limit on the server the stage simply runs.
+    return concurrency("gpu", occupy=1, strict=False)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@task(name="validate-data", retries=0)
+def validate_data(params: Params) -> str:
+    """Prepare the canonical tables and validate them with Great Expectations (fails the flow)."""
+    from d2llm.data.prepare import prepare_data, print_counts
+    from d2llm.data.validation import validate_prepared
+    from d2llm.tracking import stage_run
+
+    logger = get_run_logger()
+    with stage_run("validate-data") as run:
+        counts = prepare_data(params, params.data.raw_dir, params.data.prepared_dir)
+        print_counts(counts)
+        try:
+            summary = validate_prepared(params, params.data.prepared_dir, params.validation.report_dir)
+        except D2LLMError as err:
+            logger.error("data validation failed, nothing will be trained:\n%s", err)
+            raise
+        logger.info(summary.describe())
+        _log_artifacts(run, params.validation.report_dir, "validation")
+    return path_fingerprint(params.data.prepared_dir)
+
+
+@task(
+    name="mine-negatives",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=2,
+    retry_condition_fn=_retry_transient,
+)
+def mine(params: Params, key: dict[str, Any]) -> str:
+    from d2llm.mining import mine_negatives
+    from d2llm.tracking import stage_run
+
+    with stage_run("mine-negatives"):
+        mine_negatives(params, params.data.prepared_dir, layout.NEGATIVES)
+    return path_fingerprint(layout.NEGATIVES)
+
+
+@task(
+    name="finetune-teacher",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=_retry_transient,
+    tags=["gpu"],
+)
+def finetune(params: Params, key: dict[str, Any]) -> str:
+    from d2llm.teachers.finetune import finetune_teacher
+    from d2llm.tracking import log_metrics_dict, stage_run
+
+    with stage_run("finetune-teacher"), _gpu_slot():
+        report = finetune_teacher(params, params.data.prepared_dir, layout.TEACHER_DIR)
+        log_metrics_dict(_numbers(report), prefix="teacher")
+    return path_fingerprint(layout.TEACHER_DIR)
+
+
+@task(
+    name="label-groups",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=2,
+    retry_condition_fn=_retry_transient,
+    tags=["gpu"],
+)
+def label(params: Params, key: dict[str, Any]) -> str:
+    # Labelling is resumable: a retry continues from the last complete shard.
+    from d2llm.labelling import label_groups
+    from d2llm.tracking import log_metrics_dict, stage_run
+
+    with stage_run("label-groups"), _gpu_slot():
+        report = label_groups(params, layout.NEGATIVES, layout.TEACHER_DIR, layout.LABELS_DIR)
+        log_metrics_dict(_numbers(report), prefix="labelling")
+    return path_fingerprint(layout.LABELS_DIR)
+
+
+@task(
+    name="distil-student",
+    cache_policy=CACHED,
+    persist_result=True,
+    retries=1,
+    retry_condition_fn=_retry_transient,
+    tags=["gpu"],
+)
+def distil(params: Params, key: dict[str, Any]) -> dict[str, Any]:
+    # A retry resumes from the last checkpoint in models/student/checkpoint.
+    from d2llm.tracking import log_metrics_dict, log_training_curve, stage_run
+    from d2llm.training import train_student
+
+    with stage_run("distil-student"), _gpu_slot():
+        result = train_student(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
+        log_training_curve(result.history)
+        log_metrics_dict(_numbers(result.to_dict()), prefix="train")
+    summary = result.to_dict()
+    layout.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
+    layout.TRAIN_METRICS.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    return {"fingerprint": path_fingerprint(layout.STUDENT_DIR), **summary}
+
+
+@task(
+    name="evaluate", cache_policy=CACHED, persist_result=True, retries=1, retry_condition_fn=_retry_transient
+)
+def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
+    from d2llm.evaluation.evaluate import evaluate_systems, format_table
+    from d2llm.tracking import log_metrics_dict, stage_run
+
+    with stage_run("evaluate") as run:
+        results = evaluate_systems(
+            params, params.data.prepared_dir, layout.TEACHER_DIR, layout.STUDENT_DIR, params.evaluation.output
+        )
+        log_metrics_dict(results["flat"])
+        _log_artifacts(run, params.evaluation.output, "evaluation")
+    return {"table": format_table(results), "flat": results["flat"]}
+
+
+@task(name="register-student", retries=0)
+def register(params: Params, metrics: dict[str, float], eval_data_id: str) -> str:
+    from d2llm.tracking import log_student
+
+    version = log_student(
+        layout.STUDENT_DIR,
+        registered_model_name=params.tracking.registered_model,
+        metrics=metrics,
+        eval_data_id=eval_data_id,
+    )
+    return str(version.version)
+
+
+# --------------------------------------------------------------------------- flow
+
+
+def _numbers(report: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path)
+
+
+def _run_cached(step: Any, output: Path, params: Params, key: dict[str, Any]) -> Any:
+    """Run a cached task, recomputing it when its output artefact is gone."""
+    return step.with_options(refresh_cache=not Path(output).exists())(params, key)
+
+
+@flow(name="d2llm-training", log_prints=True)
+def training_pipeline(
+    params_file: str = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    promote: bool = True,
+) -> dict[str, Any]:
+    """Validate, mine, fine-tune the teacher, label, distil, evaluate, register (and promote)."""
+    from d2llm.tracking import pipeline_run
+
+    logger = get_run_logger()
+    params = load_params(params_file, overrides)
+    code = code_fingerprint()
+    with pipeline_run(params, run_name="d2llm-training") as run:
+        prepared = validate_data(params)
+        negatives = _run_cached(
+            mine,
+            layout.NEGATIVES,
+            params,
+            {"prepared": prepared, "code": code, **_section(params, "mining", "labelling")},
+        )
+        teacher = _run_cached(
+            finetune,
+            layout.TEACHER_DIR,
+            params,
+            {"prepared": prepared, "code": code, **_section(params, "teacher")},
+        )
+        labels = _run_cached(
+            label,
+            layout.LABELS_DIR,
+            params,
+            {
+                "negatives": negatives,
+                "teacher": teacher,
+                "code": code,
+                **_section(params, "labelling", "teacher"),
+            },
+        )
+        trained = _run_cached(
+            distil,
+            layout.STUDENT_DIR,
+            params,
+            {
+                "labels": labels,
+                "prepared": prepared,
+                "code": code,
+                "seed": params.seed,
+                **_section(params, "student", "loss", "training"),
+            },
+        )
+        evaluation = _run_cached(
+            evaluate,
+            params.evaluation.output,
+            params,
+            {
+                "student": trained["fingerprint"],
+                "teacher": teacher,
+                "prepared": prepared,
+                "code": code,
+                **_section(params, "evaluation"),
+            },
+        )
+        version = register(params, evaluation["flat"], eval_data_id=prepared)
+        logger.info(
+            "registered %s version %s (MLflow run %s)",
+            params.tracking.registered_model,
+            version,
+            run.info.run_id,
+        )
+
+    decision = None
+    if promote:
+        from flows.promotion import promotion_flow
+
+        decision = promotion_flow(params_file=params_file, version=version, overrides=overrides)
+    print(evaluation["table"])
+    print(f"MLflow run: {run.info.run_id}  registered model: {params.tracking.registered_model} v{version}")
+    if decision is not None:
+        print(f"promotion: {decision['verdict']} -> aliases {decision['aliases']}")
+    return {
+        "run_id": run.info.run_id,
+        "version": version,
+        "metrics": evaluation["flat"],
+        "promotion": decision,
+    }
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=training_pipeline.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--no-promote", action="store_true")
+    args = parser.parse_args()
+    training_pipeline(params_file=args.params, promote=not args.no_promote)

@@ -1,0 +1,84 @@
+"""Champion/challenger promotion as a Prefect flow.
+
+The registered version becomes ``challenger``; it is compared with ``champion`` on the same
+evaluation data and promoted only if the main metric improves and no task regresses by more than
+``promotion.tolerance`` points. The decision and the numbers are written on the model version.
+Running it twice changes nothing the second time; the first model ever becomes champion.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+
+from d2llm.config import Params, load_params
+
+
+def _student_metrics_for(params: Params, model_uri: str) -> dict[str, float]:
+    """Evaluate a registered student on the current test data (used when stored metrics are stale)."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    from d2llm.evaluation.evaluate import evaluate_systems
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}", dst_path=tmp))
+        student_dir = next(p.parent for p in local.rglob("student.json"))
+        results = evaluate_systems(params, params.data.prepared_dir, None, student_dir, Path(tmp) / "m.json")
+    return results["flat"]
+
+
+@task(name="promote-challenger", retries=2, retry_delay_seconds=5)
+def decide_and_promote(params: Params, version: str, eval_data_id: str | None) -> dict[str, Any]:
+    from d2llm.tracking import configure, promote
+    from d2llm.tracking.promotion import describe_registry, stored_metrics
+    from mlflow import MlflowClient
+
+    configure(params.tracking)
+    client = MlflowClient()
+    name = params.tracking.registered_model
+    metrics: Any = stored_metrics(client, name, version)
+    if not metrics:
+        metrics = lambda uri: _student_metrics_for(params, uri)  # noqa: E731
+    decision = promote(client, name, version, metrics, params.promotion, eval_data_id=eval_data_id)
+    registry = describe_registry(client, name)
+    return {
+        "verdict": "promoted" if decision.promote else "refused",
+        "reason": decision.reason,
+        "aliases": registry.get("aliases", {}),
+    }
+
+
+@flow(name="d2llm-promotion")
+def promotion_flow(
+    params_file: str = "params.yaml", version: str | None = None, overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Promote ``version`` (default: the newest registered version) if it beats the champion."""
+    from d2llm.tracking import configure
+    from mlflow import MlflowClient
+
+    params = load_params(params_file, overrides)
+    configure(params.tracking)
+    client = MlflowClient()
+    name = params.tracking.registered_model
+    if version is None:
+        versions = client.search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise RuntimeError(f"no registered versions of {name!r} to promote")
+        version = str(max(int(v.version) for v in versions))
+    eval_data = client.get_model_version(name, version).tags.get("d2llm.eval_data")
+    result = decide_and_promote(params, version, eval_data)
+    get_run_logger().info("%s v%s %s: %s", name, version, result["verdict"], result["reason"])
+    return result
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=promotion_flow.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--version")
+    args = parser.parse_args()
+    print(promotion_flow(params_file=args.params, version=args.version))

@@ -15,7 +15,7 @@ setup:
 	@bash scripts/setup.sh
 
 run: setup
-	$(VENV)/bin/d2llm pipeline
+	$(VENV)/bin/python -m flows.pipeline
 
 test: setup
 	$(VENV)/bin/ruff check .

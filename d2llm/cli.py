@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from d2llm import layout
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 
@@ -89,6 +90,38 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
         report_dir=args.report_dir or params.validation.report_dir,
     )
     print(summary.describe())
+    return 0
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels-dir", type=Path, default=layout.LABELS_DIR, help="labelled groups")
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables, for the dev split")
+    p.add_argument("--out-dir", type=Path, default=layout.STUDENT_DIR, help="where the best student goes")
+    p.add_argument("--metrics", type=Path, default=layout.TRAIN_METRICS, help="training summary JSON")
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+
+
+@command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
+@arguments(_train_args)
+def cmd_train(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from d2llm.training import train_student
+
+    result = train_student(
+        params,
+        labels_dir=args.labels_dir,
+        prepared_dir=args.prepared_dir or params.data.prepared_dir,
+        out_dir=args.out_dir,
+        resume=not args.no_resume,
+    )
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    print(
+        f"dev {params.training.dev_metric}: start {result.initial_metric:.2f} -> "
+        f"best {result.best_metric:.2f} at step {result.best_step} of {result.steps} "
+        f"({result.seconds:.0f} s); student in {args.out_dir}"
+    )
     return 0
 
 

@@ -122,7 +122,7 @@ class LoraConfig(_Section):
     r: int = Field(default=8, ge=1)
     alpha: int = Field(default=8, ge=1)
     dropout: float = Field(default=0.0, ge=0, lt=1)
-    # None: chosen per architecture (d2llm.modeling.lora_target_modules).
+    # None: chosen per architecture (d2llm.student.backbone.lora_target_modules).
     target_modules: list[str] | None = None
 
 
@@ -215,6 +215,9 @@ class IEMConfig(_Section):
     # "cosine": add a learnable multiple of cos(e_a, e_b), output layer zero-initialised,
     # so the student starts as the bi-encoder.
     residual: Literal["none", "cosine"] = "none"
+    # Initial value of the learnable cosine multiple (residual="cosine"): scores start as
+    # cosine_scale * cos(e_a, e_b), i.e. InfoNCE at temperature 1/cosine_scale.
+    cosine_scale: float = Field(default=20.0, gt=0)
 
 
 class StudentConfig(_Section):

@@ -1,0 +1,227 @@
+"""The three distillation losses of D2LLM: contrastive (CI), rank (RI) and feature (FI) imitation.
+
+Shapes, per training group of B anchors with K hard negatives each (see docs/model.md):
+
+- ``z_in [B, B]``: student logits, ``z_in[i, j] = student(a_i, b_j)`` (diagonal = positives);
+- ``z_hn [B, K+1]``: student logits for (a_i, c_ik), column 0 = the positive b_i;
+- ``s_in [B, B]``, ``s_hn [B, K+1]``: teacher probabilities ``s = softmax(t / tau_T)[..., 0]``
+  from the teacher logits ``t_* [..., 2]`` (``[z_yes, z_no]``);
+- ``u_hn [B, K+1, H]``: the student's IEM branch vectors for the (K+1) pairs of each anchor;
+- ``c_teacher [B, K+1, K+1]``: the cosine matrix of the teacher's features for those pairs.
+
+Each loss is one module holding its own hyper-parameters (sentence-transformers style) and
+returns a scalar, the mean over anchors. :class:`D2LLMLoss` combines them with the weights of
+``LossConfig`` and returns every part, so training can log them separately. Unlike the authors'
+code, the second rank-imitation term is part of the total.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2llm.config import LossConfig
+
+
+def teacher_probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """``s = softmax([z_yes, z_no] / tau_T)[..., 0]``: the teacher's probability of "yes"."""
+    if logits.shape[-1] != 2:
+        raise ValueError(f"teacher logits must end in a [yes, no] axis of size 2, got {tuple(logits.shape)}")
+    return torch.softmax(_at_least_fp32(logits) / temperature, dim=-1)[..., 0]
+
+
+def _at_least_fp32(x: Tensor) -> Tensor:
+    """Half-precision softmax/normalisation loses too much; float64 inputs keep their precision."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _weighted_info_nce(pos: Tensor, neg: Tensor, s_pos: Tensor, s_neg: Tensor, tau: float) -> Tensor:
+    """Per-anchor ``-log(exp(s_p z_p/tau) / (exp(s_p z_p/tau) + sum_j exp((1-s_j) z_j/tau)))``.
+
+    The teacher scales each logit: a positive it is unsure of pulls less, and a negative it
+    thinks is actually relevant (a false negative, s_j near 1) is pushed away less.
+    ``pos``/``s_pos`` are [B]; ``neg``/``s_neg`` are [B, M]. Returns [B].
+    """
+    pos_logit = (s_pos * pos / tau).unsqueeze(1)
+    neg_logits = (1.0 - s_neg) * neg / tau
+    return torch.logsumexp(torch.cat([pos_logit, neg_logits], dim=1), dim=1) - pos_logit.squeeze(1)
+
+
+def _off_diagonal(matrix: Tensor) -> Tensor:
+    """Row i of a [B, B] matrix without its diagonal entry: [B, B-1]."""
+    b = matrix.shape[0]
+    keep = ~torch.eye(b, dtype=torch.bool, device=matrix.device)
+    return matrix[keep].view(b, b - 1)
+
+
+def _check_group(z_in: Tensor, z_hn: Tensor, s_in: Tensor, s_hn: Tensor) -> None:
+    b = z_in.shape[0]
+    if z_in.dim() != 2 or z_in.shape[1] != b:
+        raise ValueError(f"z_in must be [B, B], got {tuple(z_in.shape)}")
+    if s_in.shape != z_in.shape:
+        raise ValueError(f"teacher in-batch scores {tuple(s_in.shape)} do not match z_in {tuple(z_in.shape)}")
+    if z_hn.dim() != 2 or z_hn.shape[0] != b or z_hn.shape[1] < 2:
+        raise ValueError(f"z_hn must be [B, K+1] with B={b} and K >= 1, got {tuple(z_hn.shape)}")
+    if s_hn.shape != z_hn.shape:
+        raise ValueError(f"teacher hard scores {tuple(s_hn.shape)} do not match z_hn {tuple(z_hn.shape)}")
+
+
+class ContrastiveImitationLoss(nn.Module):
+    """CI: teacher-weighted InfoNCE over in-batch negatives, plus ``alpha`` x the same over hard ones.
+
+    ``variant="paper"`` weights the in-batch part as the paper writes it; ``"authors"`` uses plain
+    (unweighted) InfoNCE for the in-batch part, as the authors' code does. The hard-negative part
+    (positive = column 0 of ``z_hn``) is weighted in both.
+    """
+
+    def __init__(self, alpha: float = 1.0, tau: float = 1.0, variant: str = "paper") -> None:
+        super().__init__()
+        if variant not in ("paper", "authors"):
+            raise ValueError(f"unknown CI variant {variant!r}: expected 'paper' or 'authors'")
+        if tau <= 0:
+            raise ValueError(f"CI temperature must be > 0, got {tau}")
+        self.alpha, self.tau, self.variant = alpha, tau, variant
+
+    def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
+        _check_group(z_in, z_hn, s_in, s_hn)
+        if z_in.shape[0] < 2:
+            in_batch = z_in.new_zeros(())  # a group of one anchor has no in-batch negative
+        elif self.variant == "paper":
+            in_batch = _weighted_info_nce(
+                z_in.diagonal(), _off_diagonal(z_in), s_in.diagonal(), _off_diagonal(s_in), self.tau
+            ).mean()
+        else:
+            targets = torch.arange(z_in.shape[0], device=z_in.device)
+            in_batch = F.cross_entropy(z_in / self.tau, targets)
+        hard = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau).mean()
+        return in_batch + self.alpha * hard
+
+
+class PearsonRankLoss(nn.Module):
+    """RI part 1: ``1 - pearson(z_i[0..K], s_i[0..K])`` per anchor, mean over anchors.
+
+    Pearson correlation is invariant to the scale and offset of the logits, so the student only
+    has to order and space the K+1 candidates like the teacher, not match its calibration.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, z_hn: Tensor, s_hn: Tensor) -> Tensor:
+        if z_hn.shape != s_hn.shape or z_hn.dim() != 2:
+            raise ValueError(f"z_hn {tuple(z_hn.shape)} and s_hn {tuple(s_hn.shape)} must both be [B, K+1]")
+        zc = z_hn - z_hn.mean(dim=1, keepdim=True)
+        sc = s_hn - s_hn.mean(dim=1, keepdim=True)
+        # eps keeps a constant row (teacher indifferent to all candidates) finite: r = 0 there.
+        r = (zc * sc).sum(dim=1) / (zc.norm(dim=1) * sc.norm(dim=1) + self.eps)
+        return (1.0 - r).mean()
+
+
+class HardEasyRankLoss(nn.Module):
+    """RI part 2: hard negatives should outrank easy in-batch negatives as much as the teacher says.
+
+    Per anchor i: ``sum_{h=1..K} sum_{e != i} -log sigmoid((z_ih - z_ie) / tau) * max(s_ih - s_ie, 0)``,
+    then the mean over anchors. Hard negatives come from ``z_hn[:, 1:]``, easy ones from the
+    off-diagonal of ``z_in`` (the other anchors' positives).
+    """
+
+    def __init__(self, tau: float = 1.0) -> None:
+        super().__init__()
+        if tau <= 0:
+            raise ValueError(f"RI temperature must be > 0, got {tau}")
+        self.tau = tau
+
+    def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
+        _check_group(z_in, z_hn, s_in, s_hn)
+        if z_in.shape[0] < 2:
+            return z_in.new_zeros(())
+        z_hard, s_hard = z_hn[:, 1:].unsqueeze(2), s_hn[:, 1:].unsqueeze(2)  # [B, K, 1]
+        z_easy, s_easy = _off_diagonal(z_in).unsqueeze(1), _off_diagonal(s_in).unsqueeze(1)  # [B, 1, B-1]
+        margin_weight = (s_hard - s_easy).clamp(min=0)  # [B, K, B-1]
+        terms = -F.logsigmoid((z_hard - z_easy) / self.tau) * margin_weight
+        return terms.sum(dim=(1, 2)).mean()
+
+
+def cosine_matrix(vectors: Tensor, eps: float = 1e-8) -> Tensor:
+    """Pairwise cosine similarities within each group: [B, M, H] -> [B, M, M].
+
+    An all-zero vector (possible after the IEM's ReLU) gets cosine 0 with everything instead of NaN.
+    """
+    unit = F.normalize(_at_least_fp32(vectors), dim=-1, eps=eps)
+    return unit @ unit.transpose(1, 2)
+
+
+class FeatureImitationLoss(nn.Module):
+    """FI: ``sum_{k,l} (C_T[i][k,l] - C_S[i][k,l])^2``, mean over anchors.
+
+    ``C_S`` is the cosine matrix of the student's IEM branch vectors for the K+1 pairs of anchor
+    i, ``C_T`` the same for the teacher's features; comparing similarity matrices, not the
+    features themselves, makes the teacher's and the student's widths independent.
+    """
+
+    def forward(self, u_hn: Tensor, c_teacher: Tensor) -> Tensor:
+        if u_hn.dim() != 3:
+            raise ValueError(f"u_hn must be [B, K+1, H], got {tuple(u_hn.shape)}")
+        b, m, _ = u_hn.shape
+        if tuple(c_teacher.shape) != (b, m, m):
+            raise ValueError(f"c_teacher must be [B, K+1, K+1] = {(b, m, m)}, got {tuple(c_teacher.shape)}")
+        c_student = cosine_matrix(u_hn)
+        return ((c_teacher.to(c_student.dtype) - c_student) ** 2).sum(dim=(1, 2)).mean()
+
+
+class D2LLMLoss(nn.Module):
+    """``total = CI + beta * RI_pearson + gamma * RI_hard_easy + eta * FI`` from teacher *logits*.
+
+    ``forward`` returns ``{"ci", "ri_pearson", "ri_hard_easy", "fi", "total"}``; the parts are
+    unweighted (alpha is inside CI), so their logged values are comparable across configs.
+    FI is skipped (0) when ``eta == 0``; otherwise ``u_hn`` and ``c_teacher`` are required.
+    """
+
+    def __init__(self, cfg: LossConfig | None = None, teacher_temperature: float = 1.0) -> None:
+        """``cfg`` is ``params.loss`` (paper defaults if None); tau_T is ``params.teacher.temperature``."""
+        super().__init__()
+        cfg = cfg or LossConfig()
+        if teacher_temperature <= 0:
+            raise ValueError(f"teacher temperature must be > 0, got {teacher_temperature}")
+        self.ci = ContrastiveImitationLoss(alpha=cfg.alpha, tau=cfg.tau_ci, variant=cfg.ci_variant)
+        self.ri_pearson = PearsonRankLoss()
+        self.ri_hard_easy = HardEasyRankLoss(tau=cfg.tau_ri)
+        self.fi = FeatureImitationLoss()
+        self.beta, self.gamma, self.eta = cfg.beta, cfg.gamma, cfg.eta
+        self.teacher_temperature = teacher_temperature
+
+    @classmethod
+    def from_config(cls, cfg: LossConfig, teacher_temperature: float = 1.0) -> D2LLMLoss:
+        return cls(cfg, teacher_temperature=teacher_temperature)
+
+    def forward(
+        self,
+        z_in: Tensor,
+        z_hn: Tensor,
+        t_in: Tensor,
+        t_hn: Tensor,
+        u_hn: Tensor | None = None,
+        c_teacher: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        s_in = teacher_probabilities(t_in, self.teacher_temperature).to(z_in.dtype)
+        s_hn = teacher_probabilities(t_hn, self.teacher_temperature).to(z_hn.dtype)
+        parts = {
+            "ci": self.ci(z_in, s_in, z_hn, s_hn),
+            "ri_pearson": self.ri_pearson(z_hn, s_hn),
+            "ri_hard_easy": self.ri_hard_easy(z_in, s_in, z_hn, s_hn),
+        }
+        if self.eta > 0:
+            if u_hn is None or c_teacher is None:
+                raise ValueError("FI is on (eta > 0) but u_hn or c_teacher was not given")
+            parts["fi"] = self.fi(u_hn, c_teacher)
+        else:
+            parts["fi"] = z_in.new_zeros(())
+        parts["total"] = (
+            parts["ci"]
+            + self.beta * parts["ri_pearson"]
+            + self.gamma * parts["ri_hard_easy"]
+            + self.eta * parts["fi"]
+        )
+        return parts

@@ -1,0 +1,124 @@
+"""Interaction Emulation Module (IEM): a small MLP that maps two text vectors to a yes/no logit.
+
+    h   = ReLU(W1a e_a + W1b e_b + b1)          shared first layer, split by side
+    u_t = ReLU(W_t h + b_t)                      one branch per task kind t in {sym, asym}
+    z   = w . u_t + c                            output layer shared by both branches
+
+``W1 [e_a; e_b] = W1a e_a + W1b e_b``, so the passage side ``W1b e_b`` is computed once per
+passage and stored with the index (:meth:`IEM.passage_cache`); scoring a query against N
+cached passages then costs N additions, ReLUs and two small matrix products.
+
+``residual="cosine"`` adds ``scale * cos(e_a, e_b)`` (``scale`` learnable) and zero-initialises
+the output layer, so the untrained student scores exactly like the bi-encoder it starts from.
+The cache then also stores the unit passage vector: ``cache = [W1b e_b ; e_b / |e_b|]``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from d2llm.errors import ModelError
+
+TASKS = ("sym", "asym")
+
+
+class IEM(nn.Module):
+    def __init__(
+        self,
+        dim: int,
+        hidden_size: int = 512,
+        branch_size: int = 512,
+        residual: Literal["none", "cosine"] = "none",
+        cosine_scale: float = 20.0,
+    ) -> None:
+        super().__init__()
+        if residual not in ("none", "cosine"):
+            raise ModelError(f"IEM: unknown residual {residual!r}; expected 'none' or 'cosine'")
+        self.dim, self.hidden_size, self.branch_size, self.residual = dim, hidden_size, branch_size, residual
+        self.first_a = nn.Linear(dim, hidden_size)  # W1a, b1
+        self.first_b = nn.Linear(dim, hidden_size, bias=False)  # W1b (the bias lives on the query side)
+        self.branches = nn.ModuleDict({t: nn.Linear(hidden_size, branch_size) for t in TASKS})
+        self.out = nn.Linear(branch_size, 1)
+        if residual == "cosine":
+            self.cosine_scale = nn.Parameter(torch.tensor(float(cosine_scale)))
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+        else:
+            self.register_parameter("cosine_scale", None)
+
+    @property
+    def cache_size(self) -> int:
+        """Width of one cached passage row."""
+        return self.hidden_size + (self.dim if self.residual == "cosine" else 0)
+
+    def passage_cache(self, e_b: Tensor) -> Tensor:
+        """``[N, d] -> [N, cache_size]``: ``W1b e_b`` (and the unit vector for the cosine residual)."""
+        projected = self.first_b(e_b)
+        if self.residual == "cosine":
+            return torch.cat([projected, F.normalize(e_b, dim=-1)], dim=-1)
+        return projected
+
+    def _split_cache(self, cache_b: Tensor) -> tuple[Tensor, Tensor | None]:
+        if cache_b.shape[-1] != self.cache_size:
+            raise ModelError(
+                f"passage cache rows have width {cache_b.shape[-1]}, this IEM expects {self.cache_size}: "
+                "was the index built with another student?"
+            )
+        if self.residual == "cosine":
+            return cache_b[..., : self.hidden_size], cache_b[..., self.hidden_size :]
+        return cache_b, None
+
+    def _branch(self, task: str) -> nn.Linear:
+        if task not in self.branches:
+            raise ModelError(f"unknown task kind {task!r}; expected one of {TASKS}")
+        return self.branches[task]
+
+    def _head(self, a_part: Tensor, b_part: Tensor, task: str) -> tuple[Tensor, Tensor]:
+        """``a_part`` + ``b_part`` (broadcast) -> (z, u): the layers after the split first layer."""
+        h = torch.relu(a_part + b_part)
+        u = torch.relu(self._branch(task)(h))
+        return self.out(u).squeeze(-1), u
+
+    def forward_cached(self, e_a: Tensor, cache_b: Tensor, task: str) -> tuple[Tensor, Tensor]:
+        """Row-wise: ``e_a [N, d]`` against ``cache_b [N, cache_size]`` -> ``(z [N], u [N, branch])``."""
+        b_part, unit_b = self._split_cache(cache_b)
+        z, u = self._head(self.first_a(e_a), b_part, task)
+        if unit_b is not None:
+            z = z + self.cosine_scale * (F.normalize(e_a, dim=-1) * unit_b).sum(-1)
+        return z, u
+
+    def forward(self, e_a: Tensor, e_b: Tensor, task: str) -> tuple[Tensor, Tensor]:
+        """Row-wise, uncached: ``(z [N], u [N, branch])`` for the pairs (e_a[i], e_b[i])."""
+        return self.forward_cached(e_a, self.passage_cache(e_b), task)
+
+    def score_matrix(self, e_a: Tensor, cache_b: Tensor, task: str, chunk_size: int = 65_536) -> Tensor:
+        """Every query against every cached passage: ``[Q, d] x [N, cache_size] -> [Q, N]``.
+
+        The hidden activations of a block are ``[q, n, hidden]``; blocks hold at most
+        ``chunk_size`` (query, passage) pairs, so memory stays bounded for any Q and N.
+        """
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        b_part, unit_b = self._split_cache(cache_b)
+        num_q, num_n = e_a.shape[0], cache_b.shape[0]
+        if num_q == 0 or num_n == 0:
+            return e_a.new_zeros(num_q, num_n)
+        a_part = self.first_a(e_a)  # [Q, hidden]
+        unit_a = F.normalize(e_a, dim=-1) if unit_b is not None else None
+        n_step = min(num_n, chunk_size)
+        q_step = max(1, chunk_size // n_step)
+        rows = []
+        for q0 in range(0, num_q, q_step):
+            cols = []
+            for n0 in range(0, num_n, n_step):
+                a_blk, b_blk = a_part[q0 : q0 + q_step, None, :], b_part[None, n0 : n0 + n_step, :]
+                z, _ = self._head(a_blk, b_blk, task)  # [q, n]
+                if unit_a is not None:
+                    z = z + self.cosine_scale * (unit_a[q0 : q0 + q_step] @ unit_b[n0 : n0 + n_step].T)
+                cols.append(z)
+            rows.append(torch.cat(cols, dim=1))
+        return torch.cat(rows, dim=0)

@@ -1,0 +1,152 @@
+"""Tiny random backbones with local tokenizers, shared by the unit tests of every module.
+
+All fixtures are session-scoped and build their folder once (about a second each):
+
+- ``tiny_bert_dir``: a 2-layer, 32-d ``BertModel`` with a WordPiece tokenizer (lower-cased);
+- ``tiny_qwen2_dir``: a 2-layer, 32-d ``Qwen2ForCausalLM`` with a byte-level BPE tokenizer and a
+  ChatML chat template;
+- ``tiny_llama_dir``: a 2-layer, 32-d ``LlamaForCausalLM`` with the same BPE vocabulary and no
+  chat template (so both teacher prompt paths can be exercised).
+
+The causal models are saved with their LM head, so a causal-LM teacher can load them; "yes" and
+"no" are single tokens with and without a leading space, and every tokenizer has a pad token.
+Nothing is downloaded. Do not modify the folders in a test: copy them first.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# Words the tiny tokenizers know: the test sentences plus the teacher prompts' wording.
+WORDS = (  # noqa: SIM905 - a word list is easier to read and edit as text
+    "a the an is are was on in of to and or with for by at it its this that who what which how "
+    "man woman men women person people child children cat cats dog dogs bird horse car bike guitar "
+    "piano ball mat grass park street kitchen beach water food table field "
+    "sits sat sitting plays playing play runs running rides riding eats eating jumps jumping "
+    "sleeps sleeping walks walking cooks cooking reads reading sings singing "
+    "red blue green big small young old happy sad fast slow "
+    "question answer passage query judge whether correct correctly absolutely about event can "
+    "yes no true false not q p"
+).split()
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def _training_corpus() -> list[str]:
+    """Sentences that make every word (with and without a leading space) one BPE token."""
+    lines = [" ".join(WORDS), " ".join(w.capitalize() for w in WORDS)]
+    lines += [f"{w} {w} {w}" for w in WORDS for _ in range(4)]
+    lines += ["#Q: a man plays a guitar.\n#P: a person plays music?\nAnswer yes or no. yes, no."] * 8
+    return lines
+
+
+def _build_bpe_tokenizer():
+    """Train a deterministic byte-level BPE (Qwen2/Llama-3 style) on the tiny corpus."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200,
+        min_frequency=1,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_training_corpus(), trainer=trainer)
+    return tok
+
+
+def _check_yes_no(tokenizer, where: str) -> None:
+    for text in ("yes", "no", " yes", " no"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, f"{where}: {text!r} is not a single token: {ids}"
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer BERT encoder (hidden 32, 4 heads) with a WordPiece tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny_bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "!", "#", ":", *WORDS]
+    vocab += ["##s", "##ing", "##ed"]
+    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    _check_yes_no(tokenizer, "tiny BERT tokenizer")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+    )
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def _save_causal_lm(folder: Path, config_cls: type, model_cls: type, chat_template: str | None) -> Path:
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    bpe = _build_bpe_tokenizer()
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None}
+    if config_cls.model_type == "qwen2":
+        # transformers 5 always loads qwen2 folders with Qwen2Tokenizer, which rebuilds its BPE
+        # from the vocabulary and merges: give it exactly those of the trained tokenizer.
+        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=_merges_of(bpe), **special)
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    _check_yes_no(tokenizer, f"tiny {config_cls.model_type} tokenizer")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    model_cls(config).save_pretrained(folder)
+    return folder
+
+
+def _merges_of(bpe) -> list[tuple[str, str]]:
+    import json
+
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer Qwen2ForCausalLM (hidden 32) with a BPE tokenizer and a ChatML template."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_qwen2")
+    return _save_causal_lm(folder, Qwen2Config, Qwen2ForCausalLM, CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer LlamaForCausalLM (hidden 32) with a BPE tokenizer and no chat template."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return _save_causal_lm(tmp_path_factory.mktemp("tiny_llama"), LlamaConfig, LlamaForCausalLM, None)

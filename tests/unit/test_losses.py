@@ -1,0 +1,175 @@
+"""Each loss against a value worked out by hand on a B=2, K=1 group, plus gradient flow."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from d2llm.config import LossConfig
+from d2llm.losses import (
+    ContrastiveImitationLoss,
+    D2LLMLoss,
+    FeatureImitationLoss,
+    HardEasyRankLoss,
+    PearsonRankLoss,
+    teacher_probabilities,
+)
+
+# One group: anchors a0, a1; positives b0, b1; one hard negative each (K=1).
+Z_IN = [[2.0, 0.5], [1.0, 3.0]]  # z_in[i][j] = student(a_i, b_j)
+S_IN = [[0.9, 0.2], [0.4, 0.8]]  # teacher probabilities for the same pairs
+Z_HN = [[2.0, 1.5], [3.0, -1.0]]  # column 0 = positive (same as the diagonal of Z_IN)
+S_HN = [[0.9, 0.6], [0.8, 0.1]]
+U_HN = [[[1.0, 0.0], [1.0, 1.0]], [[0.0, 2.0], [3.0, 0.0]]]  # student IEM branch vectors [B, K+1, H]
+C_T = [[[1.0, 0.5], [0.5, 1.0]], [[1.0, 0.2], [0.2, 1.0]]]  # teacher feature cosines [B, K+1, K+1]
+
+
+def t(values: list) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float64)
+
+
+def nce(pos: float, negs: list[float]) -> float:
+    """-log(e^pos / (e^pos + sum e^neg)), by hand."""
+    return -math.log(math.exp(pos) / (math.exp(pos) + sum(math.exp(n) for n in negs)))
+
+
+def neg_log_sigmoid(x: float) -> float:
+    return -math.log(1.0 / (1.0 + math.exp(-x)))
+
+
+def teacher_logits(probs: list) -> torch.Tensor:
+    """[log s, log(1-s)]: softmax of these at tau_T=1 gives back s exactly."""
+    p = t(probs)
+    return torch.stack([p.log(), (1 - p).log()], dim=-1)
+
+
+def test_teacher_probabilities_softmax_with_temperature() -> None:
+    logits = torch.tensor([[2.0, 0.0], [0.0, 0.0]])
+    s = teacher_probabilities(logits, temperature=2.0)
+    assert s.tolist() == pytest.approx([math.exp(1) / (math.exp(1) + 1), 0.5])
+    with pytest.raises(ValueError, match="size 2"):
+        teacher_probabilities(torch.zeros(3, 3))
+
+
+def test_ci_paper_variant_by_hand() -> None:
+    tau, alpha = 0.5, 0.25
+    loss = ContrastiveImitationLoss(alpha=alpha, tau=tau, variant="paper")
+    value = loss(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN)).item()
+    # In-batch: positive s_ii z_ii / tau, negative (1 - s_ij) z_ij / tau.
+    a0 = nce(0.9 * 2.0 / tau, [(1 - 0.2) * 0.5 / tau])
+    a1 = nce(0.8 * 3.0 / tau, [(1 - 0.4) * 1.0 / tau])
+    # Hard negatives: positive in column 0, negative in column 1.
+    h0 = nce(0.9 * 2.0 / tau, [(1 - 0.6) * 1.5 / tau])
+    h1 = nce(0.8 * 3.0 / tau, [(1 - 0.1) * -1.0 / tau])
+    assert value == pytest.approx((a0 + a1) / 2 + alpha * (h0 + h1) / 2, rel=1e-12)
+
+
+def test_ci_authors_variant_uses_plain_info_nce_in_batch() -> None:
+    loss = ContrastiveImitationLoss(alpha=1.0, tau=1.0, variant="authors")
+    value = loss(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN)).item()
+    a0 = nce(2.0, [0.5])
+    a1 = nce(3.0, [1.0])
+    h0 = nce(0.9 * 2.0, [(1 - 0.6) * 1.5])
+    h1 = nce(0.8 * 3.0, [(1 - 0.1) * -1.0])
+    assert value == pytest.approx((a0 + a1) / 2 + (h0 + h1) / 2, rel=1e-12)
+
+
+def test_ci_rejects_unknown_variant_and_bad_shapes() -> None:
+    with pytest.raises(ValueError, match="unknown CI variant"):
+        ContrastiveImitationLoss(variant="mine")
+    with pytest.raises(ValueError, match=r"z_hn must be \[B, K\+1\]"):
+        ContrastiveImitationLoss()(t(Z_IN), t(S_IN), t([[1.0], [2.0]]), t([[1.0], [2.0]]))
+
+
+def test_pearson_rank_by_hand() -> None:
+    # K=1: two points correlate perfectly (+1) or anti-perfectly (-1).
+    z = t([[2.0, 1.5], [-1.0, 3.0]])
+    s = t([[0.9, 0.6], [0.8, 0.1]])
+    assert PearsonRankLoss()(z, s).item() == pytest.approx(((1 - 1) + (1 - -1)) / 2)
+    # K=2, worked out: z = (1, 2, 6) -> centred (-2, -1, 3); s = (0.2, 0.4, 0.3) -> (-0.1, 0.1, 0).
+    # r = (0.2 - 0.1 + 0) / (sqrt(14) * sqrt(0.02)).
+    r = 0.1 / (math.sqrt(14) * math.sqrt(0.02))
+    value = PearsonRankLoss()(t([[1.0, 2.0, 6.0]]), t([[0.2, 0.4, 0.3]])).item()
+    assert value == pytest.approx(1 - r, rel=1e-6)
+
+
+def test_pearson_rank_is_finite_for_an_indifferent_teacher() -> None:
+    value = PearsonRankLoss()(t([[1.0, 2.0, 3.0]]), t([[0.5, 0.5, 0.5]]))
+    assert value.item() == pytest.approx(1.0)
+
+
+def test_hard_easy_rank_by_hand() -> None:
+    tau = 0.5
+    value = HardEasyRankLoss(tau=tau)(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN)).item()
+    # Anchor 0: hard (z=1.5, s=0.6) vs easy in-batch b1 (z=0.5, s=0.2): weight 0.4.
+    a0 = neg_log_sigmoid((1.5 - 0.5) / tau) * (0.6 - 0.2)
+    # Anchor 1: hard (z=-1, s=0.1) vs easy b0 (z=1, s=0.4): the teacher ranks the easy one
+    # higher, so max(0.1 - 0.4, 0) = 0 and the pair does not count.
+    a1 = 0.0
+    assert value == pytest.approx((a0 + a1) / 2, rel=1e-12)
+
+
+def test_feature_imitation_by_hand() -> None:
+    value = FeatureImitationLoss()(t(U_HN), t(C_T)).item()
+    # Anchor 0: cos((1,0), (1,1)) = 1/sqrt(2); off-diagonal cells differ by 0.5 - 1/sqrt(2).
+    a0 = 2 * (0.5 - 1 / math.sqrt(2)) ** 2
+    # Anchor 1: orthogonal vectors, cos 0; off-diagonal cells differ by 0.2.
+    a1 = 2 * 0.2**2
+    assert value == pytest.approx((a0 + a1) / 2, rel=1e-9)
+
+
+def test_feature_imitation_zero_vector_gives_zero_cosine_not_nan() -> None:
+    u = t([[[0.0, 0.0], [1.0, 2.0]]])
+    c_t = t([[[1.0, 0.0], [0.0, 1.0]]])
+    # The zero vector's self-cosine is 0 instead of 1: one cell off by 1.
+    assert FeatureImitationLoss()(u, c_t).item() == pytest.approx(1.0)
+
+
+def test_combined_loss_weights_parts_and_applies_teacher_temperature() -> None:
+    cfg = LossConfig(alpha=0.5, beta=2.0, gamma=0.3, eta=0.1, tau_ci=1.0, tau_ri=1.0)
+    z_in, z_hn, u_hn = t(Z_IN), t(Z_HN), t(U_HN)
+    parts = D2LLMLoss.from_config(cfg)(z_in, z_hn, teacher_logits(S_IN), teacher_logits(S_HN), u_hn, t(C_T))
+    ci = ContrastiveImitationLoss(alpha=0.5)(z_in, t(S_IN), z_hn, t(S_HN))
+    ri1 = PearsonRankLoss()(z_hn, t(S_HN))
+    ri2 = HardEasyRankLoss()(z_in, t(S_IN), z_hn, t(S_HN))
+    fi = FeatureImitationLoss()(u_hn, t(C_T))
+    assert set(parts) == {"ci", "ri_pearson", "ri_hard_easy", "fi", "total"}
+    assert parts["ci"].item() == pytest.approx(ci.item())
+    assert parts["ri_hard_easy"].item() == pytest.approx(ri2.item())
+    expected = ci + 2.0 * ri1 + 0.3 * ri2 + 0.1 * fi
+    assert parts["total"].item() == pytest.approx(expected.item(), rel=1e-9)
+    # The RI part 2 term is in the total (the authors' code dropped it).
+    assert parts["ri_hard_easy"].item() > 0
+
+    # tau_T = 2 turns s into sqrt(s) / (sqrt(s) + sqrt(1 - s)).
+    hot = D2LLMLoss(cfg, teacher_temperature=2.0)
+    parts_hot = hot(z_in, z_hn, teacher_logits(S_IN), teacher_logits(S_HN), u_hn, t(C_T))
+    s_hot = [[math.sqrt(p) / (math.sqrt(p) + math.sqrt(1 - p)) for p in row] for row in S_HN]
+    s_in_hot = [[math.sqrt(p) / (math.sqrt(p) + math.sqrt(1 - p)) for p in row] for row in S_IN]
+    ci_hot = ContrastiveImitationLoss(alpha=0.5)(z_in, t(s_in_hot), z_hn, t(s_hot))
+    assert parts_hot["ci"].item() == pytest.approx(ci_hot.item(), rel=1e-9)
+
+
+def test_combined_loss_requires_features_only_when_fi_is_on() -> None:
+    args = (t(Z_IN), t(Z_HN), teacher_logits(S_IN), teacher_logits(S_HN))
+    with pytest.raises(ValueError, match="eta > 0"):
+        D2LLMLoss(LossConfig(eta=0.001))(*args)
+    parts = D2LLMLoss(LossConfig(eta=0.0))(*args)
+    assert parts["fi"].item() == 0.0
+
+
+def test_gradients_reach_student_logits_and_branch_vectors() -> None:
+    z_in = t(Z_IN).requires_grad_()
+    z_hn = t(Z_HN).requires_grad_()
+    u_hn = t(U_HN).requires_grad_()
+    loss = D2LLMLoss(LossConfig(gamma=0.5, eta=0.5))
+    parts = loss(z_in, z_hn, teacher_logits(S_IN), teacher_logits(S_HN), u_hn, t(C_T))
+    parts["total"].backward()
+    for name, tensor in (("z_in", z_in), ("z_hn", z_hn), ("u_hn", u_hn)):
+        assert tensor.grad is not None, name
+        assert torch.isfinite(tensor.grad).all(), name
+        assert tensor.grad.abs().sum() > 0, name
+    # The easy negative of anchor 0 is pushed down by RI part 2 and CI: its gradient is positive.
+    assert z_in.grad[0, 1] > 0

@@ -1,0 +1,183 @@
+"""PMA and IEM on their own: masking, mean-pooling init, hand-checked attention, cache equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2llm.errors import ModelError
+from d2llm.student.iem import IEM
+from d2llm.student.pma import PMA, mean_pool
+
+
+def _states(batch: int = 3, tokens: int = 6, dim: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, tokens, dim, generator=torch.Generator().manual_seed(seed))
+
+
+MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0]])
+
+
+# --------------------------------------------------------------------------- PMA
+
+
+@pytest.mark.parametrize("init", ["random", "mean"])
+def test_pma_padding_does_not_change_the_output(init: str) -> None:
+    torch.manual_seed(1)
+    pma = PMA(16, num_heads=4, init=init)
+    states = _states()
+    full = pma(states, MASK)
+    # Garbage in the padded positions must be invisible.
+    noisy = states.clone()
+    noisy[MASK == 0] = 1e3 * torch.randn(int((MASK == 0).sum()), 16)
+    assert torch.allclose(pma(noisy, MASK), full, atol=1e-6)
+    # Each text alone, unpadded, gives the same vector as inside the padded batch.
+    for i, length in enumerate(MASK.sum(1).tolist()):
+        alone = pma(states[i : i + 1, :length], torch.ones(1, length, dtype=torch.long))
+        assert torch.allclose(alone[0], full[i], atol=1e-5)
+
+
+def test_pma_mean_init_equals_mean_pooling() -> None:
+    torch.manual_seed(2)
+    pma = PMA(16, num_heads=4, init="mean")
+    states = _states(seed=3) * 5 + 2  # not centred, not unit scale: a LayerNorm would show
+    assert torch.allclose(pma(states, MASK), mean_pool(states, MASK), atol=1e-5)
+    # Text 2 has a single real token: its vector is that token's state.
+    assert torch.allclose(pma(states, MASK)[2], states[2, 0], atol=1e-5)
+
+
+def test_pma_mean_init_is_not_stuck_at_its_starting_point() -> None:
+    torch.manual_seed(4)
+    pma = PMA(16, num_heads=4, init="mean")
+    target = torch.randn(3, 16)
+    params = dict(pma.named_parameters())
+    ((pma(_states(), MASK) - target) ** 2).sum().backward()
+    # Zero-initialised weights still receive gradients, so training can move away from the mean.
+    for name in ("q_proj.weight", "v_proj.weight", "ffn.2.weight"):
+        assert params[name].grad.abs().sum() > 0, name
+    # The seed and the keys only act through the query (zero at first): they learn after one step.
+    for name in ("seed", "k_proj.weight"):
+        assert params[name].grad.abs().sum() == 0, name
+    torch.optim.SGD(pma.parameters(), lr=0.1).step()
+    pma.zero_grad()
+    ((pma(_states(), MASK) - target) ** 2).sum().backward()
+    for name in ("seed", "k_proj.weight"):
+        assert params[name].grad.abs().sum() > 0, name
+
+
+def test_pma_random_init_is_layer_normalised_and_not_the_mean() -> None:
+    torch.manual_seed(5)
+    pma = PMA(16, num_heads=4, init="random")
+    out = pma(_states(), MASK)
+    assert torch.allclose(out.mean(-1), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(out.var(-1, unbiased=False), torch.ones(3), atol=1e-3)
+    assert not torch.allclose(out, mean_pool(_states(), MASK), atol=1e-2)
+
+
+def test_pma_attention_by_hand() -> None:
+    """Two heads of width 2 over three tokens (one padded), every projection set by hand."""
+    pma = PMA(4, num_heads=2, init="random")
+    with torch.no_grad():
+        pma.seed.copy_(torch.tensor([[1.0, 2.0, 0.5, -1.0]]))
+        for layer in (pma.q_proj, pma.k_proj, pma.v_proj, pma.o_proj):
+            layer.weight.copy_(torch.eye(4))
+            layer.bias.zero_()
+    x = torch.tensor([[[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 2.0, 0.0], [9.0, 9.0, 9.0, 9.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    query, attended = pma.attend(x, mask)
+    # Head 0 uses dims 0-1: q=(1,2); keys (1,0),(0,1) -> scores 1/sqrt2, 2/sqrt2.
+    w0 = torch.softmax(torch.tensor([1.0, 2.0]) / math.sqrt(2), 0)
+    # Head 1 uses dims 2-3: q=(0.5,-1); keys (0,1),(2,0) -> scores -1/sqrt2, 1/sqrt2.
+    w1 = torch.softmax(torch.tensor([-1.0, 1.0]) / math.sqrt(2), 0)
+    expected = torch.tensor(
+        [
+            w0[0] * 1 + w0[1] * 0,
+            w0[0] * 0 + w0[1] * 1,
+            w1[0] * 0 + w1[1] * 2,
+            w1[0] * 1 + w1[1] * 0,
+        ]
+    )
+    assert torch.allclose(query[0], pma.seed[0])
+    assert torch.allclose(attended[0], expected, atol=1e-6)
+    # Post-norm layout: out = LN2(H + FFN(H)), H = LN1(Q + O).
+    h = F.layer_norm(query + attended, (4,))
+    assert torch.allclose(pma(x, mask), F.layer_norm(h + pma.ffn(h), (4,)), atol=1e-6)
+
+
+def test_pma_rejects_heads_that_do_not_divide_the_width() -> None:
+    with pytest.raises(ModelError, match=r"not divisible by student\.pma\.num_heads=5"):
+        PMA(16, num_heads=5)
+
+
+# --------------------------------------------------------------------------- IEM
+
+
+def _iem(residual: str = "none", seed: int = 0) -> IEM:
+    torch.manual_seed(seed)
+    iem = IEM(8, hidden_size=12, branch_size=6, residual=residual, cosine_scale=3.0)
+    if residual == "cosine":  # give the zero-initialised output layer some weight
+        with torch.no_grad():
+            iem.out.weight.normal_()
+            iem.out.bias.fill_(0.3)
+    return iem
+
+
+def test_iem_matches_the_concatenated_first_layer_formula() -> None:
+    iem = _iem()
+    e_a, e_b = torch.randn(5, 8), torch.randn(5, 8)
+    z, u = iem(e_a, e_b, "asym")
+    w1 = torch.cat([iem.first_a.weight, iem.first_b.weight], dim=1)  # W1 acting on [e_a; e_b]
+    h = torch.relu(torch.cat([e_a, e_b], dim=1) @ w1.T + iem.first_a.bias)
+    u_ref = torch.relu(iem.branches["asym"](h))
+    assert torch.allclose(u, u_ref, atol=1e-6)
+    assert torch.allclose(z, (u_ref @ iem.out.weight.T).squeeze(-1) + iem.out.bias, atol=1e-6)
+    # The two task branches are different functions.
+    assert not torch.allclose(iem(e_a, e_b, "sym")[0], z)
+
+
+@pytest.mark.parametrize("residual", ["none", "cosine"])
+def test_iem_cached_equals_uncached_and_chunked_equals_unchunked(residual: str) -> None:
+    iem = _iem(residual)
+    queries, passages = torch.randn(5, 8), torch.randn(7, 8)
+    cache = iem.passage_cache(passages)
+    assert cache.shape == (7, iem.cache_size)
+    # Row-wise cached == uncached.
+    rows_a, rows_b = queries[[0, 1, 2, 3, 4, 0, 1]], passages
+    z_cached, u_cached = iem.forward_cached(rows_a, cache, "sym")
+    z_plain, u_plain = iem(rows_a, rows_b, "sym")
+    assert torch.allclose(z_cached, z_plain, atol=1e-6)
+    assert torch.allclose(u_cached, u_plain, atol=1e-6)
+    # Matrix form == every pair scored one by one, for any chunk size.
+    expected = torch.stack([iem(q.expand(7, 8), passages, "sym")[0] for q in queries])
+    for chunk in (1, 3, 7, 10, 35, 1000):
+        got = iem.score_matrix(queries, cache, "sym", chunk_size=chunk)
+        assert torch.allclose(got, expected, atol=1e-5), chunk
+
+
+def test_iem_cosine_residual_starts_as_scaled_cosine() -> None:
+    torch.manual_seed(0)
+    iem = IEM(8, hidden_size=12, branch_size=6, residual="cosine", cosine_scale=3.0)
+    e_a, e_b = torch.randn(4, 8), torch.randn(4, 8)
+    z, _ = iem(e_a, e_b, "sym")
+    assert torch.allclose(z, 3.0 * F.cosine_similarity(e_a, e_b), atol=1e-6)
+    # The cache carries the unit passage vector after W1b e_b.
+    cache = iem.passage_cache(e_b)
+    assert torch.allclose(cache[:, 12:], F.normalize(e_b, dim=-1))
+
+
+def test_iem_errors_name_the_problem() -> None:
+    iem = _iem()
+    with pytest.raises(ModelError, match="unknown task kind 'nli'"):
+        iem(torch.randn(2, 8), torch.randn(2, 8), "nli")
+    with pytest.raises(ModelError, match="cache rows have width 20, this IEM expects 12"):
+        iem.score_matrix(torch.randn(2, 8), torch.randn(3, 20), "sym")
+
+
+@pytest.mark.parametrize("residual", ["none", "cosine"])
+def test_iem_score_matrix_of_nothing_is_empty(residual: str) -> None:
+    iem = _iem(residual)
+    cache = iem.passage_cache(torch.randn(3, 8))
+    assert iem.score_matrix(torch.randn(0, 8), cache, "sym").shape == (0, 3)
+    assert iem.score_matrix(torch.randn(2, 8), cache[:0], "sym").shape == (2, 0)

@@ -1,0 +1,274 @@
+"""The whole student on tiny random BERT / Qwen2 / Llama backbones: LoRA, encode, scoring, save/load."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from d2llm.config import StudentConfig
+from d2llm.errors import ModelError
+from d2llm.student import backbone as backbone_module
+from d2llm.student.backbone import lora_target_modules
+from d2llm.student.model import D2LLMStudent
+from d2llm.student.pma import mean_pool
+
+TEXTS = [
+    "a man plays a guitar",
+    "a woman is cooking in the kitchen",
+    "the dog runs",
+    "children are playing with a ball in the park",
+    "a cat sleeps",
+    "a young man rides a red bike on the street",
+]
+PAIRS = [(TEXTS[0], TEXTS[2]), (TEXTS[1], TEXTS[3]), (TEXTS[4], TEXTS[5]), (TEXTS[0], TEXTS[0])]
+
+
+def _cfg(folder: Path, **overrides) -> StudentConfig:
+    base = {
+        "backbone": str(folder),
+        "max_length": 16,
+        "pma": {"num_heads": 4},
+        "iem": {"hidden_size": 16, "branch_size": 8},
+    }
+    base.update(overrides)
+    return StudentConfig.model_validate(base)
+
+
+def _student(folder: Path, seed: int = 0, **overrides) -> D2LLMStudent:
+    torch.manual_seed(seed)
+    return D2LLMStudent.from_config(_cfg(folder, **overrides))
+
+
+def _perturb(student: D2LLMStudent, seed: int = 7) -> None:
+    """Give every trainable weight (LoRA B starts at zero) a random value, as training would."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in student.trainable_parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen))
+
+
+@pytest.fixture(params=["bert", "qwen2", "llama"])
+def backbone_dir(request: pytest.FixtureRequest) -> Path:
+    return request.getfixturevalue(f"tiny_{request.param}_dir")
+
+
+# --------------------------------------------------------------------------- LoRA
+
+
+@pytest.mark.parametrize(
+    ("family", "expected"),
+    [
+        ("bert", ["query", "key", "value"]),
+        ("qwen2", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+        ("llama", ["q_proj", "k_proj", "v_proj", "o_proj"]),
+    ],
+)
+def test_lora_targets_per_family_and_only_lora_pma_iem_train(
+    family: str, expected: list[str], request: pytest.FixtureRequest
+) -> None:
+    student = _student(request.getfixturevalue(f"tiny_{family}_dir"))
+    base = student.backbone.get_base_model()
+    assert lora_target_modules(base) == expected
+    trainable = [name for name, _ in student.trainable_parameters()]
+    assert all("lora_" in n or n.startswith(("pma.", "iem.")) for n in trainable), trainable
+    # Every targeted projection of both layers got an A and a B matrix.
+    lora_names = [n for n in trainable if "lora_" in n]
+    assert len(lora_names) == 2 * len(expected) * base.config.num_hidden_layers
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in lora_names} == set(expected)
+    assert any(n.startswith("pma.") for n in trainable) and any(n.startswith("iem.") for n in trainable)
+    frozen = [n for n, p in student.backbone.named_parameters() if not p.requires_grad]
+    assert frozen and all("lora_" not in n for n in frozen)
+
+
+def test_lora_disabled_freezes_the_backbone(tiny_bert_dir: Path) -> None:
+    student = _student(tiny_bert_dir, lora={"enabled": False})
+    assert {n.split(".")[0] for n, _ in student.trainable_parameters()} == {"pma", "iem"}
+
+
+def test_unknown_family_needs_explicit_lora_targets() -> None:
+    from transformers import GPT2Config, GPT2Model
+
+    gpt2 = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50, n_positions=32))
+    with pytest.raises(ModelError, match=r"no default LoRA target modules for model type 'gpt2'.*lora"):
+        lora_target_modules(gpt2)
+    assert lora_target_modules(gpt2, ["c_attn"]) == ["c_attn"]
+
+
+def test_lora_target_that_does_not_exist_is_a_model_error(tiny_bert_dir: Path) -> None:
+    with pytest.raises(ModelError, match="cannot apply LoRA"):
+        _student(tiny_bert_dir, lora={"target_modules": ["no_such_projection"]})
+
+
+# --------------------------------------------------------------------------- encode
+
+
+def test_encode_is_independent_of_batching_and_order(backbone_dir: Path) -> None:
+    student = _student(backbone_dir)
+    _perturb(student)
+    one_by_one = student.encode(TEXTS, batch_size=1)
+    batched = student.encode(TEXTS, batch_size=4)
+    reordered = student.encode(TEXTS[::-1], batch_size=3)
+    assert one_by_one.shape == (len(TEXTS), student.dim) and one_by_one.dtype == torch.float32
+    assert torch.allclose(batched, one_by_one, atol=1e-5)
+    assert torch.allclose(reordered.flip(0), one_by_one, atol=1e-5)
+    assert student.encode([]).shape == (0, student.dim)
+
+
+def test_encode_truncates_to_max_length_and_restores_training_mode(tiny_bert_dir: Path) -> None:
+    student = _student(tiny_bert_dir).train()
+    long_text = " ".join(["a man plays a guitar"] * 20)
+    head = " ".join(student.tokenizer.tokenize(long_text)[:14])  # 16 minus [CLS] and [SEP]
+    assert torch.allclose(student.encode([long_text]), student.encode([head]), atol=1e-5)
+    assert student.training
+
+
+def test_embed_keeps_gradients_for_training(tiny_qwen2_dir: Path) -> None:
+    student = _student(tiny_qwen2_dir).train()
+    _perturb(student)
+    vectors = student.embed_texts(TEXTS[:3])
+    assert torch.allclose(vectors.detach(), student.encode(TEXTS[:3]), atol=1e-5)
+    student.train()
+    student.score_vectors(vectors[:2], vectors[1:], "asym").sum().backward()
+    lora_grads = [p.grad for n, p in student.trainable_parameters() if "lora_A" in n]
+    assert lora_grads and all(g is not None and g.abs().sum() > 0 for g in lora_grads)
+    assert student.pma.seed.grad is not None
+
+
+def test_pma_mean_init_with_cosine_residual_is_the_bi_encoder(tiny_llama_dir: Path) -> None:
+    student = _student(tiny_llama_dir, pma={"num_heads": 4, "init": "mean"}, iem={"residual": "cosine"})
+    base = student.backbone.get_base_model()
+    batch = student.tokenize(TEXTS)
+    with torch.no_grad():
+        pooled = mean_pool(base(**batch).last_hidden_state, batch["attention_mask"])
+    assert torch.allclose(student.encode(TEXTS), pooled, atol=1e-5)
+    z = student.score(PAIRS, "sym")
+    index = {t: i for i, t in enumerate(TEXTS)}
+    cos = torch.nn.functional.cosine_similarity(
+        pooled[[index[a] for a, _ in PAIRS]], pooled[[index[b] for _, b in PAIRS]]
+    )
+    assert torch.allclose(z, student.cfg.iem.cosine_scale * cos, atol=1e-4)
+
+
+def test_pooled_layer_selects_a_hidden_state_and_is_range_checked(tiny_bert_dir: Path) -> None:
+    last = _student(tiny_bert_dir, pma={"num_heads": 4, "init": "mean"})
+    first = _student(tiny_bert_dir, pma={"num_heads": 4, "init": "mean"}, pooled_layer=1)
+    assert first.backbone.get_base_model().config.output_hidden_states
+    base = first.backbone.get_base_model()
+    batch = first.tokenize(TEXTS[:2])
+    with torch.no_grad():
+        layer1 = base(**batch, output_hidden_states=True).hidden_states[1]
+    assert torch.allclose(first.encode(TEXTS[:2]), mean_pool(layer1, batch["attention_mask"]), atol=1e-5)
+    assert not torch.allclose(first.encode(TEXTS[:2]), last.encode(TEXTS[:2]), atol=1e-3)
+    with pytest.raises(ModelError, match=r"pooled_layer=5 is out of range .* 2 layers"):
+        _student(tiny_bert_dir, pooled_layer=5)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def test_score_paths_agree(tiny_bert_dir: Path) -> None:
+    student = _student(tiny_bert_dir, iem={"hidden_size": 16, "branch_size": 8, "residual": "cosine"})
+    _perturb(student)
+    vectors = student.encode(TEXTS)
+    with torch.no_grad():
+        cache = student.passage_cache(vectors)
+        matrix = student.score_matrix(vectors[:3], cache, "asym", chunk_size=4)
+        rows = torch.stack(
+            [student.score_vectors(vectors[q].expand(len(TEXTS), -1), vectors, "asym") for q in range(3)]
+        )
+        z, u = student.iem_features(vectors[:2], vectors[2:4], "sym")
+    assert matrix.shape == (3, len(TEXTS))
+    assert torch.allclose(matrix, rows, atol=1e-5)
+    assert u.shape == (2, 8) and torch.allclose(z, student.score_vectors(vectors[:2], vectors[2:4], "sym"))
+    pairs = [(TEXTS[0], TEXTS[4]), (TEXTS[2], TEXTS[1])]
+    expected = torch.stack([matrix[0, 4], matrix[2, 1]])
+    assert torch.allclose(student.score(pairs, "asym"), expected, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def test_save_load_round_trip_gives_identical_scores_and_no_pickles(
+    backbone_dir: Path, tmp_path: Path
+) -> None:
+    student = _student(backbone_dir, pma={"num_heads": 4, "init": "random"})
+    _perturb(student)
+    before = student.score(PAIRS, "sym")
+    out = student.save_pretrained(tmp_path / "student")
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert {"student.json", "heads.safetensors", "adapter/adapter_model.safetensors"} <= set(files)
+    for name in files:
+        assert name.endswith((".safetensors", ".json", ".md")), name
+        head = (out / name).read_bytes()[:2]
+        assert head[:1] != b"\x80" and head != b"PK", f"{name} looks like a pickle / torch.save file"
+    meta = json.loads((out / "student.json").read_text())
+    assert meta["format_version"] == 1 and meta["dim"] == student.dim
+    assert meta["student"]["backbone"] == str(backbone_dir)
+
+    loaded = D2LLMStudent.from_pretrained(out)
+    assert torch.equal(loaded.score(PAIRS, "sym"), before)
+    assert torch.equal(loaded.encode(TEXTS), student.encode(TEXTS))
+    # The adapter matters: a fresh student with the same seed scores differently.
+    assert not torch.allclose(_student(backbone_dir, pma={"num_heads": 4}).score(PAIRS, "sym"), before)
+
+
+def test_load_never_enables_remote_code_unless_saved(
+    tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = _student(tiny_bert_dir).save_pretrained(tmp_path / "s")
+    seen: list[bool] = []
+    real = backbone_module.load_pretrained
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["trust_remote_code"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backbone_module, "load_pretrained", recording)
+    D2LLMStudent.from_pretrained(out)
+    assert seen == [False]
+
+
+def test_load_errors_are_model_errors(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="does not exist"):
+        D2LLMStudent.from_pretrained(tmp_path / "nothing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"not a saved D2LLM student: student\.json is missing"):
+        D2LLMStudent.from_pretrained(tmp_path / "empty")
+
+    out = _student(tiny_bert_dir).save_pretrained(tmp_path / "s")
+    heads = out / "heads.safetensors"
+    heads.write_bytes(heads.read_bytes()[:40])
+    with pytest.raises(ModelError, match=r"heads\.safetensors is corrupt"):
+        D2LLMStudent.from_pretrained(out)
+    (out / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(ModelError, match=r"incomplete: .*adapter_model\.safetensors is missing"):
+        D2LLMStudent.from_pretrained(out)
+    (out / "student.json").write_text("{not json")
+    with pytest.raises(ModelError, match="corrupt"):
+        D2LLMStudent.from_pretrained(out)
+
+
+def test_load_rejects_heads_that_do_not_fit_the_config(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    out = _student(tiny_bert_dir).save_pretrained(tmp_path / "s")
+    meta = json.loads((out / "student.json").read_text())
+    meta["student"]["iem"]["hidden_size"] = 24
+    (out / "student.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match="iem weights do not fit the saved config"):
+        D2LLMStudent.from_pretrained(out)
+
+
+def test_gradient_checkpointing_trains(tiny_bert_dir: Path) -> None:
+    torch.manual_seed(0)
+    student = D2LLMStudent.from_config(_cfg(tiny_bert_dir), gradient_checkpointing=True).train()
+    base = student.backbone.get_base_model()
+    assert getattr(base, "is_activation_checkpointing", None) or base.is_gradient_checkpointing
+    plain = _student(tiny_bert_dir)
+    assert not (getattr(plain.backbone.get_base_model(), "is_activation_checkpointing", False))
+    plain.enable_gradient_checkpointing()
+    assert plain.backbone.get_base_model().is_activation_checkpointing
+    _perturb(student)
+    student.embed(student.tokenize(TEXTS[:2])).sum().backward()
+    assert all(p.grad is not None for n, p in student.trainable_parameters() if "lora_A" in n)

@@ -125,6 +125,146 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher (or skipped)")
+    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student (or skipped)")
+    p.add_argument("--output", type=Path, help="metrics JSON (default: evaluation.output)")
+
+
+@command("evaluate", "compare bi-encoder, teacher and student (and BM25 for IR) on the test data")
+@arguments(_evaluate_args)
+def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.evaluation.evaluate import evaluate_systems, format_table
+
+    output = args.output or params.evaluation.output
+    results = evaluate_systems(
+        params, args.prepared_dir or params.data.prepared_dir, args.teacher_dir, args.student_dir, output
+    )
+    print(format_table(results))
+    print(f"metrics written to {output}")
+    return 0
+
+
+def _index_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student")
+    p.add_argument("--dataset", default="cranfield", help="IR dataset whose corpus is indexed")
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    p.add_argument("--out-dir", type=Path, help="index folder (default: index/<dataset>)")
+    p.add_argument("--model-version", help="recorded in the manifest (default: the student dir)")
+
+
+@command("index", "encode an IR corpus once with the student (PMA vectors + cached IEM projections)")
+@arguments(_index_args)
+def cmd_index(args: argparse.Namespace, params: Params) -> int:
+    import pandas as pd
+
+    from d2llm.errors import ArtifactError
+    from d2llm.hub import pick_device
+    from d2llm.search import build_index
+    from d2llm.student.model import D2LLMStudent
+
+    corpus_path = (args.prepared_dir or params.data.prepared_dir) / "ir" / args.dataset / "corpus.parquet"
+    if not corpus_path.is_file():
+        raise ArtifactError(f"no corpus for {args.dataset!r} at {corpus_path}: run `d2llm prepare` first")
+    out_dir = args.out_dir or layout.INDEX_ROOT / args.dataset
+    student = D2LLMStudent.from_pretrained(args.student_dir, device=pick_device(params.device))
+    index = build_index(
+        student,
+        pd.read_parquet(corpus_path),
+        out_dir,
+        model_version=args.model_version or str(args.student_dir),
+        batch_size=params.evaluation.batch_size,
+    )
+    print(f"indexed {len(index)} documents of {args.dataset} into {out_dir}")
+    return 0
+
+
+def _search_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("query", help="the search query")
+    p.add_argument("-k", type=int, default=10, help="number of passages to show")
+    p.add_argument("--index-dir", type=Path, default=layout.INDEX_ROOT / "cranfield", help="index folder")
+    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="the student that built it")
+    p.add_argument("--mode", choices=["full", "two_stage"], help="default: search.mode")
+    p.add_argument("--first-stage", choices=["bm25", "cosine"], help="default: search.first_stage")
+    p.add_argument("--rerank-depth", type=int, help="two-stage candidates M (default: search.rerank_depth)")
+
+
+@command("search", "search an index with the student and print ranked passages with scores")
+@arguments(_search_args)
+def cmd_search(args: argparse.Namespace, params: Params) -> int:
+    import textwrap
+
+    from d2llm.search import load_index, search
+    from d2llm.student.model import D2LLMStudent
+
+    student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
+    index = load_index(args.index_dir, student)
+    hits = search(
+        student,
+        index,
+        args.query,
+        k=args.k,
+        mode=args.mode or params.search.mode,
+        first_stage=args.first_stage or params.search.first_stage,
+        rerank_depth=args.rerank_depth or params.search.rerank_depth,
+        chunk_size=params.search.chunk_size,
+    )
+    for rank, hit in enumerate(hits, start=1):
+        snippet = textwrap.shorten(hit.text, width=100, placeholder=" ...")
+        print(f"{rank:>3}  {hit.score:9.4f}  {hit.doc_id:>8}  {snippet}")
+    return 0
+
+
+def _mine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    p.add_argument("--out", type=Path, default=Path("data/negatives/negatives.parquet"))
+
+
+@command("mine", "mine hard negatives (BM25 and bi-encoder) for the labelling datasets")
+@arguments(_mine_args)
+def cmd_mine(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.mining import mine_negatives
+
+    out = mine_negatives(params, args.prepared_dir or params.data.prepared_dir, args.out)
+    print(f"{len(out)} anchors with {params.mining.num_negatives} negatives each -> {args.out}")
+    return 0
+
+
+def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    p.add_argument("--out-dir", type=Path, default=Path("models/teacher"), help="saved teacher folder")
+
+
+@command("teacher-finetune", "fine-tune the teacher on gold labels and save it (or its reference)")
+@arguments(_teacher_finetune_args)
+def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
+    import json
+
+    from d2llm.teachers.finetune import finetune_teacher
+
+    result = finetune_teacher(params, args.prepared_dir or params.data.prepared_dir, args.out_dir)
+    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    return 0
+
+
+def _label_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negatives", type=Path, default=Path("data/negatives/negatives.parquet"))
+    p.add_argument("--teacher-dir", type=Path, default=Path("models/teacher"))
+    p.add_argument("--out-dir", type=Path, default=Path("data/labels"))
+    p.add_argument("--overwrite", action="store_true", help="replace labels made from other groups/teacher")
+
+
+@command("label", "build training groups and score them with the teacher (resumable shards)")
+@arguments(_label_args)
+def cmd_label(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.labelling import label_groups
+
+    summary = label_groups(params, args.negatives, args.teacher_dir, args.out_dir, overwrite=args.overwrite)
+    print(summary)
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 

@@ -250,6 +250,7 @@ class TrainingConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     grad_accum: int = Field(default=1, ge=1)
     eval_every: int = Field(default=50, ge=1)  # steps
+    checkpoint_every: int = Field(default=50, ge=1)  # steps between resumable checkpoints
     patience: int = Field(default=5, ge=1)  # evaluations without dev improvement
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False

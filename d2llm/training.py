@@ -94,6 +94,32 @@ def evaluate_dev(student: D2LLMStudent, dev: DevSet, batch_size: int = 64) -> fl
 # --------------------------------------------------------------------------- one step
 
 
+@dataclass(frozen=True)
+class LabelledGroup:
+    """One training group: its texts and the teacher's logits and feature cosines for them."""
+
+    task: TaskKind
+    anchors: list[str]
+    positives: list[str]
+    negatives: list[list[str]]
+    in_batch: torch.Tensor  # [B, B, 2]
+    hard: torch.Tensor  # [B, K+1, 2]
+    feature_cos: torch.Tensor  # [B, K+1, K+1]
+
+
+def labelled_group(labels: Any, index: int) -> LabelledGroup:
+    row = labels.groups.iloc[index]
+    return LabelledGroup(
+        task=row["task"],
+        anchors=list(row["anchors"]),
+        positives=list(row["positives"]),
+        negatives=[list(n) for n in row["negatives"]],
+        in_batch=labels.in_batch[index],
+        hard=labels.hard[index],
+        feature_cos=labels.feature_cos[index],
+    )
+
+
 def group_logits(
     student: D2LLMStudent,
     anchors: list[str],
@@ -273,7 +299,7 @@ def train_student(
     while loop["step"] < total_steps and not stopped_early:
         epoch, position = divmod(loop["micro"], num_groups)
         group_index = _epoch_order(num_groups, params.seed, epoch)[position]
-        group = labels.group(group_index)
+        group = labelled_group(labels, group_index)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             z_in, z_hn, u_hn = group_logits(
                 student, group.anchors, group.positives, group.negatives, group.task
@@ -301,6 +327,8 @@ def train_student(
         loop["history"].append({"step": loop["step"], **{f"loss_{k}": v.item() for k, v in parts.items()}})
         if loop["step"] % cfg.eval_every == 0 or loop["step"] == total_steps:
             stopped_early = loop["stopped_early"] = evaluate_and_keep_best()
+            save_state()
+        elif loop["step"] % cfg.checkpoint_every == 0:
             save_state()
         if stop_after_steps is not None and steps_this_run >= stop_after_steps:
             save_state()

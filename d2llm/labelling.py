@@ -1,0 +1,367 @@
+"""Training groups, built once, and the teacher's scores of them, written in resumable shards.
+
+A group is B anchors of one dataset (so one task kind) with distinct anchors and distinct
+positives. The student trains on exactly these groups (it shuffles their order, not their
+content), so the in-batch teacher matrix ``teacher(a_i, b_j)`` stays valid.
+
+Layout of ``out_dir`` (docs/architecture.md, "Training groups"):
+- ``groups.parquet``: ``group_id, task, dataset, anchors, positives, negatives``;
+- ``scores-00000.safetensors`` ...: per shard of ``labelling.shard_groups`` groups,
+  ``group_id [G]``, ``in_batch [G, B, B, 2]``, ``hard [G, B, K+1, 2]`` (column 0: the positive),
+  ``feature_cos [G, B, K+1, K+1]``;
+- ``labels.json``: the manifest (hash of the groups, teacher identity, layout, ``complete``).
+
+Each shard is written to a temporary file and renamed, so a shard file is either whole or
+absent. A rerun skips shards that exist and validate (group ids, shapes) and scores the rest;
+shards depend only on their own groups, so an interrupted and resumed run gives the same
+tensors as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from d2llm.errors import ArtifactError, DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from d2llm.config import Params
+    from d2llm.teachers.base import Teacher
+
+log = logging.getLogger(__name__)
+
+GROUPS_FILE = "groups.parquet"
+MANIFEST_FILE = "labels.json"
+SHARD_PATTERN = "scores-{:05d}.safetensors"
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- groups
+
+
+def build_groups(
+    negatives: pd.DataFrame, group_size: int, seed: int, max_groups_per_dataset: int | None = None
+):
+    """Groups of ``group_size`` rows of one dataset, distinct anchors and positives within a group.
+
+    Rows are shuffled with a seed derived from ``seed`` and the dataset name, then dealt greedily
+    into the first open group that has neither the row's anchor nor its positive. Incomplete
+    groups are dropped (a group must hold B anchors for the [B, B] in-batch matrix) and counted
+    in ``groups.attrs["dropped_rows"]``.
+    """
+    import pandas as pd
+
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2, got {group_size}")
+    k_values = {len(n) for n in negatives["negatives"]}
+    if len(k_values) > 1:
+        raise DataError(f"negative lists have different lengths {sorted(k_values)}; mine them with one K")
+    records: list[dict[str, Any]] = []
+    dropped = 0
+    for dataset in dict.fromkeys(negatives["dataset"]):
+        rows = negatives[negatives["dataset"] == dataset]
+        tasks = rows["task"].unique().tolist()
+        if len(tasks) != 1:
+            raise DataError(f"dataset {dataset!r} mixes task kinds {tasks}; a group must hold one kind")
+        order = list(range(len(rows)))
+        random.Random(seed * 1_000_003 + zlib.crc32(str(dataset).encode())).shuffle(order)
+        full, leftover = _deal(rows.iloc[order], group_size)
+        if max_groups_per_dataset is not None:
+            leftover += (
+                (len(full) - max_groups_per_dataset) * group_size if len(full) > max_groups_per_dataset else 0
+            )
+            full = full[:max_groups_per_dataset]
+        dropped += leftover
+        for members in full:
+            records.append(
+                {
+                    "task": tasks[0],
+                    "dataset": dataset,
+                    "anchors": [m[0] for m in members],
+                    "positives": [m[1] for m in members],
+                    "negatives": [list(m[2]) for m in members],
+                }
+            )
+    groups = pd.DataFrame(records, columns=["task", "dataset", "anchors", "positives", "negatives"])
+    groups.insert(0, "group_id", range(len(groups)))
+    groups.attrs["dropped_rows"] = dropped
+    if dropped:
+        log.info(
+            "grouping: %d rows left out (incomplete groups of %d or duplicate anchors)", dropped, group_size
+        )
+    return groups
+
+
+def _deal(rows: pd.DataFrame, size: int) -> tuple[list[list[tuple[str, str, list[str]]]], int]:
+    """Greedy dealing into groups with distinct anchors and positives; full groups in closing order."""
+    open_groups: list[tuple[list[tuple[str, str, list[str]]], set[str], set[str]]] = []
+    full = []
+    for anchor, positive, negs in zip(rows["anchor"], rows["positive"], rows["negatives"], strict=True):
+        fits = (i for i, (_, a, p) in enumerate(open_groups) if anchor not in a and positive not in p)
+        i = next(fits, None)
+        if i is None:
+            open_groups.append(([], set(), set()))
+            i = len(open_groups) - 1
+        members, anchors, positives = open_groups[i]
+        members.append((anchor, positive, list(negs)))
+        anchors.add(anchor)
+        positives.add(positive)
+        if len(members) == size:
+            full.append(members)
+            open_groups.pop(i)
+    return full, sum(len(g[0]) for g in open_groups)
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def score_groups(teacher: Teacher, groups: pd.DataFrame) -> dict[str, torch.Tensor]:
+    """Teacher tensors of ``groups`` (all of one shard), each distinct pair scored once per task.
+
+    Pairs needing features (each anchor with its positive and negatives) are scored with
+    features; the off-diagonal in-batch pairs without. The in-batch diagonal is the hard
+    column 0: the same pair, scored once.
+    """
+    import torch
+
+    g_count = len(groups)
+    b = len(groups.iloc[0]["anchors"])
+    k1 = len(groups.iloc[0]["negatives"][0]) + 1
+    in_batch = torch.empty((g_count, b, b, 2))
+    hard = torch.empty((g_count, b, k1, 2))
+    feature_cos = torch.empty((g_count, b, k1, k1))
+    for task in groups["task"].unique():
+        rows = [(gi, r) for gi, r in enumerate(groups.itertuples()) if r.task == task]
+        hard_pairs: dict[tuple[str, str], int] = {}
+        cross_pairs: dict[tuple[str, str], int] = {}
+        for _, r in rows:
+            for i, a in enumerate(r.anchors):
+                for c in [r.positives[i], *r.negatives[i]]:
+                    hard_pairs.setdefault((a, c), len(hard_pairs))
+        for _, r in rows:
+            for a in r.anchors:
+                for p in r.positives:
+                    if (a, p) not in hard_pairs:
+                        cross_pairs.setdefault((a, p), len(cross_pairs))
+        with_feats = teacher.score(list(hard_pairs), task, with_features=True)
+        plain = teacher.score(list(cross_pairs), task)
+        feats = torch.nn.functional.normalize(with_feats.features.float(), dim=-1)  # type: ignore[union-attr]
+        for gi, r in rows:
+            for i, a in enumerate(r.anchors):
+                idx = [hard_pairs[(a, c)] for c in [r.positives[i], *r.negatives[i]]]
+                hard[gi, i] = with_feats.logits[idx]
+                f = feats[idx]
+                feature_cos[gi, i] = f @ f.T
+                for j, p in enumerate(r.positives):
+                    key = (a, p)
+                    in_batch[gi, i, j] = (
+                        with_feats.logits[hard_pairs[key]]
+                        if key in hard_pairs
+                        else plain.logits[cross_pairs[key]]
+                    )
+    group_id = torch.tensor(groups["group_id"].tolist(), dtype=torch.long)
+    return {"group_id": group_id, "in_batch": in_batch, "hard": hard, "feature_cos": feature_cos}
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _hash_groups(groups: pd.DataFrame) -> str:
+    records = groups[["group_id", "task", "dataset", "anchors", "positives", "negatives"]].to_dict("records")
+    text = json.dumps(
+        records,
+        default=lambda x: x.tolist() if hasattr(x, "tolist") else list(x),
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def teacher_identity(teacher_dir: str | Path) -> str:
+    """Hash of every file of the saved teacher (config, weights, tokenizer)."""
+    digest = hashlib.sha256()
+    root = Path(teacher_dir)
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(path.relative_to(root)).encode())
+        with path.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _shard_ranges(n_groups: int, shard_groups: int) -> list[range]:
+    return [range(s, min(s + shard_groups, n_groups)) for s in range(0, n_groups, shard_groups)]
+
+
+def _shard_is_valid(path: Path, ids: range, b: int, k1: int) -> bool:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return False
+    try:
+        t = load_file(str(path))
+    except Exception as err:  # a foreign or damaged file: score the shard again
+        log.warning("shard %s unreadable (%s); rescoring it", path.name, err)
+        return False
+    g = len(ids)
+    expected = {
+        "group_id": (g,),
+        "in_batch": (g, b, b, 2),
+        "hard": (g, b, k1, 2),
+        "feature_cos": (g, b, k1, k1),
+    }
+    if set(t) != set(expected) or any(tuple(t[k].shape) != s for k, s in expected.items()):
+        return False
+    return t["group_id"].tolist() == list(ids)
+
+
+def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _prepare_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
+    """The existing manifest when ``out_dir`` holds this same labelling; clears or refuses otherwise."""
+    existing_file = out_dir / MANIFEST_FILE
+    existing = json.loads(existing_file.read_text(encoding="utf-8")) if existing_file.is_file() else None
+    same = existing is not None and all(existing.get(k) == v for k, v in manifest.items() if k != "complete")
+    if same:
+        return existing
+    has_content = out_dir.is_dir() and any(out_dir.iterdir())
+    if has_content and not overwrite:
+        why = "its groups, teacher or layout differ" if existing else f"it has no {MANIFEST_FILE}"
+        raise ArtifactError(
+            f"labels directory {out_dir} holds other labels ({why}); pass overwrite=True (--overwrite) "
+            "to replace them, or choose another --out-dir"
+        )
+    if has_content:
+        shutil.rmtree(out_dir)
+    return None
+
+
+def label_groups(
+    params: Params,
+    negatives_path: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    teacher: Teacher | None = None,
+) -> dict[str, Any]:
+    """Build the groups from mined negatives and score them with the teacher, shard by shard.
+
+    ``teacher`` may be passed already loaded (it must be the one saved in ``teacher_dir``,
+    whose files identify the labels). Returns counts and what was scored or skipped.
+    """
+    import pandas as pd
+
+    cfg = params.labelling
+    out_dir = Path(out_dir)
+    negatives_path = Path(negatives_path)
+    if not negatives_path.is_file():
+        raise ArtifactError(f"mined negatives not found at {negatives_path} (run `d2llm mine`)")
+    groups = build_groups(
+        pd.read_parquet(negatives_path), cfg.group_size, params.seed, cfg.max_groups_per_dataset
+    )
+    if groups.empty:
+        raise DataError(f"no complete group of {cfg.group_size} anchors could be built from {negatives_path}")
+    k1 = len(groups.iloc[0]["negatives"][0]) + 1
+    manifest = {
+        "format": FORMAT_VERSION,
+        "groups_sha256": _hash_groups(groups),
+        "teacher": teacher_identity(teacher_dir),
+        "group_size": cfg.group_size,
+        "num_candidates": k1,
+        "shard_groups": cfg.shard_groups,
+        "num_groups": len(groups),
+        "complete": False,
+    }
+    existing = _prepare_out_dir(out_dir, manifest, overwrite)
+    summary = {
+        "groups": len(groups),
+        "dropped_rows": groups.attrs.get("dropped_rows", 0),
+        "out_dir": str(out_dir),
+    }
+    if existing and existing.get("complete"):
+        log.info("labels in %s are complete and current; nothing to do", out_dir)
+        return {
+            **summary,
+            "scored_shards": 0,
+            "skipped_shards": len(_shard_ranges(len(groups), cfg.shard_groups)),
+        }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(manifest, out_dir / MANIFEST_FILE)
+    tmp = out_dir / (GROUPS_FILE + ".tmp")
+    groups.to_parquet(tmp, index=False)
+    tmp.replace(out_dir / GROUPS_FILE)
+
+    if teacher is None:
+        from d2llm.teachers.base import load_teacher
+
+        teacher = load_teacher(params.teacher, teacher_dir, params.device)
+    scored = skipped = 0
+    shards = _shard_ranges(len(groups), cfg.shard_groups)
+    for s, ids in enumerate(tqdm(shards, desc="labelling shards", leave=False)):
+        path = out_dir / SHARD_PATTERN.format(s)
+        if _shard_is_valid(path, ids, cfg.group_size, k1):
+            skipped += 1
+            continue
+        _write_atomic(score_groups(teacher, groups.iloc[ids.start : ids.stop]), path)
+        scored += 1
+    _write_json({**manifest, "complete": True, "num_shards": len(shards)}, out_dir / MANIFEST_FILE)
+    log.info(
+        "labelled %d groups in %d shards (%d scored, %d reused)", len(groups), len(shards), scored, skipped
+    )
+    return {**summary, "shards": len(shards), "scored_shards": scored, "skipped_shards": skipped}
+
+
+@dataclass
+class Labels:
+    groups: pd.DataFrame
+    group_id: torch.Tensor  # [N]
+    in_batch: torch.Tensor  # [N, B, B, 2]
+    hard: torch.Tensor  # [N, B, K+1, 2]
+    feature_cos: torch.Tensor  # [N, B, K+1, K+1]
+
+
+def load_labels(out_dir: str | Path) -> Labels:
+    """Groups and the stacked teacher tensors of a complete labelling, row i = group_id i."""
+    import pandas as pd
+    import torch
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    manifest_file = out_dir / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise ArtifactError(f"{out_dir} holds no labels ({MANIFEST_FILE} missing; run `d2llm label`)")
+    manifest = json.loads(manifest_file.read_text(encoding="utf-8"))
+    if not manifest.get("complete"):
+        raise ArtifactError(f"labels in {out_dir} are incomplete: rerun `d2llm label` to finish them")
+    groups = pd.read_parquet(out_dir / GROUPS_FILE)
+    if _hash_groups(groups) != manifest["groups_sha256"]:
+        raise ArtifactError(f"{out_dir / GROUPS_FILE} does not match its manifest (edited after labelling?)")
+    parts = [load_file(str(out_dir / SHARD_PATTERN.format(s))) for s in range(manifest["num_shards"])]
+    stacked = {k: torch.cat([p[k] for p in parts]) for k in ("group_id", "in_batch", "hard", "feature_cos")}
+    if stacked["group_id"].tolist() != groups["group_id"].tolist():
+        raise ArtifactError(f"score shards in {out_dir} do not cover groups 0..{len(groups) - 1} in order")
+    return Labels(groups, **stacked)

@@ -1,0 +1,196 @@
+"""The teacher contract: pairs of texts in, ``[z_yes, z_no]`` logits (and features) out.
+
+Any scorer with this contract can teach the student: a causal LM read as a yes/no judge
+(``causal_lm.py``) or an encoder with a 2-way head (``cross_encoder.py``). A saved teacher is a
+folder with ``teacher.json`` (kind, model reference, pooling, prompts, what weights are stored)
+and safetensors weights; ``load_teacher`` restores either kind from it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from d2llm.batching import Encoding, map_batched
+from d2llm.errors import ModelError
+
+if TYPE_CHECKING:
+    import torch
+
+    from d2llm.config import TeacherConfig
+
+log = logging.getLogger(__name__)
+
+TEACHER_JSON = "teacher.json"
+Pair = tuple[str, str]
+TaskKind = Literal["sym", "asym"]
+WeightsKind = Literal["reference", "full", "lora"]
+
+
+@dataclass
+class TeacherOutput:
+    logits: torch.Tensor  # [N, 2] = [z_yes, z_no]
+    features: torch.Tensor | None = None  # [N, D]
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Teacher probability of "yes": ``softmax(logits / T)[:, 0]``."""
+    import torch
+
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return torch.softmax(logits.float() / temperature, dim=-1)[:, 0]
+
+
+class Teacher(ABC):
+    """Common scoring loop; subclasses encode pairs into token ids and run the forward pass."""
+
+    kind: str
+    padding_side: Literal["left", "right"] = "right"
+
+    def __init__(self, cfg: TeacherConfig, tokenizer: Any, device: torch.device) -> None:
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.device = device
+
+    # ---- what each kind defines
+
+    @abstractmethod
+    def encode_pairs(self, pairs: Sequence[Pair], task: TaskKind) -> list[Encoding]:
+        """Token ids (and other model inputs) of each pair, unpadded, within max_length."""
+
+    @abstractmethod
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits ``[n, 2]`` and features ``[n, D]`` of one padded batch (differentiable)."""
+
+    @abstractmethod
+    def modules(self) -> list[torch.nn.Module]:
+        """The torch modules holding the teacher's weights (for train/eval and devices)."""
+
+    @abstractmethod
+    def _save_weights(self, out_dir: Path) -> WeightsKind:
+        """Write the weights (safetensors) and tokenizer to ``out_dir``; say what was stored."""
+
+    # ---- shared behaviour
+
+    def train(self, mode: bool = True) -> Teacher:
+        for module in self.modules():
+            module.train(mode)
+        return self
+
+    def eval(self) -> Teacher:
+        return self.train(False)
+
+    def score(
+        self,
+        pairs: Sequence[Pair],
+        task: TaskKind,
+        with_features: bool = False,
+        show_progress: bool | None = None,
+    ) -> TeacherOutput:
+        """Teacher logits of ``pairs`` (no grad, eval mode), in input order.
+
+        ``show_progress=None`` shows a bar only for work large enough to be worth watching.
+        """
+        import torch
+
+        if task not in ("sym", "asym"):
+            raise ValueError(f"task must be 'sym' or 'asym', got {task!r}")
+        if not pairs:
+            empty = torch.empty((0, 2))
+            return TeacherOutput(empty, torch.empty((0, 0)) if with_features else None)
+        self.eval()
+        encodings = self.encode_pairs(pairs, task)
+        if show_progress is None:
+            show_progress = len(pairs) > 20 * self.cfg.batch_size
+        # bf16 autocast only where it is fast and safe; CPU keeps fp32 (exact, comparable).
+        autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        )
+
+        def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+            logits, feats = self.forward({k: v.to(self.device) for k, v in batch.items()})
+            return (logits.float(), feats.float()) if with_features else (logits.float(),)
+
+        with torch.inference_mode(), autocast:
+            outputs = map_batched(
+                encodings,
+                run,
+                batch_size=self.cfg.batch_size,
+                pad_id=self.tokenizer.pad_token_id,
+                side=self.padding_side,
+                show_progress=show_progress,
+                desc=f"teacher {self.kind}",
+            )
+        return TeacherOutput(outputs[0], outputs[1] if with_features else None)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``teacher.json`` records besides the weights kind."""
+        return {
+            "kind": self.kind,
+            "model": self.cfg.model,
+            "gguf_file": self.cfg.gguf_file,
+            "pooling": self.cfg.pooling,
+            "max_length": self.cfg.max_length,
+            "prompts": self.cfg.prompts.model_dump(),
+        }
+
+    def save_pretrained(self, out_dir: str | Path, include_weights: bool = True) -> Path:
+        """Save the teacher to ``out_dir``; without weights only the model reference is kept."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        weights: WeightsKind = self._save_weights(out_dir) if include_weights else "reference"
+        meta = {**self.describe(), "weights": weights}
+        (out_dir / TEACHER_JSON).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        return out_dir
+
+
+def read_teacher_json(path: str | Path) -> dict[str, Any]:
+    file = Path(path) / TEACHER_JSON
+    if not file.is_file():
+        raise ModelError(f"{path} is not a saved teacher: {TEACHER_JSON} is missing")
+    return json.loads(file.read_text(encoding="utf-8"))
+
+
+def load_teacher(
+    cfg: TeacherConfig, path: str | Path | None = None, device: str | torch.device = "auto"
+) -> Teacher:
+    """A teacher from ``cfg`` alone (base model), or restored from a folder saved by ``save_pretrained``.
+
+    A saved folder's ``teacher.json`` decides kind, model, pooling and prompts (they define what
+    the weights mean); ``cfg`` still sets batch size and temperature.
+    """
+    from d2llm.hub import pick_device
+
+    dev = device if not isinstance(device, str) else pick_device(device)
+    weights_dir: Path | None = None
+    weights: WeightsKind = "reference"
+    if path is not None:
+        meta = read_teacher_json(path)
+        weights = meta["weights"]
+        cfg = cfg.model_copy(
+            update={
+                "kind": meta["kind"],
+                "model": meta["model"],
+                "gguf_file": meta.get("gguf_file"),
+                "pooling": meta["pooling"],
+                "max_length": meta["max_length"],
+                "prompts": type(cfg.prompts).model_validate(meta["prompts"]),
+            }
+        )
+        weights_dir = Path(path) if weights != "reference" else None
+    if cfg.kind == "cross_encoder":
+        from d2llm.teachers.cross_encoder import CrossEncoderTeacher
+
+        return CrossEncoderTeacher.load(cfg, dev, weights_dir)
+    if cfg.kind == "causal_lm":
+        from d2llm.teachers.causal_lm import CausalLMTeacher
+
+        return CausalLMTeacher.load(cfg, dev, weights_dir, weights)
+    raise ModelError(f"unknown teacher kind {cfg.kind!r}")

@@ -1,0 +1,247 @@
+"""Fine-tune a teacher on gold labels ("LLM-ce" in the paper): a stronger teacher, a better student.
+
+Targets: class datasets (NLI) give ``is_positive`` (entailment vs the rest); score datasets
+(STS) give the gold score rescaled to [0, 1]. The loss is binary cross-entropy between the
+teacher's yes-probability ``softmax([z_yes, z_no])[0] = sigmoid(z_yes - z_no)`` and the target
+(soft targets allowed), computed from the logit difference for numerical stability.
+
+Recipe: AdamW, linear warm-up then linear decay, gradient clipping, length-bucketed batches in
+shuffled order; LoRA for causal LMs (``teacher.finetune.lora``), full fine-tuning for encoders.
+The dev split of every dataset is scored before training and after every epoch (AP for class
+datasets, Spearman for score datasets); the best epoch's weights are kept (epoch 0, the
+untouched model, included: fine-tuning that only hurts is not shipped).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm.auto import tqdm
+
+from d2llm.batching import Encoding, iter_batches
+from d2llm.errors import DataError, ModelError
+from d2llm.teachers.base import Pair, Teacher, load_teacher, probabilities
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from d2llm.config import Params
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DevSet:
+    dataset: str
+    task: str
+    pairs: list[Pair]
+    gold: list[float]
+    metric: str  # "ap" or "spearman"
+
+
+def read_pairs(prepared_dir: str | Path, dataset: str) -> pd.DataFrame:
+    """A prepared pair table, with a clear error when it is missing."""
+    import pandas as pd
+
+    path = Path(prepared_dir) / "pairs" / f"{dataset}.parquet"
+    if not path.is_file():
+        raise DataError(f"prepared pairs for dataset {dataset!r} not found at {path} (run `d2llm prepare`)")
+    return pd.read_parquet(path)
+
+
+def is_class_dataset(df: pd.DataFrame) -> bool:
+    """Class datasets name their labels (label_name); score datasets leave it empty."""
+    return bool((df["label_name"].fillna("") != "").any())
+
+
+def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFrame, list[float], str]:
+    """Rows of ``split`` and their training targets in [0, 1], plus the dev metric of the dataset."""
+    rows = df[df["split"] == split]
+    if rows.empty:
+        raise DataError(f"dataset {dataset!r} has no {split!r} rows to fine-tune or evaluate the teacher on")
+    if is_class_dataset(df):
+        return rows, rows["is_positive"].astype(float).tolist(), "ap"
+    # The scale comes from the whole table, so train and dev are rescaled identically.
+    lo, hi = float(df["label"].min()), float(df["label"].max())
+    if hi <= lo:
+        raise DataError(f"dataset {dataset!r}: every score is {lo}; cannot rescale to [0, 1]")
+    return rows, ((rows["label"] - lo) / (hi - lo)).tolist(), "spearman"
+
+
+def evaluate_teacher(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, float]:
+    """Dev metric per dataset (AP or Spearman, in [0, 1] / [-1, 1]) and their mean as ``main``."""
+    from d2llm.evaluation.metrics import average_precision, spearman
+
+    out: dict[str, float] = {}
+    for dev in dev_sets:
+        scores = probabilities(teacher.score(dev.pairs, dev.task).logits).tolist()  # type: ignore[arg-type]
+        value = average_precision(scores, dev.gold) if dev.metric == "ap" else spearman(scores, dev.gold)
+        out[f"{dev.dataset}/{dev.metric}"] = float(value)
+    out["main"] = sum(out.values()) / len(out) if out else math.nan
+    return out
+
+
+def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    return df if limit is None or len(df) <= limit else df.sample(n=limit, random_state=seed)
+
+
+def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str, Pair, float]], list[DevSet]]:
+    """Training triples ``(task, pair, target)`` and one dev set per fine-tuning dataset.
+
+    ``max_train_pairs`` / ``max_dev_pairs`` cap each dataset (a seeded sample), keeping the mix.
+    """
+    ft = params.teacher.finetune
+    train: list[tuple[str, Pair, float]] = []
+    dev_sets: list[DevSet] = []
+    for name in ft.datasets:
+        df = read_pairs(prepared_dir, name)
+        rows, targets, metric = gold_targets(df, "train", name)
+        rows = rows.assign(target_=targets)
+        rows = _sample(rows, ft.max_train_pairs, params.seed)
+        train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
+        dev_rows, dev_gold, _ = gold_targets(df, "dev", name)
+        dev_rows = _sample(dev_rows.assign(gold_=dev_gold), ft.max_dev_pairs, params.seed)
+        tasks = dev_rows["task"].unique().tolist()
+        if len(tasks) != 1:
+            raise DataError(f"dataset {name!r} mixes task kinds {tasks}; a dataset must have one")
+        pairs = list(zip(dev_rows["text_a"], dev_rows["text_b"], strict=True))
+        dev_sets.append(DevSet(name, tasks[0], pairs, dev_rows["gold_"].tolist(), metric))
+    return train, dev_sets
+
+
+def _encode_training(
+    teacher: Teacher, train: list[tuple[str, Pair, float]]
+) -> tuple[list[Encoding], list[float]]:
+    """Encodings of all training pairs (each with its task's prompt), targets aligned."""
+    encodings: list[Encoding] = []
+    targets: list[float] = []
+    for task in ("sym", "asym"):
+        rows = [(pair, target) for t, pair, target in train if t == task]
+        if rows:
+            encodings += teacher.encode_pairs([p for p, _ in rows], task)  # type: ignore[arg-type]
+            targets += [t for _, t in rows]
+    return encodings, targets
+
+
+def _linear_schedule(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def train_teacher(
+    teacher: Teacher, params: Params, train: list[tuple[str, Pair, float]], dev_sets: list[DevSet]
+):
+    """The training loop; returns metrics per epoch, losses and the number of optimiser steps."""
+    import torch
+
+    ft = params.teacher.finetune
+    if teacher.kind == "causal_lm" and ft.lora.enabled:
+        teacher.enable_lora(ft.lora)  # type: ignore[attr-defined]
+    trainable = [p for m in teacher.modules() for p in m.parameters() if p.requires_grad]
+    if not trainable:
+        raise ModelError("the teacher has no trainable parameters")
+    encodings, targets = _encode_training(teacher, train)
+    steps_per_epoch = math.ceil(len(encodings) / ft.batch_size)
+    total = math.ceil(ft.epochs * steps_per_epoch)
+    if ft.max_steps is not None:
+        total = min(total, ft.max_steps)
+    optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _linear_schedule(int(ft.warmup_ratio * total), total)
+    )
+    target_t = torch.tensor(targets, dtype=torch.float32)
+
+    history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets)}]
+    best = (history[0]["main"], 0, [p.detach().clone() for p in trainable])
+    losses: list[float] = []
+    step, epoch = 0, 0
+    bar = tqdm(total=total, desc="teacher fine-tune", leave=False)
+    while step < total:
+        epoch += 1
+        teacher.train()
+        batches = iter_batches(
+            encodings, ft.batch_size, teacher.tokenizer.pad_token_id, teacher.padding_side,
+            shuffle=True, seed=params.seed + epoch,
+        )  # fmt: skip
+        for batch in batches:
+            logits, _ = teacher.forward({k: v.to(teacher.device) for k, v in batch.tensors.items()})
+            y = target_t[batch.indices].to(logits.device)
+            # softmax([z_yes, z_no])[0] == sigmoid(z_yes - z_no): BCE on the difference is stable.
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0] - logits[:, 1], y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, ft.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            losses.append(float(loss.detach()))
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if step >= total:
+                break
+        metrics = evaluate_teacher(teacher, dev_sets)
+        history.append({"epoch": epoch, "step": step, **metrics})
+        log.info("teacher epoch %d (step %d): dev %s", epoch, step, metrics)
+        if metrics["main"] > best[0] or math.isnan(best[0]):
+            best = (metrics["main"], epoch, [p.detach().clone() for p in trainable])
+    bar.close()
+    with torch.no_grad():
+        for p, saved in zip(trainable, best[2], strict=True):
+            p.copy_(saved)
+    teacher.eval()
+    return history, losses, step, best[1]
+
+
+def finetune_teacher(
+    params: Params, prepared_dir: str | Path, out_dir: str | Path, teacher: Teacher | None = None
+) -> dict[str, Any]:
+    """Fine-tune ``params.teacher`` on the gold train splits and save it to ``out_dir``.
+
+    With ``teacher.finetune.enabled: false`` only the reference to the base model is saved.
+    Returns dev metrics before/after, the best epoch, losses and timing.
+    """
+    from d2llm.hub import seed_everything
+
+    seed_everything(params.seed)
+    ft = params.teacher.finetune
+    if teacher is None:
+        teacher = load_teacher(params.teacher, None, params.device)
+    if not ft.enabled:
+        teacher.save_pretrained(out_dir, include_weights=False)
+        return {"enabled": False, "kind": teacher.kind, "model": params.teacher.model}
+    train, dev_sets = load_gold(params, prepared_dir)
+    start = time.perf_counter()
+    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets)
+    seconds = time.perf_counter() - start
+    teacher.save_pretrained(out_dir)
+    result = {
+        "enabled": True,
+        "kind": teacher.kind,
+        "model": params.teacher.model,
+        "train_pairs": len(train),
+        "steps": steps,
+        "best_epoch": best_epoch,
+        "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")},
+        "dev_after": {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")},
+        "history": history,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "train_seconds": seconds,
+        "pairs_per_second": steps * ft.batch_size / seconds if seconds > 0 else None,
+    }
+    log.info(
+        "teacher fine-tuned: dev %s -> %s (best epoch %d)",
+        result["dev_before"],
+        result["dev_after"],
+        best_epoch,
+    )
+    return result

@@ -245,11 +245,15 @@ def train_student(
         from d2llm.checkpoint import load_checkpoint
 
         weights, loop = load_checkpoint(checkpoint_dir, optimizer, scheduler)
-        missing = set(trainable) - set(weights)
-        if missing:
+        mismatched = sorted(
+            name
+            for name, param in trainable.items()
+            if name not in weights or weights[name].shape != param.shape
+        )
+        if mismatched:
             raise ArtifactError(
-                f"checkpoint {checkpoint_dir} does not match the student config ({len(missing)} "
-                "parameters missing); delete it or train into a new folder"
+                f"checkpoint {checkpoint_dir} does not match the student config ({len(mismatched)} params "
+                f"missing or of another shape, e.g. {mismatched[0]}); delete it or train into a new folder"
             )
         with torch.no_grad():
             for name, tensor in weights.items():

@@ -1,0 +1,251 @@
+"""The distillation loop on a tiny BERT: it learns, keeps the best dev model, and resumes exactly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from d2llm.config import Params, params_from_dict
+from d2llm.errors import ArtifactError
+
+SENTENCES = [
+    "a man plays a guitar",
+    "a woman rides a bike",
+    "the cat sleeps on the mat",
+    "a child eats food in the kitchen",
+    "the dog runs in the park",
+    "people walk on the street",
+    "a bird sings in the field",
+    "a young woman reads in the park",
+    "an old man cooks food",
+    "the children play with a ball",
+    "a horse runs on the beach",
+    "a person sits at the table",
+]
+RELATED = {
+    "a man plays a guitar": "a person plays the piano",
+    "a woman rides a bike": "a person is riding a bike",
+    "the cat sleeps on the mat": "a cat is sleeping",
+    "a child eats food in the kitchen": "a child is eating",
+    "the dog runs in the park": "a dog is running",
+    "people walk on the street": "people are walking",
+    "a bird sings in the field": "a bird is singing",
+    "a young woman reads in the park": "a woman is reading",
+    "an old man cooks food": "a man is cooking",
+    "the children play with a ball": "children are playing",
+    "a horse runs on the beach": "a horse is running",
+    "a person sits at the table": "a person is sitting",
+}
+
+
+def _params(tiny_bert_dir: Path, **training: object) -> Params:
+    model = str(tiny_bert_dir)
+    return params_from_dict(
+        {
+            "seed": 7,
+            "device": "cpu",
+            "teacher": {"model": model, "max_length": 48, "batch_size": 16},
+            "labelling": {"group_size": 4, "shard_groups": 1, "datasets": ["toy"]},
+            "student": {
+                "backbone": model,
+                "max_length": 32,
+                "pma": {"num_heads": 4},
+                "iem": {"hidden_size": 16, "branch_size": 16},
+            },
+            "training": {
+                "lr": 5e-3,
+                "eval_every": 2,
+                "checkpoint_every": 1,
+                "max_steps": 6,
+                "patience": 10,
+                "warmup_ratio": 0.0,
+                "dev_dataset": "toy",
+                "dev_metric": "ap",
+                "max_dev_pairs": None,
+                **training,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> dict[str, Path]:
+    """Prepared dev pairs, mined negatives and teacher labels for 3 groups of 4 anchors (K=2)."""
+    from d2llm.labelling import label_groups
+    from d2llm.teachers.base import load_teacher
+
+    root = tmp_path_factory.mktemp("training")
+    (root / "prepared" / "pairs").mkdir(parents=True)
+    dev_rows = []
+    for i, anchor in enumerate(SENTENCES):
+        dev_rows.append((anchor, RELATED[anchor], True))
+        dev_rows.append((anchor, RELATED[SENTENCES[(i + 5) % len(SENTENCES)]], False))
+    pd.DataFrame(
+        {
+            "text_a": [r[0] for r in dev_rows],
+            "text_b": [r[1] for r in dev_rows],
+            "label": [float(r[2]) for r in dev_rows],
+            "label_name": ["entailment" if r[2] else "neutral" for r in dev_rows],
+            "task": "sym",
+            "source": "toy",
+            "split": "dev",
+            "is_positive": [r[2] for r in dev_rows],
+        }
+    ).to_parquet(root / "prepared" / "pairs" / "toy.parquet", index=False)
+
+    negatives = pd.DataFrame(
+        {
+            "dataset": "toy",
+            "task": "sym",
+            "anchor": SENTENCES,
+            "positive": [RELATED[s] for s in SENTENCES],
+            "negatives": [
+                [RELATED[SENTENCES[(i + 3) % 12]], RELATED[SENTENCES[(i + 7) % 12]]] for i in range(12)
+            ],
+            "method": "bm25",
+        }
+    )
+    negatives_path = root / "negatives.parquet"
+    negatives.to_parquet(negatives_path, index=False)
+
+    params = _params(tiny_bert_dir)
+    teacher_dir = root / "teacher"
+    torch.manual_seed(0)
+    load_teacher(params.teacher, None, "cpu").save_pretrained(teacher_dir)
+    label_groups(params, negatives_path, teacher_dir, root / "labels")
+    return {"root": root, "prepared": root / "prepared", "labels": root / "labels"}
+
+
+def _final_weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    state = load_file(str(out_dir / "checkpoint" / "state.safetensors"))
+    return {k: v for k, v in state.items() if k.startswith("model.")}
+
+
+def test_training_keeps_the_best_dev_model_and_never_one_below_the_start(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.training import evaluate_dev, load_dev_set, train_student
+
+    params = _params(tiny_bert_dir)
+    result = train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "student")
+
+    evals = [h for h in result.history if "dev_metric" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4, 6]
+    losses = [h["loss_total"] for h in result.history if "loss_total" in h]
+    assert len(losses) == 6 and all(torch.isfinite(torch.tensor(losses)))
+    assert result.best_metric == max(h["dev_metric"] for h in evals)
+    assert result.best_metric >= result.initial_metric
+    # The saved student is the best one, not the last one.
+    saved = D2LLMStudent.from_pretrained(tmp_path / "student")
+    dev = load_dev_set(params, workspace["prepared"])
+    assert evaluate_dev(saved, dev) == pytest.approx(result.best_metric, abs=1e-4)
+    assert (tmp_path / "student" / "training_history.json").is_file()
+
+
+def test_a_stopped_run_resumes_to_the_same_weights(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from d2llm.training import train_student
+
+    params = _params(tiny_bert_dir)
+    full = train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "full")
+
+    with pytest.raises(InterruptedError):
+        train_student(
+            params, workspace["labels"], workspace["prepared"], tmp_path / "split", stop_after_steps=3
+        )
+    resumed = train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "split")
+
+    assert resumed.steps == full.steps == 6
+    expected, got = _final_weights(tmp_path / "full"), _final_weights(tmp_path / "split")
+    assert expected.keys() == got.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6, msg=name)
+    assert [h["dev_metric"] for h in resumed.history if "dev_metric" in h] == pytest.approx(
+        [h["dev_metric"] for h in full.history if "dev_metric" in h], abs=1e-5
+    )
+
+
+def test_a_checkpoint_of_another_student_config_is_refused(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    from d2llm.training import train_student
+
+    params = _params(tiny_bert_dir, max_steps=1)
+    train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "student")
+    wider = params.model_copy(
+        update={
+            "student": params.student.model_copy(
+                update={"iem": params.student.iem.model_copy(update={"hidden_size": 24})}
+            )
+        }
+    )
+    with pytest.raises(ArtifactError, match="does not match the student config"):
+        train_student(
+            wider.model_copy(update={"training": params.training.model_copy(update={"max_steps": 2})}),
+            workspace["labels"],
+            workspace["prepared"],
+            tmp_path / "student",
+        )
+
+
+@pytest.mark.slow
+def test_killed_training_process_resumes_and_continues(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """SIGKILL a `d2llm train` process mid-run; a rerun continues from its last checkpoint."""
+    params = _params(tiny_bert_dir, max_steps=40, eval_every=20, checkpoint_every=2)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")), encoding="utf-8")
+    out = tmp_path / "student"
+    command = [
+        sys.executable,
+        "-m",
+        "d2llm.cli",
+        "--params",
+        str(params_file),
+        "train",
+        "--labels-dir",
+        str(workspace["labels"]),
+        "--prepared-dir",
+        str(workspace["prepared"]),
+        "--out-dir",
+        str(out),
+        "--metrics",
+        str(tmp_path / "metrics.json"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
+    state = out / "checkpoint" / "state.json"
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline:
+            if state.exists() and '"step": 4' in state.read_text(encoding="utf-8"):
+                break
+            assert process.poll() is None, process.stderr.read().decode() if process.stderr else ""
+            time.sleep(0.05)
+        else:
+            pytest.fail("training never reached step 4")
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    assert not (tmp_path / "metrics.json").exists()  # it really was killed before the end
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    summary = yaml.safe_load((tmp_path / "metrics.json").read_text(encoding="utf-8"))
+    assert summary["steps"] == 40
+    assert "resumed from step" in done.stderr

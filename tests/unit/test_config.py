@@ -33,7 +33,7 @@ def test_llm_preset_runs_the_causal_lm_path_with_real_weights() -> None:
 
 def test_overrides_are_validated_like_the_file() -> None:
     assert load_params(ROOT / "params.yaml", {"training.lr": 3e-4}).training.lr == 3e-4
-    with pytest.raises(ConfigError, match="training.lr"):
+    with pytest.raises(ConfigError, match=r"training\.lr"):
         load_params(ROOT / "params.yaml", {"training.lr": -1})
-    with pytest.raises(ConfigError, match="unknown key 'training.learning_rate'"):
+    with pytest.raises(ConfigError, match=r"unknown key 'training\.learning_rate'"):
         load_params(ROOT / "params.yaml", {"training.learning_rate": 1e-4})

@@ -1,0 +1,129 @@
+"""The Prefect training flow end to end on the tiny project, with real Prefect, MLflow and GX.
+
+Runs in-process under ``prefect_test_harness`` (a temporary Prefect API and database) inside a
+clone of the tiny project, so the flow's relative paths (data/, models/, mlflow/) land there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from d2llm.errors import DataValidationError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def prefect_harness() -> Iterator[None]:
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def project(tiny_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    clone = tiny_project.clone(tmp_path / "project")
+    monkeypatch.chdir(clone.root)
+    for key, value in clone.env.items():
+        if key.startswith(("HF_", "TOKENIZERS", "GX_", "OMP_")):
+            monkeypatch.setenv(key, value)
+    return clone
+
+
+def _registry(root: Path) -> tuple[list[str], dict[str, str]]:
+    from mlflow import MlflowClient
+
+    from d2llm.config import load_params
+    from d2llm.tracking import configure
+
+    params = load_params(root / "params.yaml")
+    configure(params.tracking, root)
+    client = MlflowClient()
+    name = params.tracking.registered_model
+    versions = sorted(v.version for v in client.search_model_versions(f"name = '{name}'"))
+    aliases = client.get_registered_model(name).aliases if versions else {}
+    return versions, dict(aliases)
+
+
+def _mtimes(folder: Path) -> dict[str, float]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime for p in folder.rglob("*") if p.is_file()}
+
+
+def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, project) -> None:
+    from mlflow import MlflowClient
+
+    from flows.pipeline import training_pipeline
+
+    first = training_pipeline(params_file="params.yaml")
+
+    root = project.root
+    assert (root / "reports" / "validation").is_dir()
+    assert (root / "models" / "student" / "student.json").is_file()
+    assert (root / "reports" / "metrics.json").is_file()
+    assert "mean_main" in first["metrics"]
+    assert first["version"] == "1"
+    assert first["promotion"]["verdict"] == "promoted"  # the first model ever becomes champion
+    versions, aliases = _registry(root)
+    assert versions == ["1"] and aliases["champion"] == "1"
+
+    # One parent run with a nested run per stage.
+    client = MlflowClient()
+    parent = client.get_run(first["run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'"
+    )
+    stages = {run.data.tags.get("d2llm.stage") for run in children}
+    assert {"validate-data", "mine-negatives", "finetune-teacher", "label-groups", "distil-student",
+            "evaluate"} <= stages
+    assert parent.data.tags.get("git.commit")
+
+    # Nothing changed: every cached stage is reused, nothing is retrained.
+    labels_before, student_before = _mtimes(root / "data" / "labels"), _mtimes(root / "models" / "student")
+    second = training_pipeline(params_file="params.yaml")
+    assert _mtimes(root / "data" / "labels") == labels_before
+    assert _mtimes(root / "models" / "student") == student_before
+    assert second["metrics"] == first["metrics"]
+    # Same model, same numbers: it is registered, but it does not beat the champion.
+    assert second["version"] == "2"
+    assert second["promotion"]["verdict"] == "refused"
+    assert _registry(root)[1]["champion"] == "1"
+
+
+def test_a_training_param_change_reruns_only_downstream_stages(prefect_harness: None, project) -> None:
+    from flows.pipeline import training_pipeline
+
+    training_pipeline(params_file="params.yaml", promote=False)
+    root = project.root
+    teacher, labels = _mtimes(root / "models" / "teacher"), _mtimes(root / "data" / "labels")
+    student = _mtimes(root / "models" / "student")
+
+    training_pipeline(params_file="params.yaml", overrides={"training.lr": 3e-3}, promote=False)
+    assert _mtimes(root / "models" / "teacher") == teacher
+    assert _mtimes(root / "data" / "labels") == labels
+    assert _mtimes(root / "models" / "student") != student
+
+
+def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
+    prefect_harness: None, project
+) -> None:
+    from flows.pipeline import training_pipeline
+
+    train_file = project.root / "data" / "raw" / "sick" / "SICK_train.txt"
+    lines = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
+    fields = lines[1].split("\t")
+    fields[3] = "7.0"  # a relatedness score outside SICK's 1-5 range: parses, fails validation
+    lines[1] = "\t".join(fields) + ("" if fields[-1].endswith("\n") else "\n")
+    os.chmod(train_file, 0o644)
+    train_file.write_text("".join(lines), encoding="utf-8")
+
+    with pytest.raises(DataValidationError, match="sick_r") as failure:
+        training_pipeline(params_file="params.yaml")
+    assert "label" in str(failure.value) and "7.0" in str(failure.value)
+    assert not (project.root / "models").exists()
+    assert not (project.root / "data" / "labels").exists()
+    assert _registry(project.root)[0] == []

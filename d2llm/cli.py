@@ -99,6 +99,46 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out-dir", type=Path, default=layout.STUDENT_DIR, help="where the best student goes")
     p.add_argument("--metrics", type=Path, default=layout.TRAIN_METRICS, help="training summary JSON")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
+    p.add_argument(
+        "--plots-dir", type=Path, default=layout.PLOTS_DIR, help="dev metric and loss curves (JSON lists)"
+    )
+
+
+TRAIN_INPUTS_FILE = "train_inputs.json"
+
+
+def _same_training_inputs(params: Params, labels_dir: Path, out_dir: Path) -> bool:
+    """Whether a checkpoint in ``out_dir`` was made from these labels and settings (records them).
+
+    DVC keeps models/student when the train stage reruns (persist), so that an interrupted run
+    resumes. After a param or label change the kept checkpoint is someone else's: resuming a
+    finished one would hand back the old student, so training starts afresh instead.
+    """
+    import json
+
+    from d2llm.fingerprint import value_fingerprint
+    from d2llm.labelling import MANIFEST_FILE
+    from d2llm.training import CHECKPOINT_DIR
+
+    manifest = labels_dir / MANIFEST_FILE
+    read = ("student", "loss", "training")
+    sections = {name: getattr(params, name).model_dump(mode="json") for name in read}
+    inputs = value_fingerprint(
+        {
+            **sections,
+            "seed": params.seed,
+            "teacher_temperature": params.teacher.temperature,
+            "labels": manifest.read_text(encoding="utf-8") if manifest.is_file() else None,
+        }
+    )
+    record = out_dir / TRAIN_INPUTS_FILE
+    recorded = json.loads(record.read_text(encoding="utf-8")).get("inputs") if record.is_file() else None
+    same = recorded == inputs or not (out_dir / CHECKPOINT_DIR).exists()
+    if not same:
+        log.warning("checkpoint in %s was made from other labels or settings: training afresh", out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"inputs": inputs}) + "\n", encoding="utf-8")
+    return same
 
 
 @command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
@@ -113,10 +153,15 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
         labels_dir=args.labels_dir,
         prepared_dir=args.prepared_dir or params.data.prepared_dir,
         out_dir=args.out_dir,
-        resume=not args.no_resume,
+        resume=not args.no_resume and _same_training_inputs(params, args.labels_dir, args.out_dir),
     )
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    # Flat lists of records, one file per curve: the form `dvc plots` reads (docs/dvc.md).
+    args.plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, key in (("dev_metric", "dev_metric"), ("train_loss", "loss_total")):
+        records = [record for record in result.history if key in record]
+        (args.plots_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
     print(
         f"dev {params.training.dev_metric}: start {result.initial_metric:.2f} -> "
         f"best {result.best_metric:.2f} at step {result.best_step} of {result.steps} "
@@ -218,7 +263,7 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
 
 def _mine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--out", type=Path, default=Path("data/negatives/negatives.parquet"))
+    p.add_argument("--out", type=Path, default=layout.NEGATIVES)
 
 
 @command("mine", "mine hard negatives (BM25 and bi-encoder) for the labelling datasets")
@@ -233,7 +278,8 @@ def cmd_mine(args: argparse.Namespace, params: Params) -> int:
 
 def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--out-dir", type=Path, default=Path("models/teacher"), help="saved teacher folder")
+    p.add_argument("--out-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher folder")
+    p.add_argument("--metrics", type=Path, default=layout.TEACHER_METRICS, help="fine-tuning report JSON")
 
 
 @command("teacher-finetune", "fine-tune the teacher on gold labels and save it (or its reference)")
@@ -244,14 +290,17 @@ def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
     from d2llm.teachers.finetune import finetune_teacher
 
     result = finetune_teacher(params, args.prepared_dir or params.data.prepared_dir, args.out_dir)
-    print(json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2))
+    summary = json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
+    args.metrics.parent.mkdir(parents=True, exist_ok=True)
+    args.metrics.write_text(summary + "\n", encoding="utf-8")
+    print(summary)
     return 0
 
 
 def _label_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--negatives", type=Path, default=Path("data/negatives/negatives.parquet"))
-    p.add_argument("--teacher-dir", type=Path, default=Path("models/teacher"))
-    p.add_argument("--out-dir", type=Path, default=Path("data/labels"))
+    p.add_argument("--negatives", type=Path, default=layout.NEGATIVES)
+    p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR)
+    p.add_argument("--out-dir", type=Path, default=layout.LABELS_DIR)
     p.add_argument("--overwrite", action="store_true", help="replace labels made from other groups/teacher")
 
 
@@ -262,6 +311,38 @@ def cmd_label(args: argparse.Namespace, params: Params) -> int:
 
     summary = label_groups(params, args.negatives, args.teacher_dir, args.out_dir, overwrite=args.overwrite)
     print(summary)
+    return 0
+
+
+def _register_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student")
+    p.add_argument("--index-dir", type=Path, help="a search index built by this student (optional)")
+    p.add_argument("--metrics", type=Path, help="evaluation results JSON (default: evaluation.output)")
+
+
+@command("register", "log the student as an MLflow pyfunc model and register a new version")
+@arguments(_register_args)
+def cmd_register(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.tracking.registry import register_student
+
+    metrics = args.metrics or (params.evaluation.output if params.evaluation.output.is_file() else None)
+    version = register_student(params, args.student_dir, args.index_dir, metrics)
+    print(f"registered {version.name} version {version.version} (metrics: {metrics or 'none'})")
+    return 0
+
+
+def _promote_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", help="registered version to promote (default: the newest)")
+
+
+@command("promote", "make a version the challenger and promote it to champion if it beats the champion")
+@arguments(_promote_args)
+def cmd_promote(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.tracking.registry import promote_version
+
+    version, decision = promote_version(params, args.version)
+    verdict = "promoted to champion" if decision.promote else "not promoted"
+    print(f"{params.tracking.registered_model} v{version} {verdict}: {decision.reason}")
     return 0
 
 

@@ -109,7 +109,9 @@ def finetune(params: Params, key: dict[str, Any]) -> str:
 
     with stage_run("finetune-teacher"), _gpu_slot():
         report = finetune_teacher(params, params.data.prepared_dir, layout.TEACHER_DIR)
-        log_metrics_dict(_numbers(report), prefix="teacher")
+        report.pop("history", None)
+        log_metrics_dict(report, prefix="teacher")
+    _write_json(layout.TEACHER_METRICS, report)
     return path_fingerprint(layout.TEACHER_DIR)
 
 
@@ -128,7 +130,7 @@ def label(params: Params, key: dict[str, Any]) -> str:
 
     with stage_run("label-groups"), _gpu_slot():
         report = label_groups(params, layout.NEGATIVES, layout.TEACHER_DIR, layout.LABELS_DIR)
-        log_metrics_dict(_numbers(report), prefix="labelling")
+        log_metrics_dict(report, prefix="labelling")
     return path_fingerprint(layout.LABELS_DIR)
 
 
@@ -148,10 +150,9 @@ def distil(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     with stage_run("distil-student"), _gpu_slot():
         result = train_student(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
         log_training_curve(result.history)
-        log_metrics_dict(_numbers(result.to_dict()), prefix="train")
+        log_metrics_dict(result.to_dict(), prefix="train")
     summary = result.to_dict()
-    layout.TRAIN_METRICS.parent.mkdir(parents=True, exist_ok=True)
-    layout.TRAIN_METRICS.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    _write_json(layout.TRAIN_METRICS, summary)
     return {"fingerprint": path_fingerprint(layout.STUDENT_DIR), **summary}
 
 
@@ -187,8 +188,9 @@ def register(params: Params, metrics: dict[str, float], eval_data_id: str) -> st
 # --------------------------------------------------------------------------- flow
 
 
-def _numbers(report: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in report.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:

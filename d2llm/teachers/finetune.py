@@ -86,6 +86,27 @@ def evaluate_teacher(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, floa
     return out
 
 
+def baseline_dev_metrics(params: Params, dev_sets: list[DevSet]) -> dict[str, float]:
+    """The same dev metrics for the student's backbone read as a plain bi-encoder (mean-pool cosine).
+
+    A teacher is only worth distilling on a task where it beats this baseline; the report puts
+    the two side by side.
+    """
+    from d2llm.evaluation.metrics import average_precision, spearman
+    from d2llm.mining import BiEncoder
+
+    encoder = BiEncoder.load(params.student.backbone, params.mining, params.device, params.student.gguf_file)
+    out: dict[str, float] = {}
+    for dev in dev_sets:
+        a = encoder.encode([p[0] for p in dev.pairs])
+        b = encoder.encode([p[1] for p in dev.pairs])
+        scores = (a * b).sum(dim=1).tolist()
+        value = average_precision(scores, dev.gold) if dev.metric == "ap" else spearman(scores, dev.gold)
+        out[f"{dev.dataset}/{dev.metric}"] = float(value)
+    out["main"] = sum(out.values()) / len(out) if out else math.nan
+    return out
+
+
 def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
     return df if limit is None or len(df) <= limit else df.sample(n=limit, random_state=seed)
 
@@ -232,6 +253,7 @@ def finetune_teacher(
         "best_epoch": best_epoch,
         "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")},
         "dev_after": {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")},
+        "dev_baseline": baseline_dev_metrics(params, dev_sets),
         "history": history,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -239,9 +261,10 @@ def finetune_teacher(
         "pairs_per_second": steps * ft.batch_size / seconds if seconds > 0 else None,
     }
     log.info(
-        "teacher fine-tuned: dev %s -> %s (best epoch %d)",
+        "teacher fine-tuned: dev %s -> %s (best epoch %d); bi-encoder baseline %s",
         result["dev_before"],
         result["dev_after"],
         best_epoch,
+        result["dev_baseline"],
     )
     return result

@@ -1,0 +1,518 @@
+"""The three systems of the paper side by side (plus BM25 for IR), on the same test data.
+
+- ``bi-encoder``: the backbone as a plain bi-encoder (mean pooling of the last hidden state,
+  cosine). This is where the student starts from: the floor.
+- ``teacher``: the cross-encoder / LLM judge, score = probability of "yes". The ceiling, but
+  one joint forward pass per (query, candidate). For IR it re-ranks BM25's top
+  ``teacher_rerank_depth`` (100) per query: scoring the whole corpus per query is exactly the
+  cost D2LLM exists to avoid, and re-ranking a first stage is how a cross-encoder is deployed.
+- ``student``: the D2LLM student, score = IEM logit; for IR the full corpus is ranked by the IEM
+  over cached passage projections (one query pass + N cheap IEM evaluations).
+- ``bm25``: lexical baseline, IR only.
+
+``evaluate_systems`` reads test splits and IR queries/qrels; nothing else in the project reads
+them. Every number lands in one JSON file together with the data it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+
+from d2llm.errors import ArtifactError
+from d2llm.evaluation import metrics as M
+from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
+
+if TYPE_CHECKING:
+    import pandas as pd
+    import torch
+
+    from d2llm.config import Params
+
+log = logging.getLogger(__name__)
+
+TaskKind = Literal["sym", "asym"]
+Ranking = list[list[tuple[int, float]]]  # per query: (corpus position, score), best first
+SYSTEM_ORDER = ("bm25", "bi-encoder", "teacher", "student")
+IR_TABLE_NAMES = ("corpus", "queries", "qrels")
+IR_DEPTH = 100  # ranked documents kept per query: enough for R@100
+
+
+@runtime_checkable
+class PairScorer(Protocol):
+    """Scores text pairs: higher means "more similar / more relevant / entailed"."""
+
+    name: str
+
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray: ...
+
+
+@runtime_checkable
+class Retriever(Protocol):
+    """Ranks a corpus for each query; returns the top ``depth`` (position, score) per query."""
+
+    name: str
+
+    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking: ...
+
+
+# --------------------------------------------------------------------------- systems
+
+
+class BiEncoderBaseline:
+    """The backbone as a plain bi-encoder: mean pooling over the last hidden state, cosine."""
+
+    name = "bi-encoder"
+
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_ref(
+        cls,
+        ref: str,
+        gguf_file: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int = 128,
+        batch_size: int = 64,
+        device: str = "auto",
+    ) -> BiEncoderBaseline:
+        from d2llm.hub import load_pretrained, load_tokenizer, pick_device
+
+        tokenizer = load_tokenizer(ref, gguf_file, trust_remote_code)
+        model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
+        return cls(model, tokenizer, max_length, batch_size)
+
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        """L2-normalised mean-pooled vectors ``[N, d]`` (on CPU)."""
+        import torch
+        import torch.nn.functional as F
+
+        from d2llm.batching import map_batched
+
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        encodings = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+        device = next(self.model.parameters()).device
+
+        def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            return (F.normalize(pooled.float(), dim=-1),)
+
+        with torch.inference_mode():
+            (vectors,) = map_batched(
+                encodings,
+                run,
+                batch_size=self.batch_size,
+                pad_id=self.tokenizer.pad_token_id,
+                show_progress=show_progress,
+                desc="bi-encoder",
+            )
+        return vectors
+
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
+        # Cosine has no task branches: the same score serves sym and asym.
+        a, b = self.encode(text_a, show_progress=True), self.encode(text_b, show_progress=True)
+        return (a * b).sum(-1).numpy()
+
+    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
+        docs = self.encode(corpus, show_progress=True)
+        sims = (self.encode(queries) @ docs.T).numpy()
+        return [[(int(p), float(row[p])) for p in top_k_positions(row, depth)] for row in sims]
+
+
+class StudentScorer:
+    """The D2LLM student: IEM logits on PMA vectors; IR ranks the full corpus on cached passages."""
+
+    name = "student"
+
+    def __init__(self, student: Any, batch_size: int = 64, chunk_size: int = 4096):
+        self.student = student
+        self.batch_size = batch_size
+        self.chunk_size = chunk_size
+
+    def _encode(self, texts: Sequence[str]) -> torch.Tensor:
+        vectors, _ = encode_corpus(self.student, texts, self.batch_size, desc="student encode")
+        return vectors
+
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
+        import torch
+
+        e_a, e_b = self._encode(text_a), self._encode(text_b)
+        with torch.inference_mode():
+            return self.student.score_vectors(e_a, e_b, task).reshape(-1).float().cpu().numpy()
+
+    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
+        from tqdm.auto import tqdm
+
+        _, cache = encode_corpus(self.student, corpus, self.batch_size, desc="student corpus")
+        e_q = self._encode(queries)
+        ranking = []
+        for i in tqdm(range(len(queries)), desc="student IEM ranking", leave=False):
+            scores = iem_scores(self.student, e_q[i : i + 1], cache, "asym", self.chunk_size)
+            ranking.append([(int(p), float(scores[p])) for p in top_k_positions(scores, depth)])
+        return ranking
+
+
+class TeacherScorer:
+    """The teacher, score = probability of yes; for IR it re-ranks BM25's top ``rerank_depth``."""
+
+    name = "teacher"
+
+    def __init__(self, teacher: Any, temperature: float = 1.0, rerank_depth: int = 100):
+        self.teacher = teacher
+        self.temperature = temperature
+        self.rerank_depth = rerank_depth
+
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
+        from d2llm.teachers.base import probabilities
+
+        out = self.teacher.score(list(zip(text_a, text_b, strict=True)), task, show_progress=True)
+        return probabilities(out.logits, self.temperature).numpy()
+
+    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
+        bm25 = Bm25Ranker(corpus)
+        candidates = [bm25.top(q, self.rerank_depth) for q in queries]
+        # One scoring call over all (query, candidate) pairs: the teacher batches them by length.
+        pairs_a = [q for q, cand in zip(queries, candidates, strict=True) for _ in cand]
+        pairs_b = [corpus[p] for cand in candidates for p in cand]
+        scores = self.score_pairs(pairs_a, pairs_b, "asym")
+        ranking, start = [], 0
+        for cand in candidates:
+            s = scores[start : start + len(cand)]
+            start += len(cand)
+            ranking.append([(int(cand[i]), float(s[i])) for i in top_k_positions(s, depth)])
+        return ranking
+
+
+class Bm25System:
+    name = "bm25"
+
+    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
+        bm25 = Bm25Ranker(corpus)
+        out = []
+        for q in queries:
+            scores = bm25.scores(q)
+            out.append([(int(p), float(scores[p])) for p in top_k_positions(scores, depth)])
+        return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_systems(
+    params: Params, teacher_dir: str | Path | None, student_dir: str | Path | None
+) -> tuple[dict[str, Any], list[str]]:
+    """The systems to compare, and notes on those skipped (missing folder, or turned off)."""
+    ev = params.evaluation
+    notes: list[str] = []
+    systems: dict[str, Any] = {"bm25": Bm25System()}
+    systems["bi-encoder"] = BiEncoderBaseline.from_ref(
+        params.student.backbone,
+        params.student.gguf_file,
+        params.student.trust_remote_code,
+        max_length=params.student.max_length,
+        batch_size=ev.batch_size,
+        device=params.device,
+    )
+    if not ev.include_teacher:
+        notes.append("teacher skipped: evaluation.include_teacher is false")
+    elif teacher_dir is None or not Path(teacher_dir).is_dir():
+        notes.append(f"teacher skipped: no saved teacher at {teacher_dir}")
+    else:
+        from d2llm.teachers.base import load_teacher
+
+        teacher = load_teacher(params.teacher, teacher_dir, params.device)
+        systems["teacher"] = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth)
+    if student_dir is None or not Path(student_dir).is_dir():
+        notes.append(f"student skipped: no saved student at {student_dir}")
+    else:
+        from d2llm.hub import pick_device
+        from d2llm.student.model import D2LLMStudent
+
+        student = D2LLMStudent.from_pretrained(student_dir, device=pick_device(params.device))
+        systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size)
+    return systems, notes
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _read_table(path: Path, what: str) -> pd.DataFrame:
+    import pandas as pd
+
+    if not path.is_file():
+        raise ArtifactError(f"{what} not found at {path}: run `d2llm prepare` first")
+    return pd.read_parquet(path)
+
+
+def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
+    """A seeded sample of at most ``limit`` rows, in their original order."""
+    if limit is None or len(df) <= limit:
+        return df
+    return df.sample(n=limit, random_state=seed).sort_index()
+
+
+def evaluate_pair_dataset(
+    name: str, pairs: pd.DataFrame, systems: dict[str, Any], max_pairs: int | None = None, seed: int = 0
+) -> dict[str, Any]:
+    """Test-split metrics of every pair-scoring system on one dataset.
+
+    Class datasets (a non-empty ``label_name``): AP and best-threshold accuracy of
+    ``is_positive`` (entailment vs the rest). Score datasets: Spearman and Pearson with ``label``.
+    """
+    test = _sample(pairs[pairs["split"] == "test"], max_pairs, seed)
+    if test.empty:
+        raise ArtifactError(f"dataset {name!r} has no test split to evaluate")
+    tasks = test["task"].unique().tolist()
+    if len(tasks) != 1:
+        raise ArtifactError(f"dataset {name!r} mixes task kinds {tasks}; expected one")
+    is_class = bool((test["label_name"].astype(str) != "").any())
+    entry: dict[str, Any] = {
+        "kind": "pair_classification" if is_class else "sts",
+        "split": "test",
+        "n_pairs": len(test),
+        "task": tasks[0],
+        "main_metric": "ap" if is_class else "spearman",
+        "metrics": {},
+        "seconds": {},
+    }
+    if is_class:
+        entry["positive"] = "is_positive (entailment vs the rest)"
+    a, b = test["text_a"].tolist(), test["text_b"].tolist()
+    for sys_name, system in systems.items():
+        if not isinstance(system, PairScorer):
+            continue
+        log.info("%s: scoring %d test pairs with %s", name, len(test), sys_name)
+        start = time.perf_counter()
+        scores = system.score_pairs(a, b, tasks[0])
+        entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
+        if is_class:
+            entry["metrics"][sys_name] = M.pair_classification_metrics(scores, test["is_positive"].to_numpy())
+        else:
+            entry["metrics"][sys_name] = M.sts_metrics(scores, test["label"].to_numpy())
+    return entry
+
+
+def evaluate_ir_dataset(
+    name: str,
+    corpus: pd.DataFrame,
+    queries: pd.DataFrame,
+    qrels: pd.DataFrame,
+    systems: dict[str, Any],
+    max_queries: int | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """nDCG@10, MRR@10 and R@100 of every retrieval system on one IR collection.
+
+    Only queries with at least one relevant document are evaluated (the others are counted);
+    each system ranks the whole corpus per query except the teacher (see the module docstring).
+    """
+    all_queries = set(queries["query_id"].astype(str))
+    judged = set(qrels.loc[qrels["relevance"] > 0, "query_id"].astype(str)) & all_queries
+    eval_queries = _sample(queries[queries["query_id"].astype(str).isin(judged)], max_queries, seed)
+    if eval_queries.empty:
+        raise ArtifactError(f"IR dataset {name!r} has no query with a relevant document")
+    qids = eval_queries["query_id"].astype(str).tolist()
+    qtexts = eval_queries["text"].astype(str).tolist()
+    doc_ids = corpus["doc_id"].astype(str).tolist()
+    docs = corpus["text"].astype(str).tolist()
+    wanted = set(qids)
+    qrels_dict: dict[str, dict[str, int]] = {}
+    for q, d, r in qrels[["query_id", "doc_id", "relevance"]].itertuples(index=False):
+        if str(q) in wanted:
+            qrels_dict.setdefault(str(q), {})[str(d)] = int(r)
+    entry: dict[str, Any] = {
+        "kind": "retrieval",
+        "split": "test",
+        "n_queries": len(qids),
+        "n_queries_without_relevant": len(all_queries - judged),
+        "n_docs": len(doc_ids),
+        "main_metric": "ndcg@10",
+        "metrics": {},
+        "seconds": {},
+    }
+    for sys_name, system in systems.items():
+        if not isinstance(system, Retriever):
+            continue
+        log.info("%s: ranking %d docs for %d queries with %s", name, len(docs), len(qids), sys_name)
+        start = time.perf_counter()
+        ranking = system.rank(qtexts, docs, IR_DEPTH)
+        entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
+        entry["metrics"][sys_name] = M.ir_metrics(qrels_dict, M.ranking_to_run(qids, doc_ids, ranking))
+        if isinstance(system, TeacherScorer):
+            entry["teacher_protocol"] = f"re-ranks BM25 top {system.rerank_depth} per query"
+    return entry
+
+
+def _add_gain(entry: dict[str, Any]) -> None:
+    """Fraction of the teacher's gain over the bi-encoder that the student recovers (main metric)."""
+    main = entry["main_metric"]
+    metrics = entry["metrics"]
+    base, teacher, student = (metrics.get(s, {}).get(main) for s in ("bi-encoder", "teacher", "student"))
+    entry["student_gain_recovered"] = M.gain_recovered(base, teacher, student)
+
+
+def summarize(datasets: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """``mean_main`` per system: the mean of every dataset's main metric.
+
+    Only a system with a number on every dataset gets a mean (``None`` otherwise, e.g. BM25,
+    which scores no pair dataset): means over different dataset sets are not comparable.
+    """
+    per_system: dict[str, list[float]] = {}
+    for entry in datasets.values():
+        for sys_name, values in entry["metrics"].items():
+            v = values.get(entry["main_metric"])
+            if v is not None and not math.isnan(v):
+                per_system.setdefault(sys_name, []).append(v)
+    return {
+        s: {"mean_main": float(np.mean(v)) if len(v) == len(datasets) else None, "n_datasets": len(v)}
+        for s, v in per_system.items()
+    }
+
+
+def flat_metrics(
+    datasets: dict[str, dict[str, Any]], summary: dict[str, dict[str, float]], system: str = "student"
+) -> dict[str, float]:
+    """One system's numbers as the flat mapping promotion and MLflow read.
+
+    ``{"mean_main": ..., "<dataset>/<main metric>": ...}`` in points; empty when the system did
+    not run (promotion then refuses clearly: the main metric is missing).
+    """
+    flat: dict[str, float] = {}
+    for name, entry in datasets.items():
+        value = entry["metrics"].get(system, {}).get(entry["main_metric"])
+        if value is not None and math.isfinite(value):
+            flat[f"{name}/{entry['main_metric']}"] = float(value)
+    if summary.get(system, {}).get("mean_main") is not None:
+        flat["mean_main"] = summary[system]["mean_main"]
+    return flat
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and inf are not JSON: write them as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item())
+    return value
+
+
+def evaluate_systems(
+    params: Params,
+    prepared_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    student_dir: str | Path | None = None,
+    output: str | Path | None = None,
+    systems: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Compare the systems on the test data named in ``params.evaluation``; write JSON to ``output``.
+
+    ``systems`` overrides loading (tests, or callers that already hold the models); by default
+    they are built from params, ``teacher_dir`` and ``student_dir`` (a missing one is skipped
+    with a note in the results).
+    """
+    ev = params.evaluation
+    prepared_dir = Path(prepared_dir)
+    notes: list[str] = []
+    if systems is None:
+        systems, notes = load_systems(params, teacher_dir, student_dir)
+    datasets: dict[str, dict[str, Any]] = {}
+    for name in ev.pair_datasets:
+        pairs = _read_table(prepared_dir / "pairs" / f"{name}.parquet", f"pair dataset {name!r}")
+        datasets[name] = evaluate_pair_dataset(name, pairs, systems, ev.max_pairs, params.seed)
+    for name in ev.ir_datasets:
+        base = prepared_dir / "ir" / name
+        tables = {t: _read_table(base / f"{t}.parquet", f"IR table {name}/{t}") for t in IR_TABLE_NAMES}
+        datasets[name] = evaluate_ir_dataset(
+            name, **tables, systems=systems, max_queries=ev.max_queries, seed=params.seed
+        )
+    for entry in datasets.values():
+        _add_gain(entry)
+    summary = summarize(datasets)
+    ordered = [s for s in SYSTEM_ORDER if s in systems] + [s for s in systems if s not in SYSTEM_ORDER]
+    sources = {"prepared_dir": str(prepared_dir), "teacher_dir": _str(teacher_dir)}
+    sources["student_dir"] = _str(student_dir)
+    results = _json_safe(
+        {
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "systems": ordered,
+            "notes": notes,
+            "sources": sources,
+            "datasets": datasets,
+            "summary": summary,
+            "flat": flat_metrics(datasets, summary),
+        }
+    )
+    if output is not None:
+        output = Path(output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return results
+
+
+def _str(path: str | Path | None) -> str | None:
+    return None if path is None else str(path)
+
+
+# --------------------------------------------------------------------------- table
+
+_METRIC_LABELS = {
+    "ap": "AP",
+    "accuracy": "Acc",
+    "spearman": "Spearman",
+    "pearson": "Pearson",
+    "ndcg@10": "nDCG@10",
+    "mrr@10": "MRR@10",
+    "recall@100": "R@100",
+}
+_KIND_METRICS = {
+    "pair_classification": ("ap", "accuracy"),
+    "sts": ("spearman", "pearson"),
+    "retrieval": ("ndcg@10", "mrr@10", "recall@100"),
+}
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A markdown table: one row per (dataset, metric), one column per system, points (x100).
+
+    The last column is the fraction of the teacher's gain over the bi-encoder recovered by the
+    student, on each dataset's main metric (marked *).
+    """
+    systems = results["systems"]
+    header = ["dataset", "metric", *systems, "recovered"]
+    rows = [header, ["---"] * len(header)]
+    for name, entry in results["datasets"].items():
+        for metric in _KIND_METRICS[entry["kind"]]:
+            is_main = metric == entry["main_metric"]
+            label = _METRIC_LABELS[metric] + (" *" if is_main else "")
+            cells = [_cell(entry["metrics"].get(s, {}).get(metric)) for s in systems]
+            gain = entry.get("student_gain_recovered")
+            recovered = "" if not is_main else ("-" if gain is None else f"{gain:.0%}")
+            rows.append([name, label, *cells, recovered])
+    summary = results.get("summary", {})
+    rows.append(["mean", "main *", *[_cell(summary.get(s, {}).get("mean_main")) for s in systems], ""])
+    lines = ["| " + " | ".join(r) + " |" for r in rows]
+    lines += [f"note: {n}" for n in results.get("notes", [])]
+    return "\n".join(lines)

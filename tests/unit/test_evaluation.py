@@ -1,0 +1,365 @@
+"""The three-system evaluation on tiny real models (random BERT, real teacher and student code)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from d2llm.config import Params, TeacherConfig, params_from_dict
+from d2llm.errors import ArtifactError
+from d2llm.evaluation import metrics as M
+from d2llm.evaluation.evaluate import (
+    BiEncoderBaseline,
+    Bm25System,
+    StudentScorer,
+    TeacherScorer,
+    evaluate_systems,
+    format_table,
+    load_systems,
+)
+from d2llm.search import build_index, search
+
+torch.set_num_threads(1)
+
+NLI = [  # (premise, hypothesis, label_name, split)
+    ("a man plays a guitar", "a man plays", "entailment", "test"),
+    ("a woman sings in the kitchen", "a woman sings", "entailment", "test"),
+    ("a dog runs on the grass", "a cat sleeps", "contradiction", "test"),
+    ("the child reads at the table", "a child is reading", "entailment", "test"),
+    ("a bird sings in the park", "a horse runs in the field", "neutral", "test"),
+    ("a man rides a bike", "a woman cooks food", "contradiction", "test"),
+    ("the cat sits on the mat", "the cat sits", "entailment", "train"),
+    ("the dog eats food", "a bird sings", "neutral", "train"),
+]
+STS = [  # (a, b, score 0-5, split)
+    ("a man plays a guitar", "a man plays a guitar", 5.0, "test"),
+    ("a man plays a guitar", "a person plays the piano", 3.2, "test"),
+    ("a dog runs on the grass", "the dog is running on grass", 4.4, "test"),
+    ("a cat sleeps on the mat", "a woman cooks food", 0.2, "test"),
+    ("children play on the beach", "a child plays on the beach", 4.0, "test"),
+    ("the bird sings", "the horse runs", 1.0, "test"),
+    ("a man walks", "a man is walking", 4.8, "dev"),
+]
+DOCS = {
+    "d1": "a man plays a guitar in the park",
+    "d2": "a woman plays the piano in the kitchen",
+    "d3": "the dog runs on the grass",
+    "d4": "a cat sleeps on the mat",
+    "d5": "children play with a ball on the beach",
+    "d6": "a man rides a bike on the street",
+    "d7": "the bird sings in the park",
+    "d8": "a woman cooks food in the kitchen",
+}
+QUERIES = {"q1": "who plays a guitar", "q2": "a dog on grass", "q3": "cooking food", "q4": "a red car"}
+QRELS = [("q1", "d1", 2), ("q1", "d2", 1), ("q2", "d3", 1), ("q3", "d8", 1), ("q3", "d2", 0), ("q4", "d6", 0)]
+
+
+def _pairs_frame(rows, kind: str) -> pd.DataFrame:
+    if kind == "class":
+        classes = ["entailment", "neutral", "contradiction"]
+        return pd.DataFrame(
+            {
+                "text_a": [r[0] for r in rows],
+                "text_b": [r[1] for r in rows],
+                "label": [float(classes.index(r[2])) for r in rows],
+                "label_name": [r[2] for r in rows],
+                "task": "sym",
+                "source": "test",
+                "split": [r[3] for r in rows],
+                "is_positive": [r[2] == "entailment" for r in rows],
+            }
+        )
+    return pd.DataFrame(
+        {
+            "text_a": [r[0] for r in rows],
+            "text_b": [r[1] for r in rows],
+            "label": [r[2] for r in rows],
+            "label_name": "",
+            "task": "sym",
+            "source": "test",
+            "split": [r[3] for r in rows],
+            "is_positive": [r[2] >= 4.0 for r in rows],
+        }
+    )
+
+
+@pytest.fixture()
+def prepared(tmp_path):
+    root = tmp_path / "prepared"
+    (root / "pairs").mkdir(parents=True)
+    _pairs_frame(NLI, "class").to_parquet(root / "pairs" / "nli.parquet", index=False)
+    _pairs_frame(STS, "score").to_parquet(root / "pairs" / "sts.parquet", index=False)
+    ir = root / "ir" / "tiny"
+    ir.mkdir(parents=True)
+    pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())}).to_parquet(ir / "corpus.parquet")
+    pd.DataFrame({"query_id": list(QUERIES), "text": list(QUERIES.values())}).to_parquet(
+        ir / "queries.parquet"
+    )
+    pd.DataFrame(QRELS, columns=["query_id", "doc_id", "relevance"]).to_parquet(ir / "qrels.parquet")
+    return root
+
+
+def _params(tiny_bert_dir, **evaluation) -> Params:
+    return params_from_dict(
+        {
+            "device": "cpu",
+            "student": {
+                "backbone": str(tiny_bert_dir),
+                "max_length": 32,
+                "lora": {"enabled": False},
+                "pma": {"num_heads": 4},
+                "iem": {"hidden_size": 16, "branch_size": 8},
+            },
+            "teacher": {
+                "kind": "cross_encoder",
+                "model": str(tiny_bert_dir),
+                "max_length": 64,
+                "batch_size": 4,
+            },
+            "evaluation": {
+                "pair_datasets": ["nli", "sts"],
+                "ir_datasets": ["tiny"],
+                "batch_size": 4,
+                **evaluation,
+            },
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def models(tiny_bert_dir):
+    """Real systems on the tiny random BERT: baseline, cross-encoder teacher, D2LLM student."""
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.teachers.base import load_teacher
+
+    params = _params(tiny_bert_dir)
+    seed_everything(0)
+    student = D2LLMStudent.from_config(params.student, device="cpu")
+    teacher = load_teacher(TeacherConfig(**params.teacher.model_dump()), None, "cpu")
+    bi = BiEncoderBaseline.from_ref(str(tiny_bert_dir), max_length=32, batch_size=3, device="cpu")
+    return {
+        "bm25": Bm25System(),
+        "bi-encoder": bi,
+        "teacher": TeacherScorer(teacher, 1.0, rerank_depth=5),
+        "student": StudentScorer(student, batch_size=4, chunk_size=3),
+    }
+
+
+# --------------------------------------------------------------------------- systems
+
+
+def test_bi_encoder_is_masked_mean_pooling_cosine(tiny_bert_dir):
+    from transformers import AutoModel, AutoTokenizer
+
+    bi = BiEncoderBaseline.from_ref(str(tiny_bert_dir), max_length=32, batch_size=4, device="cpu")
+    texts = ["a man plays a guitar in the park", "a dog", "the cat sleeps on the mat"]
+    model, tok = AutoModel.from_pretrained(tiny_bert_dir), AutoTokenizer.from_pretrained(tiny_bert_dir)
+    with torch.no_grad():  # one text at a time: no padding at all
+        expected = torch.stack(
+            [model(**tok(t, return_tensors="pt")).last_hidden_state[0].mean(0) for t in texts]
+        )
+    expected = torch.nn.functional.normalize(expected, dim=-1)
+    torch.testing.assert_close(bi.encode(texts), expected, rtol=1e-4, atol=1e-5)
+    scores = bi.score_pairs(texts, [texts[0], texts[1], texts[0]], "sym")
+    assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] == pytest.approx(1.0, abs=1e-5)
+    assert scores[2] == pytest.approx(float(expected[2] @ expected[0]), abs=1e-5)
+
+
+def test_teacher_ranking_reranks_bm25_top_m(models):
+    teacher: TeacherScorer = models["teacher"]
+    corpus = list(DOCS.values())
+    ranking = teacher.rank(["who plays a guitar"], corpus, depth=100)[0]
+    bm25_top = set(Bm25System().rank(["who plays a guitar"], corpus, 5)[0][i][0] for i in range(5))
+    assert len(ranking) == 5 and {p for p, _ in ranking} == bm25_top  # only BM25's top 5, re-ordered
+    direct = teacher.score_pairs(["who plays a guitar"] * 5, [corpus[p] for p, _ in ranking], "asym")
+    np.testing.assert_allclose([s for _, s in ranking], direct, rtol=1e-5)
+    assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
+
+
+def test_student_ranking_matches_search_over_an_index(models, tmp_path):
+    scorer: StudentScorer = models["student"]
+    corpus = pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())})
+    index = build_index(scorer.student, corpus, tmp_path / "index", "v0", batch_size=3)
+    ranking = scorer.rank(["who plays a guitar"], corpus["text"].tolist(), depth=4)[0]
+    hits = search(scorer.student, index, "who plays a guitar", k=4, mode="full")
+    assert [list(DOCS)[p] for p, _ in ranking] == [h.doc_id for h in hits]
+    np.testing.assert_allclose([s for _, s in ranking], [h.score for h in hits], rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- evaluate_systems
+
+
+def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
+    params = _params(tiny_bert_dir)
+    out = tmp_path / "reports" / "metrics.json"
+    results = evaluate_systems(params, prepared, output=out, systems=models)
+    assert json.loads(out.read_text()) == results
+    assert results["systems"] == ["bm25", "bi-encoder", "teacher", "student"]
+
+    nli, sts, ir = (results["datasets"][n] for n in ("nli", "sts", "tiny"))
+    # Data used: test split only.
+    assert (nli["kind"], nli["split"], nli["n_pairs"], nli["main_metric"]) == (
+        "pair_classification",
+        "test",
+        6,
+        "ap",
+    )
+    assert (sts["kind"], sts["n_pairs"], sts["main_metric"]) == ("sts", 6, "spearman")
+    assert (ir["n_queries"], ir["n_queries_without_relevant"], ir["n_docs"]) == (3, 1, 8)
+    assert ir["teacher_protocol"] == "re-ranks BM25 top 5 per query"
+    assert "bm25" not in nli["metrics"] and set(ir["metrics"]) == {"bm25", "bi-encoder", "teacher", "student"}
+
+    # The numbers are the metric functions applied to each system's scores on the test rows.
+    test_nli = [r for r in NLI if r[3] == "test"]
+    a, b = [r[0] for r in test_nli], [r[1] for r in test_nli]
+    positive = np.array([r[2] == "entailment" for r in test_nli])
+    for name in ("bi-encoder", "teacher", "student"):
+        expected = M.pair_classification_metrics(models[name].score_pairs(a, b, "sym"), positive)
+        assert nli["metrics"][name]["ap"] == pytest.approx(expected["ap"])
+        assert nli["metrics"][name]["accuracy"] == pytest.approx(expected["accuracy"])
+    test_sts = [r for r in STS if r[3] == "test"]
+    sts_scores = models["bi-encoder"].score_pairs([r[0] for r in test_sts], [r[1] for r in test_sts], "sym")
+    assert sts["metrics"]["bi-encoder"]["spearman"] == pytest.approx(
+        M.sts_metrics(sts_scores, [r[2] for r in test_sts])["spearman"]
+    )
+    # BM25 on this corpus finds q1's grade-2 document first, and q2/q3's only relevant one.
+    assert ir["metrics"]["bm25"]["mrr@10"] == pytest.approx(100.0)
+
+    # Gain recovered and the summary follow from the per-system main metrics.
+    for entry in results["datasets"].values():
+        main = {s: entry["metrics"][s][entry["main_metric"]] for s in ("bi-encoder", "teacher", "student")}
+        assert entry["student_gain_recovered"] == M.gain_recovered(
+            main["bi-encoder"], main["teacher"], main["student"]
+        )
+    mains = [
+        results["datasets"][n]["metrics"]["student"][results["datasets"][n]["main_metric"]]
+        for n in results["datasets"]
+    ]
+    assert results["summary"]["student"]["mean_main"] == pytest.approx(np.mean(mains))
+    assert results["flat"] == {
+        "nli/ap": pytest.approx(nli["metrics"]["student"]["ap"]),
+        "sts/spearman": pytest.approx(sts["metrics"]["student"]["spearman"]),
+        "tiny/ndcg@10": pytest.approx(ir["metrics"]["student"]["ndcg@10"]),
+        "mean_main": pytest.approx(np.mean(mains)),
+    }
+
+    table = format_table(results)
+    lines = table.splitlines()
+    assert lines[0] == "| dataset | metric | bm25 | bi-encoder | teacher | student | recovered |"
+    assert any(line.startswith("| nli | AP * |") for line in lines)
+    assert any(line.startswith("| tiny | R@100 |") for line in lines)
+    assert f"{ir['metrics']['bm25']['ndcg@10']:.2f}" in next(
+        x for x in lines if x.startswith("| tiny | nDCG@10 *")
+    )
+    assert lines[-1].startswith("| mean | main * | - |")  # BM25 has no pair-dataset numbers: no mean
+    assert results["summary"]["bm25"] == {"mean_main": None, "n_datasets": 1}
+
+
+def test_max_pairs_and_max_queries_sample_the_test_data(prepared, models, tiny_bert_dir):
+    params = _params(tiny_bert_dir, max_pairs=4, max_queries=2, ir_datasets=["tiny"], pair_datasets=["nli"])
+    systems = {"bi-encoder": models["bi-encoder"], "bm25": models["bm25"]}
+    results = evaluate_systems(params, prepared, systems=systems)
+    assert results["datasets"]["nli"]["n_pairs"] == 4
+    assert results["datasets"]["tiny"]["n_queries"] == 2
+    assert results["datasets"]["nli"]["student_gain_recovered"] is None  # no teacher, no student
+    assert results["flat"] == {}
+
+
+def test_missing_dataset_is_a_clear_error(prepared, models, tiny_bert_dir):
+    params = _params(tiny_bert_dir, pair_datasets=["stsb_en"])
+    with pytest.raises(ArtifactError, match=r"pair dataset 'stsb_en' not found .* run `d2llm prepare`"):
+        evaluate_systems(params, prepared, systems=models)
+
+
+def test_load_systems_skips_missing_models_with_notes(tiny_bert_dir, tmp_path):
+    params = _params(tiny_bert_dir)
+    systems, notes = load_systems(params, tmp_path / "no-teacher", None)
+    assert set(systems) == {"bm25", "bi-encoder"}
+    assert any("teacher skipped" in n and "no-teacher" in n for n in notes)
+    assert any("student skipped" in n for n in notes)
+    off = _params(tiny_bert_dir, include_teacher=False)
+    _, notes = load_systems(off, tmp_path, None)
+    assert any("include_teacher is false" in n for n in notes)
+
+
+def test_load_systems_restores_a_saved_student_and_teacher(tiny_bert_dir, tmp_path, models):
+    params = _params(tiny_bert_dir)
+    student = models["student"].student
+    student.save_pretrained(tmp_path / "student")
+    models["teacher"].teacher.save_pretrained(tmp_path / "teacher")
+    systems, notes = load_systems(params, tmp_path / "teacher", tmp_path / "student")
+    assert notes == [] and set(systems) == {"bm25", "bi-encoder", "teacher", "student"}
+    a, b = ["a man plays a guitar", "a dog runs"], ["a man plays", "a cat sleeps"]
+    np.testing.assert_allclose(
+        systems["student"].score_pairs(a, b, "sym"), models["student"].score_pairs(a, b, "sym"), rtol=1e-5
+    )
+    np.testing.assert_allclose(
+        systems["teacher"].score_pairs(a, b, "sym"), models["teacher"].score_pairs(a, b, "sym"), rtol=1e-5
+    )
+
+
+def test_format_table_marks_missing_values_and_notes():
+    results = {
+        "systems": ["bi-encoder", "student"],
+        "notes": ["teacher skipped: no saved teacher at models/teacher"],
+        "datasets": {
+            "sts": {
+                "kind": "sts",
+                "main_metric": "spearman",
+                "metrics": {
+                    "bi-encoder": {"spearman": 80.0, "pearson": 79.5},
+                    "student": {"spearman": 85.25},
+                },
+                "student_gain_recovered": None,
+            }
+        },
+        "summary": {"bi-encoder": {"mean_main": 80.0}, "student": {"mean_main": 85.25}},
+    }
+    assert format_table(results).splitlines() == [
+        "| dataset | metric | bi-encoder | student | recovered |",
+        "| --- | --- | --- | --- | --- |",
+        "| sts | Spearman * | 80.00 | 85.25 | - |",
+        "| sts | Pearson | 79.50 | - |  |",
+        "| mean | main * | 80.00 | 85.25 |  |",
+        "note: teacher skipped: no saved teacher at models/teacher",
+    ]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_evaluate_prints_the_table_and_writes_json(prepared, tiny_bert_dir, tmp_path, capsys):
+    import yaml
+
+    from d2llm.cli import main
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tiny_bert_dir).model_dump(mode="json")))
+    out = tmp_path / "metrics.json"
+    args = ["--params", str(params_file), "evaluate", "--prepared-dir", str(prepared), "--output", str(out)]
+    args += ["--teacher-dir", str(tmp_path / "none"), "--student-dir", str(tmp_path / "none")]
+    rc = main(args)
+    printed = capsys.readouterr().out
+    assert rc == 0
+    results = json.loads(out.read_text())
+    assert results["systems"] == ["bm25", "bi-encoder"]
+    assert "| dataset | metric | bm25 | bi-encoder | recovered |" in printed
+    assert "note: teacher skipped: no saved teacher at" in printed
+    assert f"{results['datasets']['sts']['metrics']['bi-encoder']['spearman']:.2f}" in printed
+
+
+def test_cli_evaluate_reports_a_missing_dataset_without_traceback(tiny_bert_dir, tmp_path, capsys):
+    import yaml
+
+    from d2llm.cli import main
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tiny_bert_dir).model_dump(mode="json")))
+    rc = main(["--params", str(params_file), "evaluate", "--prepared-dir", str(tmp_path / "empty")])
+    assert rc == 1
+    assert "error: pair dataset 'nli' not found" in capsys.readouterr().err

@@ -1,0 +1,351 @@
+"""The corpus index (round trip, stale-index refusal) and full / two-stage search.
+
+``HashStudent`` is a small stand-in with the student's API (encode, passage_cache, score_vectors,
+score_matrix): hashed bag-of-words vectors fed to the project's real IEM. It computes real
+scores on real vectors, so search results can be checked against brute-force pair scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from d2llm.errors import ArtifactError
+from d2llm.search import (
+    Bm25Ranker,
+    build_index,
+    corpus_hash,
+    first_stage_recall,
+    load_index,
+    search,
+    student_fingerprint,
+    top_k_positions,
+)
+from d2llm.student.iem import IEM
+
+torch.set_num_threads(1)
+
+DOCS = [
+    "a man plays a guitar in the park",
+    "a woman plays the piano in the kitchen",
+    "the dog runs on the grass",
+    "a cat sleeps on the mat",
+    "children play with a ball on the beach",
+    "a man rides a bike on the street",
+    "the bird sings in the park",
+    "a woman cooks food in the kitchen",
+    "the horse runs in the field",
+    "a child reads at the table",
+    "two dogs play in the water",
+    "an old man walks with a dog",
+]
+QUERIES = ["who plays a guitar", "a dog running on grass", "cooking in a kitchen", "bird"]
+
+
+class HashStudent(nn.Module):
+    """Stand-in student: mean of hashed word embeddings (the "PMA vector") + the real IEM."""
+
+    def __init__(self, dim: int = 16, buckets: int = 101, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.buckets = buckets
+        self.emb = nn.EmbeddingBag(buckets, dim, mode="mean")
+        self.iem = IEM(dim, hidden_size=32, branch_size=16)
+
+    def encode(self, texts: list[str], batch_size: int = 32, show_progress: bool = False) -> torch.Tensor:
+        ids, offsets = [], []
+        for text in texts:
+            offsets.append(len(ids))
+            ids.extend(zlib.crc32(w.encode()) % self.buckets for w in (text.lower().split() or [""]))
+        return self.emb(torch.tensor(ids), torch.tensor(offsets))
+
+    def passage_cache(self, e_b: torch.Tensor) -> torch.Tensor:
+        return self.iem.passage_cache(e_b)
+
+    def score_vectors(self, e_a: torch.Tensor, e_b: torch.Tensor, task: str) -> torch.Tensor:
+        return self.iem(e_a, e_b, task)[0]
+
+    def score_matrix(self, e_a: torch.Tensor, cache_b: torch.Tensor, task: str, chunk_size: int = 65_536):
+        return self.iem.score_matrix(e_a, cache_b, task, chunk_size)
+
+
+@pytest.fixture()
+def corpus() -> pd.DataFrame:
+    return pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(DOCS))], "text": DOCS})
+
+
+@pytest.fixture()
+def student() -> HashStudent:
+    return HashStudent().eval()
+
+
+@pytest.fixture()
+def built(tmp_path, student, corpus):
+    out = tmp_path / "index"
+    return out, build_index(student, corpus, out, model_version="test-v1", batch_size=5)
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def test_corpus_hash_separates_fields_and_follows_order():
+    assert corpus_hash(["ab"], ["c"]) != corpus_hash(["a"], ["bc"])
+    assert corpus_hash(["a", "b"], ["x", "y"]) != corpus_hash(["b", "a"], ["y", "x"])
+    assert corpus_hash(["a"], ["x"]) == corpus_hash(["a"], ["x"])
+
+
+def test_fingerprint_follows_the_weights(student):
+    copy = HashStudent(seed=5)
+    assert student_fingerprint(copy) != student_fingerprint(student)
+    copy.load_state_dict(student.state_dict())
+    assert student_fingerprint(copy) == student_fingerprint(student)
+    with torch.no_grad():
+        copy.iem.out.bias.add_(1e-6)
+    assert student_fingerprint(copy) != student_fingerprint(student)
+
+
+# --------------------------------------------------------------------------- index round trip
+
+
+def test_index_round_trip(built, student, corpus):
+    out, index = built
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model_version"] == "test-v1"
+    assert manifest["n_docs"] == len(DOCS)
+    assert manifest["vector_dim"] == 16 and manifest["cache_dim"] == 32
+    assert manifest["corpus_hash"] == corpus_hash(corpus["doc_id"], corpus["text"])
+    assert manifest["student_fingerprint"] == student_fingerprint(student)
+    assert manifest["created"].endswith("Z")
+
+    loaded = load_index(out, student, expected_corpus_hash=manifest["corpus_hash"])
+    assert loaded.doc_ids == corpus["doc_id"].tolist() and loaded.texts == DOCS
+    torch.testing.assert_close(loaded.vectors, index.vectors)
+    torch.testing.assert_close(loaded.passage_cache, index.passage_cache)
+    # The stored vectors are the student's, computed in batches of 5 with the same result.
+    torch.testing.assert_close(loaded.vectors, student.encode(DOCS).detach())
+    torch.testing.assert_close(loaded.passage_cache, student.passage_cache(student.encode(DOCS)).detach())
+
+
+def test_stale_index_is_refused_for_a_changed_corpus(built, student, corpus):
+    out, index = built
+    changed = corpus.copy()
+    changed.loc[3, "text"] = "a cat sits on the mat"
+    new_hash = corpus_hash(changed["doc_id"], changed["text"])
+    with pytest.raises(ArtifactError, match="stale index") as err:
+        load_index(out, student, expected_corpus_hash=new_hash)
+    assert index.manifest["corpus_hash"][:16] in str(err.value) and new_hash[:16] in str(err.value)
+
+
+def test_stale_index_is_refused_for_a_changed_model(built):
+    out, index = built
+    other = HashStudent(seed=1)
+    with pytest.raises(ArtifactError, match="stale index") as err:
+        load_index(out, other)
+    message = str(err.value)
+    assert index.manifest["student_fingerprint"][:16] in message
+    assert student_fingerprint(other)[:16] in message and "test-v1" in message
+
+
+def test_tampered_or_incomplete_index_is_refused(built, student):
+    out, _ = built
+    stored = pd.read_parquet(out / "corpus.parquet")
+    stored.loc[0, "text"] = "edited by hand"
+    stored.to_parquet(out / "corpus.parquet", index=False)
+    with pytest.raises(ArtifactError, match="corrupt"):
+        load_index(out, student)
+    (out / "index.safetensors").unlink()
+    with pytest.raises(ArtifactError, match=r"index.safetensors is missing"):
+        load_index(out, student)
+
+
+def test_build_index_checks_the_corpus(tmp_path, student):
+    with pytest.raises(ArtifactError, match="not unique"):
+        build_index(student, pd.DataFrame({"doc_id": ["a", "a"], "text": ["x", "y"]}), tmp_path / "i", "v")
+    with pytest.raises(ArtifactError, match="lacks column"):
+        build_index(student, pd.DataFrame({"id": ["a"], "text": ["x"]}), tmp_path / "i", "v")
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _brute_force(student, query: str) -> np.ndarray:
+    """IEM logit of the query against every document, pair by pair, no cache, no chunks."""
+    with torch.no_grad():
+        e_q, e_d = student.encode([query]), student.encode(DOCS)
+        return student.score_vectors(e_q.expand(len(DOCS), -1), e_d, "asym").numpy()
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_full_search_equals_brute_force_pair_scoring(built, student, query):
+    _, index = built
+    expected = _brute_force(student, query)
+    hits = search(student, index, query, k=len(DOCS), mode="full")
+    assert [h.doc_id for h in hits] == [f"d{p}" for p in top_k_positions(expected, len(DOCS))]
+    np.testing.assert_allclose([h.score for h in hits], np.sort(expected)[::-1], rtol=1e-5, atol=1e-6)
+    assert hits[0].text == DOCS[int(hits[0].doc_id[1:])]
+
+
+@pytest.mark.parametrize("query", QUERIES)
+def test_chunked_and_unchunked_search_agree(built, student, query):
+    _, index = built
+    whole = search(student, index, query, k=5, mode="full", chunk_size=10_000)
+    for chunk in (1, 3, 5):
+        chunked = search(student, index, query, k=5, mode="full", chunk_size=chunk)
+        assert [h.doc_id for h in chunked] == [h.doc_id for h in whole]
+        np.testing.assert_allclose([h.score for h in chunked], [h.score for h in whole], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_stage", ["cosine", "bm25"])
+@pytest.mark.parametrize("query", QUERIES)
+def test_two_stage_with_depth_equal_to_corpus_is_full_search(built, student, query, first_stage):
+    _, index = built
+    full = search(student, index, query, k=6, mode="full")
+    two = search(
+        student, index, query, k=6, mode="two_stage", first_stage=first_stage, rerank_depth=len(DOCS)
+    )
+    assert [h.doc_id for h in two] == [h.doc_id for h in full]
+    np.testing.assert_allclose([h.score for h in two], [h.score for h in full], rtol=1e-5, atol=1e-6)
+
+
+def test_two_stage_only_returns_first_stage_candidates(built, student):
+    _, index = built
+    query = "a man plays a guitar"
+    bm25_top = {f"d{p}" for p in Bm25Ranker(DOCS).top(query, 3)}
+    hits = search(student, index, query, k=10, mode="two_stage", first_stage="bm25", rerank_depth=3)
+    assert len(hits) == 3 and {h.doc_id for h in hits} == bm25_top
+    assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+
+
+def test_first_stage_recall(built, student):
+    _, index = built
+    perfect = first_stage_recall(student, index, QUERIES, k=3, first_stage="cosine", rerank_depth=len(DOCS))
+    assert perfect["recall"] == 1.0 and perfect["n_queries"] == len(QUERIES)
+    # With M = 2, by hand: |full top-3 ∩ cosine top-2| / 3 per query, averaged.
+    expected = []
+    for q in QUERIES:
+        full_top = {h.doc_id for h in search(student, index, q, k=3, mode="full")}
+        with torch.no_grad():
+            e_q = student.encode([q])
+        cos = torch.nn.functional.cosine_similarity(e_q, index.vectors).numpy()
+        kept = {f"d{p}" for p in top_k_positions(cos, 2)}
+        expected.append(len(full_top & kept) / 3)
+    measured = first_stage_recall(student, index, QUERIES, k=3, first_stage="cosine", rerank_depth=2)
+    assert measured["recall"] == pytest.approx(np.mean(expected))
+    assert measured["recall"] <= 2 / 3 + 1e-9  # 2 kept documents can hold at most 2 of 3
+
+
+def test_search_rejects_bad_arguments(built, student):
+    _, index = built
+    with pytest.raises(ValueError, match="unknown search mode"):
+        search(student, index, "dog", mode="fast")
+    with pytest.raises(ValueError, match="unknown first stage"):
+        search(student, index, "dog", mode="two_stage", first_stage="splade")
+    with pytest.raises(ValueError, match="k must be"):
+        search(student, index, "dog", k=0)
+
+
+def test_bm25_ranker():
+    bm25 = Bm25Ranker(DOCS)
+    assert bm25.top("guitar", 1).tolist() == [0]
+    assert bm25.top("piano kitchen", 2).tolist()[0] == 1
+    assert not bm25.scores("zebra").any()  # no known term: every score is 0
+    assert top_k_positions(np.array([0.5, 0.9, 0.5, 0.1]), 3).tolist() == [1, 0, 2]  # ties by position
+
+
+# --------------------------------------------------------------------------- with the real student
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_index_built_in_memory_loads_for_the_saved_and_reloaded_student(
+    tiny_bert_dir, tmp_path, corpus, lora
+):
+    """Training builds the index from the in-memory student; serving reloads the student from disk."""
+    from d2llm.config import StudentConfig
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+
+    seed_everything(0)
+    cfg = StudentConfig(
+        backbone=str(tiny_bert_dir),
+        max_length=32,
+        lora={"enabled": lora, "r": 2, "alpha": 2},
+        pma={"num_heads": 4},
+        iem={"hidden_size": 16, "branch_size": 8},
+    )
+    trained = D2LLMStudent.from_config(cfg, device="cpu")
+    with torch.no_grad():  # as if trained: heads differ from a fresh initialisation
+        trained.iem.out.bias.add_(0.5)
+    built = build_index(trained, corpus, tmp_path / "index", model_version="v1", batch_size=4)
+    reloaded = D2LLMStudent.from_pretrained(trained.save_pretrained(tmp_path / "student"))
+
+    index = load_index(tmp_path / "index", reloaded)
+    torch.testing.assert_close(index.passage_cache, built.passage_cache)
+    before = search(trained, built, "a man plays a guitar", k=3)
+    after = search(reloaded, index, "a man plays a guitar", k=3)
+    assert [h.doc_id for h in after] == [h.doc_id for h in before]
+
+    with torch.no_grad():
+        reloaded.iem.out.bias.add_(0.1)  # a retrained student must not reuse the old index
+    with pytest.raises(ArtifactError, match="stale index"):
+        load_index(tmp_path / "index", reloaded)
+
+
+def test_cli_index_and_search(tiny_bert_dir, tmp_path, corpus, capsys):
+    import yaml
+
+    from d2llm.cli import main
+    from d2llm.config import params_from_dict
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+
+    student_cfg = {
+        "backbone": str(tiny_bert_dir),
+        "max_length": 32,
+        "lora": {"enabled": False},
+        "pma": {"num_heads": 4},
+        "iem": {"hidden_size": 16, "branch_size": 8},
+    }
+    params = params_from_dict({"device": "cpu", "student": student_cfg})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    seed_everything(0)
+    student = D2LLMStudent.from_config(params.student, device="cpu")
+    student.save_pretrained(tmp_path / "student")
+    (tmp_path / "prepared" / "ir" / "toy").mkdir(parents=True)
+    corpus.to_parquet(tmp_path / "prepared" / "ir" / "toy" / "corpus.parquet")
+
+    common = ["--params", str(params_file)]
+    index_args = ["index", "--student-dir", str(tmp_path / "student"), "--dataset", "toy"]
+    index_args += ["--prepared-dir", str(tmp_path / "prepared"), "--out-dir", str(tmp_path / "index")]
+    assert main(common + index_args) == 0
+    assert f"indexed {len(DOCS)} documents of toy" in capsys.readouterr().out
+
+    search_args = ["search", "a man plays a guitar", "-k", "3", "--mode", "full"]
+    search_args += ["--index-dir", str(tmp_path / "index"), "--student-dir", str(tmp_path / "student")]
+    assert main(common + search_args) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    index = load_index(tmp_path / "index", student)
+    expected = search(student, index, "a man plays a guitar", k=3, mode="full")
+    assert len(lines) == 3
+    for rank, (line, hit) in enumerate(zip(lines, expected, strict=True), start=1):
+        shown_rank, score, doc_id = line.split()[:3]
+        assert int(shown_rank) == rank
+        assert doc_id == hit.doc_id and float(score) == pytest.approx(hit.score, abs=1e-4)
+
+    # A missing index is a clear error, not a traceback.
+    missing = [
+        "search",
+        "dog",
+        "--index-dir",
+        str(tmp_path / "nope"),
+        "--student-dir",
+        str(tmp_path / "student"),
+    ]
+    assert main(common + missing) == 1
+    assert "is incomplete: manifest.json is missing" in capsys.readouterr().err

@@ -1,0 +1,232 @@
+"""Log the student as a pyfunc model and register it, all or nothing.
+
+Order matters: the model is logged (artifacts uploaded), loaded back from the store and run on
+its input example, and only then registered. A failure before registration leaves no version;
+a failure while tagging the new version deletes it. So no half-registered version can ever be
+given an alias by ``promote``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from d2llm.config import Params
+from d2llm.errors import ArtifactError
+from d2llm.tracking.promotion import TAG_EVAL_DATA, Decision, metrics_to_tags
+from d2llm.tracking.runs import stage_run
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME_IN_RUN = "student"
+TAG_WITH_INDEX = "d2llm.with_index"
+
+
+def _check_folder(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise ArtifactError(f"{what} folder not found: {path}")
+    if not any(path.iterdir()):
+        raise ArtifactError(f"{what} folder is empty: {path}")
+
+
+def log_student(
+    student_dir: str | Path,
+    index_dir: str | Path | None = None,
+    registered_model_name: str = "d2llm-student",
+    *,
+    metrics: Mapping[str, float] | None = None,
+    eval_data_id: str | None = None,
+    version_tags: Mapping[str, str] | None = None,
+    search_settings: Mapping[str, Any] | None = None,
+    bundle_backbone: bool | None = None,
+) -> ModelVersion:
+    """Log ``student_dir`` (and ``index_dir``) as a pyfunc model and register a new version.
+
+    ``metrics`` (flat, in points) are stored as ``metric.*`` version tags so that promotion can
+    compare later challengers with this version; ``search_settings`` (mode, first_stage,
+    rerank_depth, default_k) configure search requests of a model logged with an index.
+    ``bundle_backbone`` (default: when the student's backbone is a local folder) ships the
+    backbone inside the model, so the registered model does not depend on that folder.
+    Needs ``configure`` to have been called. Returns the registered version.
+    """
+    import mlflow
+
+    from d2llm import serving
+
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    student_dir = Path(student_dir)
+    _check_folder(student_dir, "student")
+    artifacts = {serving.STUDENT_ARTIFACT: str(student_dir.resolve())}
+    if index_dir is not None:
+        _check_folder(Path(index_dir), "index")
+        artifacts[serving.INDEX_ARTIFACT] = str(Path(index_dir).resolve())
+    backbone = _local_backbone(student_dir)
+    if bundle_backbone is None:
+        bundle_backbone = backbone is not None
+    if bundle_backbone:
+        if backbone is None:
+            raise ArtifactError(f"cannot bundle the backbone of {student_dir}: it is not a local folder")
+        artifacts[serving.BACKBONE_ARTIFACT] = str(backbone)
+
+    with stage_run("register") as run, tempfile.TemporaryDirectory() as code_dir:
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(serving.write_model_code(code_dir)),
+            artifacts=artifacts,
+            signature=serving.model_signature(with_index=index_dir is not None),
+            input_example=serving.input_example(),
+            pip_requirements=serving.pip_requirements(),
+            model_config=dict(search_settings or {}),
+        )
+        _smoke_test(info.model_uri)
+        if metrics:
+            from d2llm.tracking.runs import log_metrics_dict
+
+            log_metrics_dict(metrics, prefix="eval")
+        version = mlflow.register_model(info.model_uri, registered_model_name)
+        _finish_version(
+            registered_model_name,
+            version.version,
+            run.info.run_id,
+            index_dir,
+            metrics,
+            eval_data_id,
+            version_tags,
+        )
+    return mlflow.MlflowClient().get_model_version(registered_model_name, version.version)
+
+
+def _local_backbone(student_dir: Path) -> Path | None:
+    """The student's backbone folder when its reference is a local folder (not package:/hub id)."""
+    import json
+
+    from d2llm import serving
+
+    config_file = student_dir / serving.STUDENT_CONFIG_FILE
+    if not config_file.is_file():
+        raise ArtifactError(f"{student_dir} is not a student folder: {config_file.name} is missing")
+    try:
+        ref = json.loads(config_file.read_text(encoding="utf-8"))["student"]["backbone"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ArtifactError(f"{config_file}: unreadable student config ({err})") from None
+    if ref.startswith("package:"):
+        return None
+    path = Path(ref).expanduser()
+    return path.resolve() if path.is_dir() else None
+
+
+def _smoke_test(model_uri: str) -> None:
+    """Load the model back from the store and score the input example: proves the upload is whole."""
+    import mlflow
+
+    from d2llm import serving
+
+    try:
+        scores = mlflow.pyfunc.load_model(model_uri).predict(serving.input_example())
+    except Exception as err:
+        raise ArtifactError(f"the logged model {model_uri} does not load or predict: {err}") from err
+    if list(scores.columns) != ["score"] or len(scores) != len(serving.input_example()):
+        raise ArtifactError(f"the logged model {model_uri} returned an unexpected frame: {scores!r}")
+
+
+def _finish_version(
+    name: str,
+    version: str,
+    run_id: str,
+    index_dir: str | Path | None,
+    metrics: Mapping[str, float] | None,
+    eval_data_id: str | None,
+    version_tags: Mapping[str, str] | None,
+) -> None:
+    """Tag the new version; on any failure delete it so no partial version remains."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    tags = {TAG_WITH_INDEX: str(index_dir is not None).lower(), "d2llm.run_id": run_id}
+    tags.update(metrics_to_tags(metrics or {}))
+    if eval_data_id:
+        tags[TAG_EVAL_DATA] = eval_data_id
+    tags.update(version_tags or {})
+    try:
+        for key, value in tags.items():
+            client.set_model_version_tag(name, version, key, str(value))
+    except Exception:
+        log.error("tagging %s v%s failed: deleting the partial version", name, version)
+        client.delete_model_version(name, version)
+        raise
+
+
+# --------------------------------------------------------------------------- CLI entry points
+
+
+def read_flat_metrics(metrics_file: str | Path) -> dict[str, float]:
+    """The ``flat`` student metrics (points) of an evaluation results JSON."""
+    import json
+
+    path = Path(metrics_file)
+    if not path.is_file():
+        raise ArtifactError(f"evaluation results not found: {path} (run `d2llm evaluate` first)")
+    results = json.loads(path.read_text(encoding="utf-8"))
+    flat = results.get("flat") if isinstance(results, dict) else None
+    if not isinstance(flat, dict) or not flat:
+        raise ArtifactError(f"{path} has no 'flat' student metrics to register")
+    return {str(k): float(v) for k, v in flat.items() if v is not None}
+
+
+def register_student(
+    params: Params,
+    student_dir: str | Path,
+    index_dir: str | Path | None = None,
+    metrics_file: str | Path | None = None,
+) -> ModelVersion:
+    """``configure`` + ``log_student`` with the evaluation metrics and a fingerprint of the test data."""
+    from d2llm.fingerprint import path_fingerprint
+    from d2llm.tracking.runs import configure
+
+    configure(params.tracking)
+    metrics = read_flat_metrics(metrics_file) if metrics_file is not None else None
+    data_id = path_fingerprint(params.data.prepared_dir)  # the test data the metrics come from
+    search = params.search
+    return log_student(
+        student_dir,
+        index_dir,
+        params.tracking.registered_model,
+        metrics=metrics,
+        eval_data_id=data_id if metrics and data_id != "missing" else None,
+        search_settings={
+            "mode": search.mode,
+            "first_stage": search.first_stage,
+            "rerank_depth": search.rerank_depth,
+            "chunk_size": search.chunk_size,
+        },
+    )
+
+
+def promote_version(params: Params, version: str | int | None = None) -> tuple[str, Decision]:
+    """Promote ``version`` (default: the newest) using the metrics stored on the versions."""
+    import mlflow
+
+    from d2llm.tracking.promotion import promote, stored_metrics
+    from d2llm.tracking.runs import configure
+
+    configure(params.tracking)
+    client = mlflow.MlflowClient()
+    name = params.tracking.registered_model
+    if version is None:
+        versions = client.search_model_versions(f"name='{name}'")
+        if not versions:
+            raise ArtifactError(f"no registered versions of {name!r}: run `d2llm register` first")
+        version = max(int(v.version) for v in versions)
+    version = str(version)
+    metrics = stored_metrics(client, name, version)
+    if not metrics:
+        raise ArtifactError(f"{name} v{version} has no stored metrics: register it with --metrics")
+    eval_data_id = client.get_model_version(name, version).tags.get(TAG_EVAL_DATA)
+    return version, promote(client, name, version, metrics, params.promotion, eval_data_id=eval_data_id)

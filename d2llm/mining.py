@@ -19,11 +19,10 @@ import logging
 import re
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from d2llm.batching import map_batched
+from d2llm.biencoder import MeanPoolEncoder
 from d2llm.errors import DataError
 
 if TYPE_CHECKING:
@@ -63,47 +62,17 @@ def bm25_rankings(queries: Sequence[str], corpus: Sequence[str], k: int) -> list
     ]
 
 
-@dataclass
-class BiEncoder:
-    """A backbone read as a plain bi-encoder: masked mean of the last hidden states, L2-normalised."""
-
-    model: Any
-    tokenizer: Any
-    device: Any
-    batch_size: int = 64
-    max_length: int = 128
+class BiEncoder(MeanPoolEncoder):
+    """The mining encoder: the student's backbone as a plain bi-encoder, sized by ``MiningConfig``."""
 
     @classmethod
     def load(
         cls, ref: str, cfg: MiningConfig, device: str = "auto", gguf_file: str | None = None
     ) -> BiEncoder:
-        from d2llm.hub import load_pretrained, load_tokenizer, pick_device
-
-        dev = pick_device(device)
-        tokenizer = load_tokenizer(ref, gguf_file)
-        model = load_pretrained("AutoModel", ref, gguf_file).to(dev).eval()
-        return cls(model, tokenizer, dev, cfg.batch_size, cfg.max_length)
-
-    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
-        import torch
-
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-        encodings = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
-
-        def embed(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return (torch.nn.functional.normalize(pooled.float(), dim=-1),)
-
-        with torch.inference_mode():
-            (vectors,) = map_batched(
-                encodings, embed, self.batch_size, self.tokenizer.pad_token_id,
-                side=self.tokenizer.padding_side, show_progress=show_progress, desc="encode",
-            )  # fmt: skip
-        return vectors
+        encoder = cls.from_ref(
+            ref, gguf_file, max_length=cfg.max_length, batch_size=cfg.batch_size, device=device
+        )
+        return encoder  # type: ignore[return-value]
 
 
 def chunked_topk(

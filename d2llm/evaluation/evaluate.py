@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
+from d2llm.biencoder import MeanPoolEncoder
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
@@ -66,62 +67,10 @@ class Retriever(Protocol):
 # --------------------------------------------------------------------------- systems
 
 
-class BiEncoderBaseline:
+class BiEncoderBaseline(MeanPoolEncoder):
     """The backbone as a plain bi-encoder: mean pooling over the last hidden state, cosine."""
 
     name = "bi-encoder"
-
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64):
-        self.model = model.eval()
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-        self.batch_size = batch_size
-
-    @classmethod
-    def from_ref(
-        cls,
-        ref: str,
-        gguf_file: str | None = None,
-        trust_remote_code: bool = False,
-        max_length: int = 128,
-        batch_size: int = 64,
-        device: str = "auto",
-    ) -> BiEncoderBaseline:
-        from d2llm.hub import load_pretrained, load_tokenizer, pick_device
-
-        tokenizer = load_tokenizer(ref, gguf_file, trust_remote_code)
-        model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
-        return cls(model, tokenizer, max_length, batch_size)
-
-    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
-        """L2-normalised mean-pooled vectors ``[N, d]`` (on CPU)."""
-        import torch
-        import torch.nn.functional as F
-
-        from d2llm.batching import map_batched
-
-        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
-        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
-        encodings = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
-        device = next(self.model.parameters()).device
-
-        def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            hidden = self.model(**batch).last_hidden_state
-            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-            return (F.normalize(pooled.float(), dim=-1),)
-
-        with torch.inference_mode():
-            (vectors,) = map_batched(
-                encodings,
-                run,
-                batch_size=self.batch_size,
-                pad_id=self.tokenizer.pad_token_id,
-                show_progress=show_progress,
-                desc="bi-encoder",
-            )
-        return vectors
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
         # Cosine has no task branches: the same score serves sym and asym.

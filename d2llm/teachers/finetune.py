@@ -92,10 +92,17 @@ def baseline_dev_metrics(params: Params, dev_sets: list[DevSet]) -> dict[str, fl
     A teacher is only worth distilling on a task where it beats this baseline; the report puts
     the two side by side.
     """
+    from d2llm.biencoder import MeanPoolEncoder
     from d2llm.evaluation.metrics import average_precision, spearman
-    from d2llm.mining import BiEncoder
 
-    encoder = BiEncoder.load(params.student.backbone, params.mining, params.device, params.student.gguf_file)
+    student = params.student
+    encoder = MeanPoolEncoder.from_ref(
+        student.backbone,
+        student.gguf_file,
+        student.trust_remote_code,
+        max_length=student.max_length,
+        device=params.device,
+    )
     out: dict[str, float] = {}
     for dev in dev_sets:
         a = encoder.encode([p[0] for p in dev.pairs])

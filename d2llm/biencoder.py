@@ -1,0 +1,68 @@
+"""The backbone read as a plain bi-encoder: masked mean of the last hidden states, L2-normalised.
+
+One implementation serves as the mining encoder, the baseline of every evaluation and the
+baseline the teacher is checked against, so "the bi-encoder" means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+
+class MeanPoolEncoder:
+    def __init__(self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_ref(
+        cls,
+        ref: str,
+        gguf_file: str | None = None,
+        trust_remote_code: bool = False,
+        max_length: int = 128,
+        batch_size: int = 64,
+        device: str = "auto",
+    ) -> MeanPoolEncoder:
+        from d2llm.hub import load_pretrained, load_tokenizer, pick_device
+
+        tokenizer = load_tokenizer(ref, gguf_file, trust_remote_code)
+        model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
+        return cls(model, tokenizer, max_length, batch_size)
+
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        """L2-normalised mean-pooled vectors ``[N, d]`` on the CPU, in input order."""
+        import torch
+        import torch.nn.functional as F
+
+        from d2llm.batching import map_batched
+
+        enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
+        keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
+        encodings = [{k: enc[k][i] for k in keys} for i in range(len(texts))]
+        device = next(self.model.parameters()).device
+
+        def run(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor]:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            hidden = self.model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+            return (F.normalize(pooled.float(), dim=-1),)
+
+        with torch.inference_mode():
+            (vectors,) = map_batched(
+                encodings,
+                run,
+                batch_size=self.batch_size,
+                pad_id=self.tokenizer.pad_token_id,
+                side=self.tokenizer.padding_side,
+                show_progress=show_progress,
+                desc="bi-encoder",
+            )
+        return vectors

@@ -90,16 +90,10 @@ def log_student(
             from d2llm.tracking.runs import log_metrics_dict
 
             log_metrics_dict(metrics, prefix="eval")
-        version = mlflow.register_model(info.model_uri, registered_model_name)
-        _finish_version(
-            registered_model_name,
-            version.version,
-            run.info.run_id,
-            index_dir,
-            metrics,
-            eval_data_id,
-            version_tags,
-        )
+        # The tags travel with the registration: the version and its metrics are created in one
+        # store transaction, so a run killed at any point leaves either no version or a whole one.
+        tags = _version_tags(run.info.run_id, index_dir, metrics, eval_data_id, version_tags)
+        version = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
     return mlflow.MlflowClient().get_model_version(registered_model_name, version.version)
 
 
@@ -136,31 +130,19 @@ def _smoke_test(model_uri: str) -> None:
         raise ArtifactError(f"the logged model {model_uri} returned an unexpected frame: {scores!r}")
 
 
-def _finish_version(
-    name: str,
-    version: str,
+def _version_tags(
     run_id: str,
     index_dir: str | Path | None,
     metrics: Mapping[str, float] | None,
     eval_data_id: str | None,
     version_tags: Mapping[str, str] | None,
-) -> None:
-    """Tag the new version; on any failure delete it so no partial version remains."""
-    import mlflow
-
-    client = mlflow.MlflowClient()
+) -> dict[str, str]:
     tags = {TAG_WITH_INDEX: str(index_dir is not None).lower(), "d2llm.run_id": run_id}
     tags.update(metrics_to_tags(metrics or {}))
     if eval_data_id:
         tags[TAG_EVAL_DATA] = eval_data_id
     tags.update(version_tags or {})
-    try:
-        for key, value in tags.items():
-            client.set_model_version_tag(name, version, key, str(value))
-    except Exception:
-        log.error("tagging %s v%s failed: deleting the partial version", name, version)
-        client.delete_model_version(name, version)
-        raise
+    return {key: str(value) for key, value in tags.items()}
 
 
 # --------------------------------------------------------------------------- CLI entry points

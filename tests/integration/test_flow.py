@@ -45,9 +45,9 @@ def _registry(root: Path) -> tuple[list[str], dict[str, str]]:
     configure(params.tracking, root)
     client = MlflowClient()
     name = params.tracking.registered_model
-    versions = sorted(v.version for v in client.search_model_versions(f"name = '{name}'"))
+    versions = sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'"))
     aliases = client.get_registered_model(name).aliases if versions else {}
-    return versions, dict(aliases)
+    return versions, {alias: str(version) for alias, version in aliases.items()}
 
 
 def _mtimes(folder: Path) -> dict[str, float]:

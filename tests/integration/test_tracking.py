@@ -515,7 +515,7 @@ def test_registration_is_all_or_nothing(store, student_dir: Path, tmp_path: Path
         log_student(broken, registered_model_name=cfg.registered_model)
     assert _versions(cfg.registered_model) == []
 
-    # Registered, then tagging fails (an invalid tag key): the partial version is deleted.
+    # An invalid tag key fails the registration itself: the version and its tags are one transaction.
     with pytest.raises(MlflowException, match="Invalid value"):
         log_student(student_dir, registered_model_name=cfg.registered_model, version_tags={"bad@key": "x"})
     assert _versions(cfg.registered_model) == []
@@ -685,3 +685,43 @@ def test_cli_register_and_promote(store, student_dir: Path, tmp_path: Path, caps
     assert str(mlflow.MlflowClient().get_model_version_by_alias("cli-student", "champion").version) == "1"
     assert main(["--params", "params.yaml", "register", "--metrics", str(tmp_path / "none.json")]) == 1
     assert "evaluation results not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_registration_killed_at_any_moment_leaves_no_partial_version(
+    store, student_dir: Path, tmp_path: Path
+):
+    """SIGKILL `d2llm register` at several moments: every version that exists is whole."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cfg, _ = store
+    (tmp_path / "params.yaml").write_text(
+        f"tracking:\n  experiment: {cfg.experiment}\n  registered_model: {cfg.registered_model}\n"
+    )
+    results = tmp_path / "metrics.json"
+    results.write_text(json.dumps({"flat": {"mean_main": 55.0, "sick/ap": 80.0}}))
+    command = [sys.executable, "-m", "d2llm.cli", "register", "--student-dir", str(student_dir),
+               "--metrics", str(results)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK": "true"}
+
+    started = time.monotonic()
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    full = time.monotonic() - started
+    for fraction in (0.5, 0.7, 0.8, 0.9, 0.95):
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        time.sleep(full * fraction)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    client = mlflow.MlflowClient()
+    versions = client.search_model_versions(f"name='{cfg.registered_model}'")
+    assert versions, "the uninterrupted registration must have left one version"
+    for version in versions:
+        tags = client.get_model_version(cfg.registered_model, version.version).tags
+        assert tags.get("metric.mean_main") == "55.0", f"v{version.version} is missing its metrics: {tags}"
+        assert "d2llm.run_id" in tags

@@ -96,6 +96,14 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"cannot store {type(value).__name__} in a checkpoint")
 
 
+def read_loop_state(folder: Path) -> dict[str, Any] | None:
+    """The loop state of a checkpoint without restoring anything (None when unreadable)."""
+    try:
+        return json.loads((Path(folder) / "state.json").read_text(encoding="utf-8"))["loop"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
 def load_checkpoint(
     folder: Path,
     optimizer: torch.optim.Optimizer,

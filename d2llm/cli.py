@@ -104,41 +104,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-TRAIN_INPUTS_FILE = "train_inputs.json"
-
-
-def _same_training_inputs(params: Params, labels_dir: Path, out_dir: Path) -> bool:
-    """Whether a checkpoint in ``out_dir`` was made from these labels and settings (records them).
-
-    DVC keeps models/student when the train stage reruns (persist), so that an interrupted run
-    resumes. After a param or label change the kept checkpoint is someone else's: resuming a
-    finished one would hand back the old student, so training starts afresh instead.
-    """
-    import json
-
-    from d2llm.fingerprint import value_fingerprint
-    from d2llm.labelling import MANIFEST_FILE
-    from d2llm.training import CHECKPOINT_DIR
-
-    manifest = labels_dir / MANIFEST_FILE
-    read = ("student", "loss", "training")
-    sections = {name: getattr(params, name).model_dump(mode="json") for name in read}
-    inputs = value_fingerprint(
-        {
-            **sections,
-            "seed": params.seed,
-            "teacher_temperature": params.teacher.temperature,
-            "labels": manifest.read_text(encoding="utf-8") if manifest.is_file() else None,
-        }
-    )
-    record = out_dir / TRAIN_INPUTS_FILE
-    recorded = json.loads(record.read_text(encoding="utf-8")).get("inputs") if record.is_file() else None
-    same = recorded == inputs or not (out_dir / CHECKPOINT_DIR).exists()
-    if not same:
-        log.warning("checkpoint in %s was made from other labels or settings: training afresh", out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"inputs": inputs}) + "\n", encoding="utf-8")
-    return same
 
 
 @command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
@@ -153,7 +118,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
         labels_dir=args.labels_dir,
         prepared_dir=args.prepared_dir or params.data.prepared_dir,
         out_dir=args.out_dir,
-        resume=not args.no_resume and _same_training_inputs(params, args.labels_dir, args.out_dir),
+        resume=not args.no_resume,
     )
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")

@@ -97,7 +97,6 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
     """Scores pairs with the D2LLM student and, with an index, searches its corpus."""
 
     def load_context(self, context: Any) -> None:
-        import torch
 
         from d2llm.student.model import D2LLMStudent
 
@@ -113,7 +112,6 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
 
             # load_index checks the index was built by this very student (weights fingerprint).
             self.index = load_index(context.artifacts[INDEX_ARTIFACT], self.student)
-        torch.set_grad_enabled(False)
 
     def _point_at_bundled_backbone(self, student_dir: str, backbone_dir: str) -> str:
         """A copy of the student folder whose config names the backbone shipped with the model.
@@ -134,6 +132,14 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
 
     # No type hints here on purpose: MLflow 3 would derive a schema from them and bypass ours.
     def predict(self, context, model_input, params=None):
+        import torch
+
+        # A local no-grad scope: the model may be loaded in a training process (the registration
+        # smoke test), whose autograd must stay on.
+        with torch.inference_mode():
+            return self._predict(model_input)
+
+    def _predict(self, model_input):
         import pandas as pd
 
         if not isinstance(model_input, pd.DataFrame):

@@ -169,6 +169,31 @@ class TrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
+def training_inputs_fingerprint(params: Params, labels_dir: Path) -> str:
+    """What a training run depends on: the labels and every setting the loop reads."""
+    from d2llm.fingerprint import path_fingerprint, value_fingerprint
+    from d2llm.labelling import MANIFEST_FILE
+
+    read = ("student", "loss", "training")
+    sections = {name: getattr(params, name).model_dump(mode="json") for name in read}
+    manifest = Path(labels_dir) / MANIFEST_FILE
+    return value_fingerprint(
+        {
+            **sections,
+            "seed": params.seed,
+            "teacher_temperature": params.teacher.temperature,
+            "labels": path_fingerprint(manifest),
+        }
+    )
+
+
+def _checkpoint_matches(checkpoint_dir: Path, inputs: str) -> bool:
+    from d2llm.checkpoint import read_loop_state
+
+    state = read_loop_state(checkpoint_dir)
+    return state is not None and state.get("inputs") == inputs
+
+
 def _linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -238,9 +263,16 @@ def train_student(
         "initial_metric": None,
         "bad_evals": 0,
         "stopped_early": False,
+        "inputs": training_inputs_fingerprint(params, labels_dir),
         "history": [],
     }
     checkpoint_dir = out_dir / CHECKPOINT_DIR
+    if resume and checkpoint_dir.exists() and not _checkpoint_matches(checkpoint_dir, loop["inputs"]):
+        # A kept checkpoint of other labels or settings (e.g. after a param change under DVC,
+        # which keeps models/student to allow resumption) is stale: resuming it would hand back
+        # the old student. Train afresh; the new run overwrites it.
+        log.warning("checkpoint in %s was made from other labels or settings: training afresh", out_dir)
+        resume = False
     if resume and checkpoint_dir.exists():
         from d2llm.checkpoint import load_checkpoint
 

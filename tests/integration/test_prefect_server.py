@@ -7,7 +7,8 @@ concurrency limit and the ``d2llm-process`` pool, deploys ``prefect.yaml`` with 
 ``d2llm-training/weekly-retraining`` and waits for it to complete. The run must leave a trained
 student in the project and a registered MLflow version holding the ``champion`` alias.
 
-Server and worker run in their own process groups and are killed, whole, in a ``finally``.
+Server and worker run in their own process groups and are killed, with every process they started,
+in a ``finally``.
 """
 
 from __future__ import annotations
@@ -61,21 +62,44 @@ def _api(base: str, path: str, body: dict[str, Any] | None = None) -> Any:
         return json.loads(response.read().decode() or "null")
 
 
-def _kill_group(proc: subprocess.Popen[Any]) -> None:
-    """Stop a process started with ``start_new_session`` and everything it spawned."""
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), however far down and whatever its session."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
-    else:
-        # The leader is gone; children (the flow-run process of a worker) may not be.
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _signal_groups(groups: set[int], sig: signal.Signals) -> None:
+    for group in groups:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(group, sig)
+
+
+def _kill_tree(proc: subprocess.Popen[Any]) -> None:
+    """Stop a process started with ``start_new_session`` and everything it spawned.
+
+    Its own process group is not enough: Prefect starts each flow run in a new session, so a run
+    still going when the test gives up would outlive the worker. Those groups are killed too.
+    """
+    groups = {proc.pid}
+    for pid in _descendants(proc.pid):
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+            groups.add(os.getpgid(pid))
+    _signal_groups(groups, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=15)
+    _signal_groups(groups, signal.SIGKILL)  # whatever ignored SIGTERM or was already orphaned
+    proc.wait(timeout=15)
 
 
 def _tail(path: Path, chars: int = 6000) -> str:
@@ -94,7 +118,7 @@ def _background(
         try:
             yield proc
         finally:
-            _kill_group(proc)
+            _kill_tree(proc)
 
 
 def _wait_healthy(api: str, server: subprocess.Popen[Any], log: Path) -> None:
@@ -255,6 +279,7 @@ def test_prefect_yaml_deployment_runs_on_a_worker(local_prefect: LocalPrefect) -
     assert deployment["work_pool_name"] == "d2llm-process"
     assert deployment["entrypoint"] == "flows/pipeline.py:training_pipeline"
     assert deployment["parameters"] == {"params_file": "params.yaml", "promote": True}
+    assert deployment["global_concurrency_limit"]["limit"] == 1
     assert [s["schedule"] for s in deployment["schedules"] if s["active"]] == [
         {"cron": WEEKLY, "timezone": "UTC", "day_or": True}
     ]
@@ -265,7 +290,8 @@ def test_prefect_yaml_deployment_runs_on_a_worker(local_prefect: LocalPrefect) -
     promote = _api(lp.api, "/deployments/name/d2llm-promotion/promote-latest")
     assert promote["schedules"] == [] and promote["work_pool_name"] == "d2llm-process"
     limits = _api(lp.api, "/v2/concurrency_limits/filter", {})
-    assert [(g["name"], g["limit"], g["active"]) for g in limits] == [("gpu", 1, True)]
+    # (A deployment's own concurrency_limit is kept as a limit named after the deployment.)
+    assert {g["name"]: (g["limit"], g["active"]) for g in limits}["gpu"] == (1, True)
 
     # The server's scheduler has put the next Monday 03:00 UTC on the calendar.
     expected = _next_weekly_run(datetime.datetime.now(datetime.UTC))
@@ -277,7 +303,8 @@ def test_prefect_yaml_deployment_runs_on_a_worker(local_prefect: LocalPrefect) -
     run_id = _trigger(lp.prefect)
     worker_cmd = ["prefect", "worker", "start", "--pool", "d2llm-process", "--limit", "1"]
     worker_log = lp.logs / "worker.log"
-    with _background(worker_cmd, root, lp.env, worker_log) as worker:
+    # Started outside the project on purpose: the deployment's pull step takes the run there.
+    with _background(worker_cmd, lp.logs, lp.env, worker_log) as worker:
         run = _wait_for_run(lp.api, run_id, worker, worker_log)
     assert run["state_type"] == "COMPLETED", f"flow run ended {run['state_name']}:\n{_tail(worker_log)}"
     assert run["deployment_id"] == deployment["id"]
@@ -296,6 +323,7 @@ def test_flows_deploy_serves_the_schedule_and_runs_it(local_prefect: LocalPrefec
             {"cron": "0 2 * * 0", "timezone": "Europe/Paris", "day_or": True}
         ]
         assert deployment["parameters"] == {"params_file": "params.yaml", "promote": True}
+        assert deployment["global_concurrency_limit"]["limit"] == 1
         run = _wait_for_run(lp.api, _trigger(lp.prefect), serving, serve_log)
     assert run["state_type"] == "COMPLETED", f"flow run ended {run['state_name']}:\n{_tail(serve_log)}"
     _assert_trained_and_champion(root)

@@ -340,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # Libraries that narrate every step at INFO (GX registers each expectation) drown our lines.
+    for noisy in ("great_expectations", "bm25s", "httpx", "alembic", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, dict(args.overrides))
         return _COMMANDS[args.command][0](args, params) or 0

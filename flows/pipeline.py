@@ -213,12 +213,17 @@ def training_pipeline(
     params_file: str = "params.yaml",
     overrides: dict[str, Any] | None = None,
     promote: bool = True,
+    params: Params | None = None,
 ) -> dict[str, Any]:
-    """Validate, mine, fine-tune the teacher, label, distil, evaluate, register (and promote)."""
+    """Validate, mine, fine-tune the teacher, label, distil, evaluate, register (and promote).
+
+    The configuration is ``params`` (the typed config itself) when given, else ``params_file``
+    with ``overrides`` (dotted keys), validated the same way.
+    """
     from d2llm.tracking import pipeline_run
 
     logger = get_run_logger()
-    params = load_params(params_file, overrides)
+    params = params or load_params(params_file, overrides)
     code = code_fingerprint()
     with pipeline_run(params, run_name="d2llm-training") as run:
         prepared = validate_data(params)
@@ -281,7 +286,7 @@ def training_pipeline(
     if promote:
         from flows.promotion import promotion_flow
 
-        decision = promotion_flow(params_file=params_file, version=version, overrides=overrides)
+        decision = promotion_flow(version=version, params=params)
     print(evaluation["table"])
     print(f"MLflow run: {run.info.run_id}  registered model: {params.tracking.registered_model} v{version}")
     if decision is not None:

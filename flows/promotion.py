@@ -55,14 +55,17 @@ def decide_and_promote(params: Params, version: str, eval_data_id: str | None) -
 
 @flow(name="d2llm-promotion")
 def promotion_flow(
-    params_file: str = "params.yaml", version: str | None = None, overrides: dict[str, Any] | None = None
+    params_file: str = "params.yaml",
+    version: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    params: Params | None = None,
 ) -> dict[str, Any]:
     """Promote ``version`` (default: the newest registered version) if it beats the champion."""
     from mlflow import MlflowClient
 
     from d2llm.tracking import configure
 
-    params = load_params(params_file, overrides)
+    params = params or load_params(params_file, overrides)
     configure(params.tracking)
     client = MlflowClient()
     name = params.tracking.registered_model

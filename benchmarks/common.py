@@ -1,0 +1,223 @@
+"""What every benchmark shares: the command line, interleaved timing, tables, JSON and plots.
+
+Timings on a shared, noisy machine only mean something side by side: every benchmark measures
+all of its systems in one process, interleaving them (system order rotates each repetition, so
+no system always runs first or last), and reports the median of the repetitions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from d2llm.config import Params, load_params
+
+if TYPE_CHECKING:
+    import matplotlib.figure
+
+DEFAULT_OUT_DIR = Path("reports/benchmarks")
+SHARED_MACHINE_NOTE = "timings taken on a shared CPU machine: compare ratios, not absolute numbers"
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def base_parser(description: str) -> argparse.ArgumentParser:
+    """Options every benchmark takes: config, overrides, output folder, threads, repetitions."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="config file")
+    parser.add_argument(
+        "-S",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. -S student.backbone=/path/to/model (repeatable)",
+    )
+    parser.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR, help="where JSON and PNG go")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repetitions (median reported)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for sampling texts and initialising")
+    return parser
+
+
+def load_benchmark_params(args: argparse.Namespace) -> Params:
+    """params.yaml with the ``-S key=value`` overrides applied (values parsed as YAML)."""
+    import yaml
+
+    overrides: dict[str, Any] = {}
+    for text in args.overrides:
+        if "=" not in text:
+            raise SystemExit(f"override {text!r} must look like key.path=value")
+        key, value = text.split("=", 1)
+        overrides[key.strip()] = yaml.safe_load(value)
+    return load_params(args.params, overrides)
+
+
+def setup_torch(threads: int, seed: int) -> None:
+    """Fix the thread count (the figures depend on it) and the seeds."""
+    import torch
+
+    from d2llm.hub import seed_everything
+
+    if threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    seed_everything(seed)
+
+
+def check_positive(name: str, value: int) -> None:
+    if value < 1:
+        raise SystemExit(f"{name} must be >= 1, got {value}")
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved_timings(
+    systems: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Wall seconds of each callable per repetition, measured round-robin.
+
+    Each repetition runs every system once; the order rotates by one place per repetition.
+    ``warmup`` untimed rounds first (allocator, thread pools and caches settle).
+    """
+    from tqdm.auto import tqdm
+
+    names = list(systems)
+    for _ in tqdm(range(warmup), desc="warm-up", unit="round", disable=warmup == 0):
+        for name in names:
+            systems[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in tqdm(range(repeats), desc="timed repetitions", unit="round"):
+        shift = rep % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            systems[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return float(statistics.median(values))
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return float(numerator / denominator)
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on (they mean little without it)."""
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "platform": platform.platform(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["load_average_1min"] = round(os.getloadavg()[0], 2)
+    return info
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A markdown table; floats get 4 significant digits, None prints as '-'."""
+
+    def cell(value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return str(value)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(name: str, out_dir: Path, argv: Sequence[str], results: dict[str, Any]) -> Path:
+    """``<out_dir>/<name>.json`` with the run's command line, machine and time added."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {
+        "benchmark": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": " ".join([f"python -m benchmarks.{name}", *argv]),
+        "machine": machine_info(),
+        "note": SHARED_MACHINE_NOTE,
+        **results,
+    }
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def new_figure(
+    width: float = 7.0, height: float = 4.0, ncols: int = 1
+) -> tuple[matplotlib.figure.Figure, Any]:
+    """A matplotlib figure on the Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(1, ncols, figsize=(width, height))
+
+
+def save_figure(fig: matplotlib.figure.Figure, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------- models
+
+
+def load_student(params: Params, student_dir: Path | None) -> tuple[Any, str]:
+    """The trained student in ``student_dir`` when it exists, else a fresh one from the config.
+
+    An untrained student costs exactly what a trained one costs (same shapes, same operations),
+    so timing benchmarks run before training too; quality figures then say "untrained".
+    """
+    from d2llm.hub import pick_device
+    from d2llm.student.model import D2LLMStudent
+
+    device = pick_device(params.device)
+    if student_dir is not None and (Path(student_dir) / "student.json").is_file():
+        return D2LLMStudent.from_pretrained(student_dir, device=device), f"trained ({student_dir})"
+    student = D2LLMStudent.from_config(params.student, device=device)
+    return student, f"untrained (from_config, backbone {params.student.backbone})"
+
+
+def load_teacher(params: Params, teacher_dir: Path | None) -> tuple[Any, str]:
+    """The saved teacher in ``teacher_dir`` when it exists, else the configured base model.
+
+    A cross-encoder's untrained head changes its scores, not its cost.
+    """
+    from d2llm.teachers.base import TEACHER_JSON
+    from d2llm.teachers.base import load_teacher as load
+
+    if teacher_dir is not None and (Path(teacher_dir) / TEACHER_JSON).is_file():
+        return load(params.teacher, teacher_dir, params.device), f"saved ({teacher_dir})"
+    teacher = load(params.teacher, None, params.device)
+    return teacher, f"base model, untrained head ({params.teacher.kind} {params.teacher.model})"

@@ -1,0 +1,343 @@
+"""Smoke tests of the benchmark scripts: each ``main`` runs end to end on tiny sizes.
+
+A tiny random BERT (``tiny_bert_dir``) plays backbone, teacher and bi-encoder, and a tiny
+prepared-data folder written here stands in for ``data/prepared`` (same canonical layout), so
+the scripts cannot rot. No speed is asserted: only that the JSON (and PNG) is written, has the
+expected keys and positive timings, and that the derived numbers follow from the raw ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+ROOT = Path(__file__).resolve().parents[2]
+SUBJECTS = ["man", "woman", "child", "dog", "cat", "bird", "horse", "person"]
+ACTIONS = ["plays a guitar", "rides a bike", "eats food", "sleeps on the mat", "runs in the park",
+           "reads at the table", "sings in the kitchen", "walks on the beach"]  # fmt: skip
+
+
+def _sentence(i: int) -> str:
+    return f"a {SUBJECTS[i % len(SUBJECTS)]} {ACTIONS[(i // len(SUBJECTS)) % len(ACTIONS)]}"
+
+
+def _pairs_frame(dataset: str, task: str, classes: bool, n: int = 24) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        split = ("train", "dev", "test")[i % 3]
+        a, b = _sentence(i), _sentence(i + (0 if i % 2 else 5))
+        if classes:
+            name = ("entailment", "neutral", "contradiction")[i % 3 if i % 2 else 0]
+            label, positive = (
+                float(("entailment", "neutral", "contradiction").index(name)),
+                name == "entailment",
+            )
+        else:
+            name, label = "", float(i % 6) if dataset == "stsb_en" else 1.0 + (i % 5)
+            positive = label >= (4.0 if dataset == "stsb_en" else 4.2)
+        rows.append((a, b, label, name, task, dataset, split, positive))
+    cols = ["text_a", "text_b", "label", "label_name", "task", "source", "split", "is_positive"]
+    return pd.DataFrame(rows, columns=cols)
+
+
+@pytest.fixture(scope="module")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny prepared folder: sick, snli, stsb_en, sick_r pairs; cranfield and cisi IR tables."""
+    root = tmp_path_factory.mktemp("prepared")
+    (root / "pairs").mkdir()
+    for name, classes in (("sick", True), ("snli", True), ("stsb_en", False), ("sick_r", False)):
+        _pairs_frame(name, "sym", classes).to_parquet(root / "pairs" / f"{name}.parquet", index=False)
+    for name, offset in (("cranfield", 0), ("cisi", 7)):
+        folder = root / "ir" / name
+        folder.mkdir(parents=True)
+        docs = [f"{_sentence(i + offset)} and the {SUBJECTS[i % 3]} sleeps" for i in range(30)]
+        pd.DataFrame({"doc_id": [str(i) for i in range(30)], "text": docs}).to_parquet(
+            folder / "corpus.parquet"
+        )
+        queries = [f"what {ACTIONS[i]}" for i in range(6)]
+        pd.DataFrame({"query_id": [str(i + 1) for i in range(6)], "text": queries}).to_parquet(
+            folder / "queries.parquet"
+        )
+        qrels = [(str(q + 1), str((q * 5 + j) % 30), 1 + j % 2) for q in range(6) for j in range(3)]
+        pd.DataFrame(qrels, columns=["query_id", "doc_id", "relevance"]).to_parquet(folder / "qrels.parquet")
+    return root
+
+
+def _tiny_args(tiny_bert_dir: Path, prepared_dir: Path, out_dir: Path) -> list[str]:
+    """Common options: the tiny BERT everywhere, small heads, CPU, one thread."""
+    model = str(tiny_bert_dir)
+    overrides = {
+        "device": "cpu",
+        "student.backbone": model,
+        "student.max_length": 32,
+        "student.pma.num_heads": 4,
+        "student.iem.hidden_size": 16,
+        "student.iem.branch_size": 8,
+        "student.lora.r": 2,
+        "student.lora.alpha": 2,
+        "teacher.model": model,
+        "teacher.max_length": 48,
+        "teacher.batch_size": 4,
+        "labelling.group_size": 4,
+        "mining.num_negatives": 2,
+    }
+    args = ["--params", str(ROOT / "params.yaml"), "--prepared-dir", str(prepared_dir)]
+    args += ["--out-dir", str(out_dir), "--threads", "1", "--repeats", "2"]
+    for key, value in overrides.items():
+        args += ["-S", f"{key}={value}"]
+    return args
+
+
+def _read_json(path: Path) -> dict:
+    assert path.is_file(), f"{path} was not written"
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def test_interleaved_timings_rotate_order_and_count_repetitions():
+    from benchmarks.common import interleaved_timings, median, ratio
+
+    calls: list[str] = []
+    systems = {name: (lambda n=name: calls.append(n)) for name in ("a", "b", "c")}
+    times = interleaved_timings(systems, repeats=3, warmup=1)
+    # warm-up round in order, then each repetition rotated by one place
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert median([3.0, 1.0, 2.0]) == 2.0
+    assert ratio(6.0, 3.0) == 2.0
+    assert ratio(1.0, 0.0) is None
+
+
+def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import ranking_cost
+
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--sizes", "8", "40", "--queries", "2", "--rerank-depth", "5", "--teacher-max-pairs", "10"]
+    args += [
+        "--pool-size",
+        "20",
+        "--student-dir",
+        str(tmp_path / "none"),
+        "--teacher-dir",
+        str(tmp_path / "none"),
+    ]
+    returned = ranking_cost.main(args)
+    report = _read_json(tmp_path / "ranking_cost.json")
+    assert (tmp_path / "ranking_cost.png").stat().st_size > 0
+    assert report["sizes"] == [8, 40] == returned["sizes"]
+    assert report["student"].startswith("untrained")
+    # N=8 fits under the teacher cap; N=40 is extrapolated from 10 measured pairs.
+    assert report["teacher_measured_pairs"] == {"8": 8, "40": 10}
+    assert report["teacher_extrapolated"] == {"8": False, "40": True}
+    per_query, scoring = report["seconds_per_query"], report["scoring_seconds_per_query"]
+    for system in ("teacher", "student", "two-stage", "bi-encoder"):
+        assert all(per_query[system][n] > 0 for n in ("8", "40")), system
+        assert all(report["best"]["end_to_end"][system][n] <= per_query[system][n] for n in ("8", "40"))
+    for system in ("student", "two-stage", "bi-encoder"):
+        assert all(scoring[system][n] > 0 for n in ("8", "40")), system
+    assert (
+        report["query_encoding_seconds"]["student"] > 0 and report["query_encoding_seconds"]["bi-encoder"] > 0
+    )
+    assert all(len(v) == 2 for v in report["raw_seconds"].values())
+    # Derived numbers follow from the raw timings.
+    raw = report["raw_seconds"]
+    assert per_query["teacher"]["40"] == pytest.approx(np.median(raw["teacher@10"]) * 40 / 10)
+    assert per_query["student"]["8"] == pytest.approx(np.median(raw["student@8"]) / 2)
+    assert scoring["bi-encoder"]["40"] == pytest.approx(np.median(raw["score:bi-encoder@40"]) / 2)
+    assert report["ratios"]["8"]["scoring student/bi-encoder"] == pytest.approx(
+        scoring["student"]["8"] / scoring["bi-encoder"]["8"]
+    )
+    r = report["ratios"]["40"]
+    assert r["teacher/student"] == pytest.approx(per_query["teacher"]["40"] / per_query["student"]["40"])
+    assert r["two-stage/bi-encoder"] == pytest.approx(
+        per_query["two-stage"]["40"] / per_query["bi-encoder"]["40"]
+    )
+    quality = report["full_vs_two_stage"]
+    assert quality["n_queries"] == 6 and quality["n_docs"] == 30
+    assert quality["ndcg@10_difference"] == pytest.approx(
+        quality["ndcg@10_two_stage"] - quality["ndcg@10_full"]
+    )
+    assert 0.0 <= quality["first_stage_recall@10"] <= 1.0
+
+
+def test_ranking_cost_rejects_bad_sizes(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import ranking_cost
+
+    with pytest.raises(SystemExit, match="--sizes must be >= 1"):
+        ranking_cost.main([*_tiny_args(tiny_bert_dir, prepared_dir, tmp_path), "--sizes", "0"])
+
+
+def test_labelling_throughput(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import labelling_throughput
+
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--pairs", "12", "--teacher-dir", str(tmp_path / "none")]
+    labelling_throughput.main(args)
+    report = _read_json(tmp_path / "labelling_throughput.json")
+    assert (tmp_path / "labelling_throughput.png").stat().st_size > 0
+    assert report["pairs"] == 12 and report["slices"] == 2 and report["batch_size"] == 4
+    assert all(report["pairs_per_second"][m] > 0 for m in ("bucketed", "fixed"))
+    assert all(len(report["raw_seconds"][m]) == 2 for m in ("bucketed", "fixed"))
+    rates = report["pairs_per_second"]
+    assert report["speedup_bucketed_over_fixed"] == pytest.approx(rates["bucketed"] / rates["fixed"])
+    # Fixed padding computes every row at max_length; bucketing never computes more.
+    assert report["computed_tokens"]["fixed"] == 12 * 48
+    assert report["computed_tokens"]["bucketed"] <= report["computed_tokens"]["fixed"]
+    assert 0.0 <= report["padding_fraction"]["bucketed"] < report["padding_fraction"]["fixed"] < 1.0
+    # Padding is masked out: both modes give the same teacher logits.
+    assert report["max_abs_logit_difference"] < 1e-4
+
+
+def test_computed_tokens_hand_worked():
+    from benchmarks.labelling_throughput import computed_tokens
+
+    lengths = [3, 10, 4, 9, 2]
+    # bucketed, batch 2: sorted 10, 9 | 4, 3 | 2 -> 2*10 + 2*4 + 1*2 = 30
+    assert computed_tokens(lengths, "bucketed", 2, 16) == 30
+    assert computed_tokens(lengths, "fixed", 2, 16) == 5 * 16
+
+
+def test_training_throughput(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import training_throughput
+
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--steps", "2", "--warmup-steps", "1"]
+    training_throughput.main(args)
+    report = _read_json(tmp_path / "training_throughput.json")
+    assert (report["group_size"], report["num_negatives"], report["texts_per_group"]) == (4, 2, 4 + 4 + 4 * 2)
+    assert report["steps"] == 2 and len(report["raw_seconds"]) == 2
+    assert report["groups_per_second"] == pytest.approx(1.0 / np.median(report["raw_seconds"]))
+    assert report["texts_per_second"] == pytest.approx(16 * report["groups_per_second"])
+    assert report["trainable_parameters"] > 0
+    assert all(np.isfinite(report["losses"]))
+    mem = report["memory"]
+    assert mem["peak_rss_mib"] >= mem["rss_before_steps_mib"] > 0
+    assert mem["peak_rss_mib"] >= mem["rss_after_load_mib"] > 0
+    assert mem["cuda_max_allocated_mib"] is None
+
+
+def test_peak_rss_sees_an_allocation():
+    from benchmarks.training_throughput import PeakRSS
+
+    with PeakRSS() as memory:
+        before = memory.current()
+        block = np.ones(64 * 1024 * 1024 // 8)  # 64 MiB, touched
+        block.sum()
+    del block
+    assert memory.peak - before > 48 * 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def saved_models(tiny_bert_dir, tmp_path_factory):
+    """A saved tiny student and cross-encoder teacher, as the pipeline would leave them."""
+    from d2llm.config import StudentConfig, TeacherConfig
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.teachers.base import load_teacher
+
+    root = tmp_path_factory.mktemp("models")
+    seed_everything(0)
+    cfg = StudentConfig(
+        backbone=str(tiny_bert_dir),
+        max_length=32,
+        lora={"r": 2, "alpha": 2},
+        pma={"num_heads": 4},
+        iem={"hidden_size": 16, "branch_size": 8},
+    )
+    D2LLMStudent.from_config(cfg, device="cpu").save_pretrained(root / "student")
+    teacher = load_teacher(TeacherConfig(model=str(tiny_bert_dir), max_length=48, batch_size=4), None, "cpu")
+    teacher.save_pretrained(root / "teacher")
+    return root / "student", root / "teacher"
+
+
+def test_quality_evaluates_when_no_metrics_file(tiny_bert_dir, prepared_dir, saved_models, tmp_path):
+    from benchmarks import quality
+
+    student_dir, teacher_dir = saved_models
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--metrics", str(tmp_path / "missing.json"), "--student-dir", str(student_dir)]
+    args += ["--teacher-dir", str(teacher_dir), "--max-queries", "3"]
+    quality.main(args)
+    report = _read_json(tmp_path / "quality.json")
+    assert (tmp_path / "quality.png").stat().st_size > 0
+    assert report["source"].startswith("evaluated now")
+    assert (tmp_path / "quality_metrics.json").is_file()
+    assert report["systems_present"] == ["bi-encoder", "teacher", "student"]
+    rows = {r["dataset"]: r for r in report["rows"]}
+    assert set(rows) == {"stsb_en", "sick", "sick_r", "cranfield", "cisi"}
+    assert rows["sick"]["metric"] == "ap" and rows["cranfield"]["metric"] == "ndcg@10"
+    assert all(r[s] is not None for r in rows.values() for s in ("bi-encoder", "teacher", "student"))
+    assert report["mean"]["student"] == pytest.approx(np.mean([r["student"] for r in rows.values()]))
+
+
+def _metrics_file(path: Path, student_dir: str | None = None) -> Path:
+    """A hand-written evaluate output: baseline 70, teacher 80, student 77.5 on SICK AP."""
+
+    def entry(main: str, base: float, teacher: float, student: float) -> dict:
+        values = {"bi-encoder": base, "teacher": teacher, "student": student}
+        return {"main_metric": main, "metrics": {s: {main: v} for s, v in values.items()}}
+
+    results = {
+        "systems": ["bm25", "bi-encoder", "teacher", "student"],
+        "notes": [],
+        "sources": {"student_dir": student_dir, "teacher_dir": None},
+        "datasets": {"sick": entry("ap", 70.0, 80.0, 77.5), "cisi": entry("ndcg@10", 40.0, 30.0, 35.0)},
+    }
+    path.write_text(json.dumps(results), encoding="utf-8")
+    return path
+
+
+def test_quality_reads_a_fresh_metrics_file(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import quality
+
+    metrics = _metrics_file(tmp_path / "metrics.json")
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path / "out")
+    args += ["--metrics", str(metrics), "--student-dir", str(tmp_path / "none")]
+    args += ["--teacher-dir", str(tmp_path / "none")]  # written after params.yaml: fresh
+    quality.main(args)
+    report = _read_json(tmp_path / "out" / "quality.json")
+    assert report["source"].startswith(f"read {metrics}")
+    rows = {r["dataset"]: r for r in report["rows"]}
+    assert rows["sick"]["recovered"] == pytest.approx(0.75)  # (77.5 - 70) / (80 - 70)
+    assert rows["cisi"]["recovered"] is None  # the teacher is worse than the baseline: no gain
+    assert report["mean"]["student"] == pytest.approx(56.25)
+    assert report["mean"]["recovered"] is None  # mean teacher 55 = mean baseline 55: no gain to recover
+
+
+def test_quality_freshness_rules(tmp_path):
+    import os
+
+    from benchmarks.quality import freshness
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 1\n")
+    student = tmp_path / "student"
+    student.mkdir()
+    (student / "heads.safetensors").write_bytes(b"x")
+    metrics = _metrics_file(tmp_path / "metrics.json", student_dir=str(student))
+    os.utime(params, (1_000, 1_000))
+    os.utime(student / "heads.safetensors", (2_000, 2_000))
+    os.utime(metrics, (3_000, 3_000))
+    assert freshness(metrics, student, None, params) == (
+        True,
+        f"{metrics} is newer than the student, teacher and params",
+    )
+
+    os.utime(student / "heads.safetensors", (4_000, 4_000))  # retrained after evaluation
+    fresh, reason = freshness(metrics, student, None, params)
+    assert not fresh and "older than" in reason
+
+    fresh, reason = freshness(metrics, tmp_path / "other_student", None, params)
+    assert not fresh and "written for student_dir" in reason
+    assert freshness(tmp_path / "nope.json", student, None, params) == (
+        False,
+        f"{tmp_path / 'nope.json'} does not exist",
+    )
+    (tmp_path / "bad.json").write_text("{not json")
+    assert not freshness(tmp_path / "bad.json", student, None, params)[0]

@@ -245,6 +245,9 @@ class TrainingConfig(_Section):
     epochs: float = Field(default=5.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
     lr: float = Field(default=1e-4, gt=0)
+    # Learning rate of the PMA and IEM heads; None: the same as ``lr`` (the paper's single rate).
+    # Small backbones keep their pretrained geometry better with a low LoRA rate and faster heads.
+    head_lr: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)

@@ -194,6 +194,16 @@ def _checkpoint_matches(checkpoint_dir: Path, inputs: str) -> bool:
     return state is not None and state.get("inputs") == inputs
 
 
+def _param_groups(trainable: dict[str, torch.nn.Parameter], cfg: Any) -> list[dict[str, Any]]:
+    """The backbone's LoRA weights at ``lr``; the PMA and IEM heads at ``head_lr`` when it is set."""
+    heads = [p for n, p in trainable.items() if n.startswith(("pma.", "iem."))]
+    backbone = [p for n, p in trainable.items() if not n.startswith(("pma.", "iem."))]
+    groups = [{"params": heads, "lr": cfg.head_lr or cfg.lr}]
+    if backbone:
+        groups.append({"params": backbone, "lr": cfg.lr})
+    return groups
+
+
 def _linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     def factor(step: int) -> float:
         if warmup_steps and step < warmup_steps:
@@ -247,7 +257,7 @@ def train_student(
         student.enable_gradient_checkpointing()
     loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(trainable.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(_param_groups(trainable, cfg), weight_decay=cfg.weight_decay)
 
     steps_per_epoch = math.ceil(num_groups / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))

@@ -111,7 +111,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
     import json
 
-    from d2llm.training import train_student
+    from d2llm.training import train_student, write_curves
 
     result = train_student(
         params,
@@ -122,11 +122,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     )
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
-    # Flat lists of records, one file per curve: the form `dvc plots` reads (docs/dvc.md).
-    args.plots_dir.mkdir(parents=True, exist_ok=True)
-    for name, key in (("dev_metric", "dev_metric"), ("train_loss", "loss_total")):
-        records = [record for record in result.history if key in record]
-        (args.plots_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+    write_curves(result.history, args.plots_dir)
     print(
         f"dev {params.training.dev_metric}: start {result.initial_metric:.2f} -> "
         f"best {result.best_metric:.2f} at step {result.best_step} of {result.steps} "

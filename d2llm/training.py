@@ -397,6 +397,15 @@ def train_student(
     return result
 
 
+def write_curves(history: list[dict[str, Any]], plots_dir: Path) -> None:
+    """The dev metric and loss curves as flat JSON lists, one file each: the form `dvc plots` reads."""
+    plots_dir = Path(plots_dir)
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    for name, key in (("dev_metric", "dev_metric"), ("train_loss", "loss_total")):
+        records = [record for record in history if key in record]
+        (plots_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+
+
 def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:
     import pandas as pd
 

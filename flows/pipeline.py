@@ -145,7 +145,7 @@ def label(params: Params, key: dict[str, Any]) -> str:
 def distil(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     # A retry resumes from the last checkpoint in models/student/checkpoint.
     from d2llm.tracking import log_metrics_dict, log_training_curve, stage_run
-    from d2llm.training import train_student
+    from d2llm.training import train_student, write_curves
 
     with stage_run("distil-student"), _gpu_slot():
         result = train_student(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
@@ -153,6 +153,7 @@ def distil(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         log_metrics_dict(result.to_dict(), prefix="train")
     summary = result.to_dict()
     _write_json(layout.TRAIN_METRICS, summary)
+    write_curves(result.history, layout.PLOTS_DIR)
     return {"fingerprint": path_fingerprint(layout.STUDENT_DIR), **summary}
 
 

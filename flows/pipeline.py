@@ -174,14 +174,26 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
 
 
 @task(name="register-student", retries=0)
-def register(params: Params, metrics: dict[str, float], eval_data_id: str) -> str:
-    from d2llm.tracking import log_student
+def register(params: Params, metrics: dict[str, float], eval_data_id: str, student_fingerprint: str) -> str:
+    """Register the student, unless this very student (same files) is registered already.
 
+    A rerun with nothing changed then points at the existing version instead of adding an
+    identical one on every scheduled run.
+    """
+    from d2llm.tracking import log_student
+    from d2llm.tracking.registry import TAG_STUDENT_FINGERPRINT, find_version
+
+    name = params.tracking.registered_model
+    existing = find_version(name, TAG_STUDENT_FINGERPRINT, student_fingerprint)
+    if existing is not None:
+        get_run_logger().info("this student is already %s v%s: not registered again", name, existing)
+        return existing
     version = log_student(
         layout.STUDENT_DIR,
-        registered_model_name=params.tracking.registered_model,
+        registered_model_name=name,
         metrics=metrics,
         eval_data_id=eval_data_id,
+        version_tags={TAG_STUDENT_FINGERPRINT: student_fingerprint},
     )
     return str(version.version)
 
@@ -275,7 +287,7 @@ def training_pipeline(
                 **_section(params, "evaluation"),
             },
         )
-        version = register(params, evaluation["flat"], eval_data_id=prepared)
+        version = register(params, evaluation["flat"], prepared, trained["fingerprint"])
         logger.info(
             "registered %s version %s (MLflow run %s)",
             params.tracking.registered_model,

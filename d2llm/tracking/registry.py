@@ -130,6 +130,23 @@ def _smoke_test(model_uri: str) -> None:
         raise ArtifactError(f"the logged model {model_uri} returned an unexpected frame: {scores!r}")
 
 
+TAG_STUDENT_FINGERPRINT = "d2llm.student_fingerprint"  # content hash of the registered student folder
+
+
+def find_version(model_name: str, tag: str, value: str) -> str | None:
+    """The newest version of ``model_name`` whose tag ``tag`` equals ``value`` (None if none)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = mlflow.MlflowClient().search_model_versions(
+            f"name = '{model_name}' and tags.`{tag}` = '{value}'"
+        )
+    except MlflowException:
+        return None  # no such registered model yet
+    return str(max(int(v.version) for v in versions)) if versions else None
+
+
 def _version_tags(
     run_id: str,
     index_dir: str | Path | None,

@@ -88,10 +88,11 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
     assert _mtimes(root / "data" / "labels") == labels_before
     assert _mtimes(root / "models" / "student") == student_before
     assert second["metrics"] == first["metrics"]
-    # Same model, same numbers: it is registered, but it does not beat the champion.
-    assert second["version"] == "2"
-    assert second["promotion"]["verdict"] == "refused"
-    assert _registry(root)[1]["champion"] == "1"
+    # The very same student is not registered again; promotion is idempotent on it.
+    assert second["version"] == "1"
+    assert second["promotion"]["verdict"] == "promoted"
+    versions, aliases = _registry(root)
+    assert versions == ["1"] and aliases["champion"] == "1"
 
 
 def test_a_training_param_change_reruns_only_downstream_stages(prefect_harness: None, project) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -73,6 +74,20 @@ def setup_torch(threads: int, seed: int) -> None:
         raise SystemExit(f"--threads must be >= 1, got {threads}")
     torch.set_num_threads(threads)
     seed_everything(seed)
+
+
+def start(
+    argv: Sequence[str] | None, parse_args: Callable[[list[str]], argparse.Namespace]
+) -> tuple[list[str], argparse.Namespace, Params]:
+    """The shared start of every benchmark: arguments, logging, config, torch threads and seed."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    params = load_benchmark_params(args)
+    setup_torch(args.threads, args.seed)
+    return argv, args, params
 
 
 def check_positive(name: str, value: int) -> None:

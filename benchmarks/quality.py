@@ -186,13 +186,7 @@ def plot(report: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = common.load_benchmark_params(args)
-    common.setup_torch(args.threads, args.seed)
+    argv, args, params = common.start(argv, parse_args)
     results, source = load_or_evaluate(args, params)
     rows = quality_rows(results)
     report: dict[str, Any] = {

@@ -446,13 +446,7 @@ def plot(results: dict[str, Any], path: Path) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = common.load_benchmark_params(args)
-    common.setup_torch(args.threads, args.seed)
+    argv, args, params = common.start(argv, parse_args)
     results = measure(args, params)
     results["plot"] = str(plot(results, args.out_dir / f"{NAME}.png"))
     path = common.write_report(NAME, args.out_dir, argv, results)

@@ -248,13 +248,7 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    params = common.load_benchmark_params(args)
-    common.setup_torch(args.threads, args.seed)
+    argv, args, params = common.start(argv, parse_args)
     results = measure(args, params)
     path = common.write_report(NAME, args.out_dir, argv, results)
     print_report(results)

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import yaml
+from tiny_models import save_tiny_bert
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # the d2llm and dvc console scripts live next to python
@@ -162,28 +163,6 @@ def _sick_vocabulary(sick_dir: Path, size: int = 3000) -> list[str]:
     return special + words + ["##s", "##ing", "##ed", "##er", "##ly"]
 
 
-def build_tiny_backbone(folder: Path, vocabulary: list[str]) -> Path:
-    """Save a random 2-layer, 32-d BERT encoder and its WordPiece tokenizer to ``folder``."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocabulary)}, do_lower_case=True)
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocabulary),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    BertModel(config).save_pretrained(folder)
-    return folder
-
-
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in extra.items():
@@ -196,7 +175,7 @@ def build_tiny_project(root: Path, params: dict[str, Any] | None = None) -> Tiny
     root.mkdir(parents=True, exist_ok=True)
     project = TinyProject(root)
     shutil.copytree(REPO / "data" / "raw" / "sick", root / "data" / "raw" / "sick")
-    build_tiny_backbone(root / BACKBONE, _sick_vocabulary(root / "data" / "raw" / "sick"))
+    save_tiny_bert(root / BACKBONE, _sick_vocabulary(root / "data" / "raw" / "sick"))
     shutil.copytree(REPO / "d2llm", root / "d2llm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(REPO / name, root / name)

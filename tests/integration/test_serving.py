@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_student
 
 from d2llm.config import PromotionConfig, TrackingConfig
 
@@ -47,34 +48,7 @@ STARTUP_TIMEOUT_S = 90
 
 def _tiny_student(folder: Path) -> Path:
     """A random 2-layer, 32-d BERT backbone and a D2LLM student on it, saved with save_pretrained."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    from d2llm.config import IEMConfig, LoraConfig, PMAConfig, StudentConfig
-    from d2llm.student.model import D2LLMStudent
-
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(
-        folder / "bert"
-    )
-    torch.manual_seed(1)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    BertModel(config).save_pretrained(folder / "bert")
-    cfg = StudentConfig(
-        backbone=str(folder / "bert"),
-        max_length=32,
-        lora=LoraConfig(r=2, alpha=2),
-        pma=PMAConfig(num_heads=4),
-        iem=IEMConfig(hidden_size=16, branch_size=8),
-    )
-    return D2LLMStudent.from_config(cfg).save_pretrained(folder / "student")
+    return save_tiny_student(folder, WORDS, seed=1)
 
 
 def _free_port() -> int:

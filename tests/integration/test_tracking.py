@@ -16,6 +16,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from tiny_models import save_tiny_student
 
 from d2llm.config import Params, PromotionConfig, TrackingConfig
 from d2llm.errors import ArtifactError
@@ -313,39 +314,7 @@ PAIRS = [
 
 def build_tiny_student(folder: Path) -> Path:
     """A random 2-layer, 32-d BERT backbone and a D2LLM student on it, saved with save_pretrained."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    from d2llm.config import IEMConfig, LoraConfig, PMAConfig, StudentConfig
-    from d2llm.student.model import D2LLMStudent
-
-    backbone = folder / "backbone"
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "?", *WORDS]
-    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True).save_pretrained(backbone)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=64,
-        pad_token_id=0,
-    )
-    BertModel(config).save_pretrained(backbone)
-    cfg = StudentConfig(
-        backbone=str(backbone),
-        max_length=32,
-        lora=LoraConfig(r=2, alpha=2),
-        pma=PMAConfig(num_heads=4),
-        iem=IEMConfig(hidden_size=16, branch_size=8),
-    )
-    student = D2LLMStudent.from_config(cfg)
-    with torch.no_grad():  # LoRA B starts at zero: make the adapters matter for the round trip
-        for name, p in student.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return student.save_pretrained(folder / "student")
+    return save_tiny_student(folder, WORDS, perturb_lora=True)
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_bert
 
 # Words the tiny tokenizers know: the test sentences plus the teacher prompts' wording.
 WORDS = (  # noqa: SIM905 - a word list is easier to read and edit as text
@@ -72,26 +73,12 @@ def _check_yes_no(tokenizer, where: str) -> None:
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random 2-layer BERT encoder (hidden 32, 4 heads) with a WordPiece tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from transformers import BertTokenizer
 
-    folder = tmp_path_factory.mktemp("tiny_bert")
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "!", "#", ":", *WORDS]
     vocab += ["##s", "##ing", "##ed"]
-    tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    _check_yes_no(tokenizer, "tiny BERT tokenizer")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-    )
-    BertModel(config).save_pretrained(folder)
+    folder = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), vocab, max_positions=128)
+    _check_yes_no(BertTokenizer.from_pretrained(folder), "tiny BERT tokenizer")
     return folder
 
 

@@ -104,8 +104,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-
-
 @command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
 @arguments(_train_args)
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
@@ -124,7 +122,7 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
     write_curves(result.history, args.plots_dir)
     print(
-        f"dev {params.training.dev_metric}: start {result.initial_metric:.2f} -> "
+        f"dev mean of {params.training.dev_datasets}: start {result.initial_metric:.2f} -> "
         f"best {result.best_metric:.2f} at step {result.best_step} of {result.steps} "
         f"({result.seconds:.0f} s); student in {args.out_dir}"
     )

@@ -70,15 +70,21 @@ class DataConfig(_Section):
     raw_dir: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
     # Built-in sources to prepare (parsers in d2llm.data.sources).
-    sources: list[Literal["stsb_en", "sick", "snli", "cranfield", "cisi", "stsb_zh", "ocnli", "atec"]] = [
+    sources: list[
+        Literal["stsb_en", "sick", "snli", "trecqa", "cranfield", "cisi", "stsb_zh", "ocnli", "atec"]
+    ] = [
         "stsb_en",
         "sick",
         "snli",
+        "trecqa",
         "cranfield",
         "cisi",
     ]
     # SNLI ships only its dev file: this fraction of it becomes a dev split, the rest train.
     snli_dev_fraction: float = Field(default=0.1, gt=0, lt=1)
+    # TREC-QA ships train and dev (its test is held out): this hash-chosen share of the train
+    # questions becomes dev (for selection); the shipped dev is the test split.
+    trecqa_dev_fraction: float = Field(default=0.3, gt=0, lt=1)
     # IR training pairs derived from documents (title -> body); queries and qrels are never
     # used for training.
     ir_train_pairs: Literal["title_body", "none"] = "title_body"
@@ -92,6 +98,7 @@ class DataConfig(_Section):
             "sick",
             "sick_r",
             "snli",
+            "trecqa",
             "cranfield",
             "cisi",
             "cranfield_titles",
@@ -202,6 +209,9 @@ class LabellingConfig(_Section):
     max_groups_per_dataset: int | None = Field(default=None, ge=1)
     # Which prepared datasets to build training groups from (train split only).
     datasets: list[str] = Field(default_factory=lambda: ["sick", "snli"])
+    # Distil a dataset only where the fine-tuned teacher beats the bi-encoder by this many points
+    # on its dev split (the teacher's dev report); null: distil every dataset listed.
+    min_teacher_gain: float | None = None
 
 
 class PMAConfig(_Section):
@@ -257,10 +267,11 @@ class TrainingConfig(_Section):
     patience: int = Field(default=5, ge=1)  # evaluations without dev improvement
     bf16: bool = True  # used on CUDA only
     gradient_checkpointing: bool = False
-    # Dev split used for early stopping: a prepared dataset and its metric.
-    dev_dataset: str = "sick"
-    dev_metric: Literal["ap", "spearman", "ndcg@10"] = "ap"
-    max_dev_pairs: int | None = Field(default=1000, ge=1)
+    # Dev splits early stopping watches: the mean of their metrics (each dataset's own: AP for
+    # NLI, Spearman for STS, MAP for answer selection; d2llm.evaluation.dev) is maximised.
+    # List every distilled family and those that must not get worse.
+    dev_datasets: list[str] = Field(default_factory=lambda: ["sick"], min_length=1)
+    max_dev_pairs: int | None = Field(default=1000, ge=1)  # per dev dataset (a seeded sample)
 
 
 class EvaluationConfig(_Section):
@@ -272,6 +283,9 @@ class EvaluationConfig(_Section):
     max_pairs: int | None = Field(default=None, ge=1)  # seeded sample of each test split
     max_queries: int | None = Field(default=None, ge=1)  # seeded sample of each IR query set
     include_teacher: bool = True
+    # Dev splits that decide promotion (never the test sets above); see d2llm.evaluation.dev.
+    validation_datasets: list[str] = Field(default_factory=lambda: ["sick"], min_length=1)
+    max_validation_pairs: int | None = Field(default=1000, ge=1)  # per dataset, seeded sample
     # The teacher re-ranks BM25's top M per query (scoring the full corpus is what D2LLM avoids).
     teacher_rerank_depth: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)

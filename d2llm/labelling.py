@@ -260,6 +260,47 @@ def _prepare_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -
     return None
 
 
+def select_distilled(
+    negatives: pd.DataFrame, teacher_dir: str | Path, min_gain: float | None
+) -> tuple[pd.DataFrame, dict[str, str]]:
+    """The mined rows of the datasets worth distilling, and the decision per dataset with its reason.
+
+    A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
+    least ``min_gain`` points on that dataset's dev split (the teacher's ``dev_report.json``).
+    ``min_gain: None``, or a teacher that was never fine-tuned (no report), keeps every dataset.
+    """
+    from d2llm.teachers.finetune import read_dev_report, teacher_gains
+
+    names = list(dict.fromkeys(negatives["dataset"]))
+    report = read_dev_report(teacher_dir)
+    if min_gain is None or report is None:
+        why = "gating off (labelling.min_teacher_gain: null)" if min_gain is None else "no teacher dev report"
+        return negatives, dict.fromkeys(names, f"distilled: {why}")
+    gains = teacher_gains(report, min_gain)
+    decisions: dict[str, str] = {}
+    for name in names:
+        g = gains.get(name)
+        if g is None:
+            decisions[name] = (
+                "skipped: the teacher was not measured on its dev split (add it to teacher.finetune.datasets)"
+            )
+        else:
+            verdict = "distilled" if g["distil"] else "skipped"
+            decisions[name] = (
+                f"{verdict}: teacher {g['teacher']:.2f} vs bi-encoder {g['bi-encoder']:.2f} "
+                f"dev {g['metric']} (gain {g['gain']:+.2f}, needed {min_gain:+.2f})"
+            )
+    for name, decision in decisions.items():
+        log.info("labelling %s: %s", name, decision)
+    kept = [n for n, d in decisions.items() if d.startswith("distilled")]
+    if not kept:
+        raise DataError(
+            "the teacher beats the bi-encoder on no labelling dataset's dev split, so there is nothing worth "
+            f"distilling: {decisions}. Improve the teacher, or set labelling.min_teacher_gain: null"
+        )
+    return negatives[negatives["dataset"].isin(kept)].reset_index(drop=True), decisions
+
+
 def label_groups(
     params: Params,
     negatives_path: str | Path,
@@ -280,9 +321,9 @@ def label_groups(
     negatives_path = Path(negatives_path)
     if not negatives_path.is_file():
         raise ArtifactError(f"mined negatives not found at {negatives_path} (run `d2llm mine`)")
-    groups = build_groups(
-        pd.read_parquet(negatives_path), cfg.group_size, params.seed, cfg.max_groups_per_dataset
-    )
+    negatives = pd.read_parquet(negatives_path)
+    negatives, distilled = select_distilled(negatives, teacher_dir, cfg.min_teacher_gain)
+    groups = build_groups(negatives, cfg.group_size, params.seed, cfg.max_groups_per_dataset)
     if groups.empty:
         raise DataError(f"no complete group of {cfg.group_size} anchors could be built from {negatives_path}")
     k1 = len(groups.iloc[0]["negatives"][0]) + 1
@@ -298,6 +339,7 @@ def label_groups(
     }
     existing = _prepare_out_dir(out_dir, manifest, overwrite)
     summary = {
+        "distilled": distilled,
         "groups": len(groups),
         "dropped_rows": groups.attrs.get("dropped_rows", 0),
         "out_dir": str(out_dir),

@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 
 from d2llm.config import Params, TaskKind
-from d2llm.errors import ArtifactError, DataError
+from d2llm.errors import ArtifactError
+from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -40,55 +40,27 @@ HISTORY_FILE = "training_history.json"
 # --------------------------------------------------------------------------- dev evaluation
 
 
-@dataclass(frozen=True)
-class DevSet:
-    """Pairs of a dev split with the gold signal the dev metric needs."""
-
-    pairs: list[tuple[str, str]]
-    gold: np.ndarray
-    task: TaskKind
-    metric: str  # "ap" or "spearman"
-
-
-def load_dev_set(params: Params, prepared_dir: Path) -> DevSet:
-    from d2llm.data.tables import load_pairs
-
+def load_training_dev_sets(params: Params, prepared_dir: Path) -> list[DevSet]:
+    """The dev splits early stopping watches (``training.dev_datasets``)."""
     cfg = params.training
-    df = load_pairs(prepared_dir, cfg.dev_dataset, split="dev")
-    if df.empty:
-        raise DataError(f"dev dataset {cfg.dev_dataset!r} has no dev split in {prepared_dir}")
-    if cfg.max_dev_pairs is not None and len(df) > cfg.max_dev_pairs:
-        df = df.sample(n=cfg.max_dev_pairs, random_state=params.seed).sort_index()
-    if cfg.dev_metric == "ap":
-        gold = df["is_positive"].to_numpy(dtype=float)
-        if gold.min() == gold.max():
-            raise DataError(f"dev split of {cfg.dev_dataset!r} has only one class: AP is undefined")
-    elif cfg.dev_metric == "spearman":
-        gold = df["label"].to_numpy(dtype=float)
-    else:
-        raise DataError(
-            f"training.dev_metric {cfg.dev_metric!r} needs a pair dataset metric (ap or spearman)"
-        )
-    return DevSet(
-        pairs=list(zip(df["text_a"], df["text_b"], strict=True)),
-        gold=gold,
-        task=str(df["task"].iloc[0]),  # type: ignore[arg-type]
-        metric=cfg.dev_metric,
-    )
+    return load_dev_sets(prepared_dir, cfg.dev_datasets, cfg.max_dev_pairs, params.seed)
 
 
-def evaluate_dev(student: D2LLMStudent, dev: DevSet, batch_size: int = 64) -> float:
-    """The dev metric x100 of the student's IEM scores."""
-    from d2llm.evaluation.metrics import average_precision, spearman
+def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int = 64) -> dict[str, float]:
+    """Each dev set's metric (points) from the student's IEM scores, and their mean as ``main``.
 
+    The mean over every family is what early stopping maximises, so a step that helps one
+    family by hurting another by as much is not taken as progress.
+    """
     was_training = student.training
     student.eval()
+    out = {}
     with torch.no_grad():
-        scores = student.score(dev.pairs, dev.task, batch_size=batch_size).float().cpu().numpy()
+        for dev in dev_sets:
+            scores = student.score(dev.pairs, dev.task, batch_size=batch_size).float().cpu().numpy()
+            out[dev.name] = dev_score(dev, scores)
     student.train(was_training)
-    if dev.metric == "ap":
-        return 100.0 * average_precision(scores, dev.gold)
-    return 100.0 * spearman(scores, dev.gold)
+    return {**out, "main": mean_metric(out)}
 
 
 # --------------------------------------------------------------------------- one step
@@ -250,7 +222,7 @@ def train_student(
     num_groups = len(labels.groups)
     if num_groups == 0:
         raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
-    dev = load_dev_set(params, prepared_dir)
+    dev_sets = load_training_dev_sets(params, prepared_dir)
 
     student = D2LLMStudent.from_config(params.student).to(device)
     if cfg.gradient_checkpointing:
@@ -307,8 +279,10 @@ def train_student(
 
     def evaluate_and_keep_best() -> bool:
         """Measure the dev metric; save the student when it is the best so far. True = stop."""
-        metric = evaluate_dev(student, dev)
+        per_set = evaluate_dev(student, dev_sets)
+        metric = per_set.pop("main")
         record = {"step": loop["step"], "dev_metric": metric, "lr": scheduler.get_last_lr()[0]}
+        record.update({f"dev/{name}": value for name, value in per_set.items()})
         loop["history"].append(record)
         if on_eval:
             on_eval(record)
@@ -320,10 +294,10 @@ def train_student(
         else:
             loop["bad_evals"] += 1
         log.info(
-            "step %d: dev %s %.2f (best %.2f at step %d)",
+            "step %d: dev mean %.2f %s (best %.2f at step %d)",
             loop["step"],
-            dev.metric,
             metric,
+            {name: round(value, 2) for name, value in per_set.items()},
             loop["best_metric"],
             loop["best_step"],
         )

@@ -168,7 +168,8 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         results = evaluate_systems(
             params, params.data.prepared_dir, layout.TEACHER_DIR, layout.STUDENT_DIR, params.evaluation.output
         )
-        log_metrics_dict(results["flat"])
+        log_metrics_dict(results["flat"], prefix="val")
+        log_metrics_dict(results["test_flat"], prefix="test")
         _log_artifacts(run, params.evaluation.output, "evaluation")
     return {"table": format_table(results), "flat": results["flat"]}
 

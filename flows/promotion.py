@@ -1,7 +1,8 @@
 """Champion/challenger promotion as a Prefect flow.
 
 The registered version becomes ``challenger``; it is compared with ``champion`` on the same
-evaluation data and promoted only if the main metric improves and no task regresses by more than
+validation data (dev splits, ``evaluation.validation_datasets``; never the test sets) and
+promoted only if the main metric improves and no task regresses by more than
 ``promotion.tolerance`` points. The decision and the numbers are written on the model version.
 Running it twice changes nothing the second time; the first model ever becomes champion.
 """
@@ -16,19 +17,18 @@ from d2llm.config import Params, load_params
 
 
 def _student_metrics_for(params: Params, model_uri: str) -> dict[str, float]:
-    """Evaluate a registered student on the current test data (used when stored metrics are stale)."""
+    """Measure a registered student on the current validation (dev) data: stored metrics were stale."""
     import tempfile
     from pathlib import Path
 
     import mlflow
 
-    from d2llm.evaluation.evaluate import evaluate_systems
+    from d2llm.evaluation.evaluate import student_validation_metrics
 
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}", dst_path=tmp))
         student_dir = next(p.parent for p in local.rglob("student.json"))
-        results = evaluate_systems(params, params.data.prepared_dir, None, student_dir, Path(tmp) / "m.json")
-    return results["flat"]
+        return student_validation_metrics(params, params.data.prepared_dir, student_dir)
 
 
 @task(name="promote-challenger", retries=2, retry_delay_seconds=5)

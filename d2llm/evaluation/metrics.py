@@ -141,6 +141,44 @@ def pair_classification_metrics(scores, labels) -> dict[str, float]:
     }
 
 
+def answer_selection_metrics(questions: Sequence[str], scores, labels) -> dict[str, float]:
+    """MAP and MRR over the questions that have both a right and a wrong candidate, in points.
+
+    The standard TREC-QA protocol: questions whose candidates are all right or all wrong carry no
+    ranking information and are left out (counted in ``n_questions_skipped``). Ties put the
+    wrong candidates first (pessimistic), so a constant scorer earns no credit. ``ap`` is the
+    pooled average precision over every pair, as for pair classification.
+    """
+    s, y = _as_pair_arrays(scores, labels)
+    if len(questions) != s.size:
+        raise ValueError(f"{len(questions)} questions for {s.size} scores")
+    groups: dict[str, list[int]] = {}
+    for i, q in enumerate(questions):
+        groups.setdefault(q, []).append(i)
+    positive = _binary(y)
+    aps, rrs, skipped = [], [], 0
+    for rows in groups.values():
+        idx = np.asarray(rows)
+        pos = positive[idx]
+        if pos.all() or not pos.any():
+            skipped += 1
+            continue
+        order = np.lexsort((pos, -s[idx]))  # by score, descending; wrong candidates first on ties
+        ranked = pos[order]
+        hits = np.cumsum(ranked)
+        precision_at_hits = hits[ranked] / (np.flatnonzero(ranked) + 1)
+        aps.append(float(precision_at_hits.mean()))
+        rrs.append(1.0 / (int(np.argmax(ranked)) + 1))
+    return {
+        "map": 100.0 * float(np.mean(aps)) if aps else math.nan,
+        "mrr": 100.0 * float(np.mean(rrs)) if rrs else math.nan,
+        "ap": 100.0 * average_precision(s, y),
+        "n_questions": len(aps),
+        "n_questions_skipped": skipped,
+        "n_pairs": int(s.size),
+    }
+
+
 def sts_metrics(scores, gold) -> dict[str, float]:
     """Spearman and Pearson with the gold similarity, in points (x100)."""
     s, g = _as_pair_arrays(scores, gold)

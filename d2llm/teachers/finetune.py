@@ -17,7 +17,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +24,7 @@ from tqdm.auto import tqdm
 
 from d2llm.batching import Encoding, iter_batches
 from d2llm.errors import DataError, ModelError
+from d2llm.evaluation.dev import DevSet, dev_score, load_dev_set, mean_metric
 from d2llm.teachers.base import Pair, Teacher, load_teacher, probabilities
 
 if TYPE_CHECKING:
@@ -33,15 +33,6 @@ if TYPE_CHECKING:
     from d2llm.config import Params
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DevSet:
-    dataset: str
-    task: str
-    pairs: list[Pair]
-    gold: list[float]
-    metric: str  # "ap" or "spearman"
 
 
 def read_pairs(prepared_dir: str | Path, dataset: str) -> pd.DataFrame:
@@ -59,41 +50,36 @@ def is_class_dataset(df: pd.DataFrame) -> bool:
     return bool((df["label_name"].fillna("") != "").any())
 
 
-def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFrame, list[float], str]:
-    """Rows of ``split`` and their training targets in [0, 1], plus the dev metric of the dataset."""
+def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFrame, list[float]]:
+    """Rows of ``split`` and their training targets in [0, 1]: ``is_positive``, or the rescaled score."""
     rows = df[df["split"] == split]
     if rows.empty:
         raise DataError(f"dataset {dataset!r} has no {split!r} rows to fine-tune or evaluate the teacher on")
     if is_class_dataset(df):
-        return rows, rows["is_positive"].astype(float).tolist(), "ap"
+        return rows, rows["is_positive"].astype(float).tolist()
     # The scale comes from the whole table, so train and dev are rescaled identically.
     lo, hi = float(df["label"].min()), float(df["label"].max())
     if hi <= lo:
         raise DataError(f"dataset {dataset!r}: every score is {lo}; cannot rescale to [0, 1]")
-    return rows, ((rows["label"] - lo) / (hi - lo)).tolist(), "spearman"
+    return rows, ((rows["label"] - lo) / (hi - lo)).tolist()
 
 
 def evaluate_teacher(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, float]:
-    """Dev metric per dataset (AP or Spearman, in [0, 1] / [-1, 1]) and their mean as ``main``."""
-    from d2llm.evaluation.metrics import average_precision, spearman
-
-    out: dict[str, float] = {}
-    for dev in dev_sets:
-        scores = probabilities(teacher.score(dev.pairs, dev.task).logits).tolist()  # type: ignore[arg-type]
-        value = average_precision(scores, dev.gold) if dev.metric == "ap" else spearman(scores, dev.gold)
-        out[f"{dev.dataset}/{dev.metric}"] = float(value)
-    out["main"] = sum(out.values()) / len(out) if out else math.nan
-    return out
+    """Dev metric per dataset (points, ``<dataset>/<metric>``) and their mean as ``main``."""
+    out = {
+        dev.name: dev_score(dev, probabilities(teacher.score(dev.pairs, dev.task).logits).numpy())
+        for dev in dev_sets
+    }
+    return {**out, "main": mean_metric(out)}
 
 
 def baseline_dev_metrics(params: Params, dev_sets: list[DevSet]) -> dict[str, float]:
     """The same dev metrics for the student's backbone read as a plain bi-encoder (mean-pool cosine).
 
     A teacher is only worth distilling on a task where it beats this baseline; the report puts
-    the two side by side.
+    the two side by side and ``teacher_gains`` decides from them.
     """
     from d2llm.biencoder import MeanPoolEncoder
-    from d2llm.evaluation.metrics import average_precision, spearman
 
     student = params.student
     encoder = MeanPoolEncoder.from_ref(
@@ -103,15 +89,54 @@ def baseline_dev_metrics(params: Params, dev_sets: list[DevSet]) -> dict[str, fl
         max_length=student.max_length,
         device=params.device,
     )
-    out: dict[str, float] = {}
+    out = {}
     for dev in dev_sets:
         a = encoder.encode([p[0] for p in dev.pairs])
         b = encoder.encode([p[1] for p in dev.pairs])
-        scores = (a * b).sum(dim=1).tolist()
-        value = average_precision(scores, dev.gold) if dev.metric == "ap" else spearman(scores, dev.gold)
-        out[f"{dev.dataset}/{dev.metric}"] = float(value)
-    out["main"] = sum(out.values()) / len(out) if out else math.nan
+        out[dev.name] = dev_score(dev, (a * b).sum(dim=1).numpy())
+    return {**out, "main": mean_metric(out)}
+
+
+def teacher_gains(report: dict[str, Any], min_gain: float) -> dict[str, dict[str, Any]]:
+    """Per dev set: teacher and bi-encoder dev metric, the gain, and whether it is worth distilling.
+
+    A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
+    least ``min_gain`` points on its dev split: elsewhere the student would learn to be worse.
+    """
+    after, base = report.get("dev_after", {}), report.get("dev_baseline", {})
+    out = {}
+    for key, teacher_value in after.items():
+        if key == "main" or key not in base:
+            continue
+        gain = teacher_value - base[key]
+        out[key.split("/")[0]] = {
+            "metric": key.split("/")[1],
+            "teacher": teacher_value,
+            "bi-encoder": base[key],
+            "gain": gain,
+            "distil": bool(gain >= min_gain),
+        }
     return out
+
+
+DEV_REPORT_FILE = "dev_report.json"
+
+
+def write_dev_report(teacher_dir: str | Path, report: dict[str, Any]) -> None:
+    import json
+
+    path = Path(teacher_dir) / DEV_REPORT_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_dev_report(teacher_dir: str | Path) -> dict[str, Any] | None:
+    """The teacher's dev metrics against the bi-encoder's, or None for a teacher never fine-tuned."""
+    import json
+
+    path = Path(teacher_dir) / DEV_REPORT_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
@@ -128,17 +153,11 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
     dev_sets: list[DevSet] = []
     for name in ft.datasets:
         df = read_pairs(prepared_dir, name)
-        rows, targets, metric = gold_targets(df, "train", name)
+        rows, targets = gold_targets(df, "train", name)
         rows = rows.assign(target_=targets)
         rows = _sample(rows, ft.max_train_pairs, params.seed)
         train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
-        dev_rows, dev_gold, _ = gold_targets(df, "dev", name)
-        dev_rows = _sample(dev_rows.assign(gold_=dev_gold), ft.max_dev_pairs, params.seed)
-        tasks = dev_rows["task"].unique().tolist()
-        if len(tasks) != 1:
-            raise DataError(f"dataset {name!r} mixes task kinds {tasks}; a dataset must have one")
-        pairs = list(zip(dev_rows["text_a"], dev_rows["text_b"], strict=True))
-        dev_sets.append(DevSet(name, tasks[0], pairs, dev_rows["gold_"].tolist(), metric))
+        dev_sets.append(load_dev_set(prepared_dir, name, ft.max_dev_pairs, params.seed))
     return train, dev_sets
 
 
@@ -251,6 +270,8 @@ def finetune_teacher(
     history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets)
     seconds = time.perf_counter() - start
     teacher.save_pretrained(out_dir)
+    dev_baseline = baseline_dev_metrics(params, dev_sets)
+    dev_after = {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")}
     result = {
         "enabled": True,
         "kind": teacher.kind,
@@ -259,14 +280,17 @@ def finetune_teacher(
         "steps": steps,
         "best_epoch": best_epoch,
         "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")},
-        "dev_after": {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")},
-        "dev_baseline": baseline_dev_metrics(params, dev_sets),
+        "dev_after": dev_after,
+        "dev_baseline": dev_baseline,
+        "gains": teacher_gains({"dev_after": dev_after, "dev_baseline": dev_baseline}, 0.0),
         "history": history,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
         "train_seconds": seconds,
         "pairs_per_second": steps * ft.batch_size / seconds if seconds > 0 else None,
     }
+    # The dev comparison travels with the teacher: labelling reads it to pick the families to distil.
+    write_dev_report(out_dir, {"dev_after": dev_after, "dev_baseline": dev_baseline})
     log.info(
         "teacher fine-tuned: dev %s -> %s (best epoch %d); bi-encoder baseline %s",
         result["dev_before"],

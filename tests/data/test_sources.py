@@ -74,6 +74,46 @@ def test_snli_drops_no_consensus_and_splits_stably(raw_dir: Path) -> None:
     assert set(df.index[df.split == "dev"]) <= set(more_dev.index[more_dev.split == "dev"])
 
 
+def test_trecqa_counts_and_split_by_question(raw_dir: Path) -> None:
+    spec, df = parse_source("trecqa", raw_dir, CFG).pairs["trecqa"]
+    assert (spec.task, spec.label_set) == ("asym", ("no", "yes"))
+    # SOURCE.md: train 4718 pairs / 93 questions / 348 positives; dev (our test) 1148 / 81 / 222.
+    train_file = df[df["split"] != "test"]
+    test = df[df["split"] == "test"]
+    assert (len(train_file), train_file["text_a"].nunique(), int(train_file["is_positive"].sum())) == (
+        4718,
+        93,
+        348,
+    )
+    assert (len(test), test["text_a"].nunique(), int(test["is_positive"].sum())) == (1148, 81, 222)
+    # The selection split is carved from train by question: no question is on both sides.
+    by_split = df.groupby("text_a")["split"].nunique()
+    assert (by_split == 1).all()
+    dev_questions = df.loc[df["split"] == "dev", "text_a"].unique()
+    assert len(dev_questions) == 18 and all(hash_fraction(q) < CFG.trecqa_dev_fraction for q in dev_questions)
+    assert (df["label_name"] == df["is_positive"].map({True: "yes", False: "no"})).all()
+    # PTB bracket and quote tokens become characters; the texts keep their words.
+    assert not df["text_b"].str.contains("-LRB-|-RRB-|``", regex=True).any()
+    first = df.iloc[0]
+    assert (
+        first.text_a
+        == 'Who is the author of the book , " The Iron Lady : A Biography of Margaret Thatcher " ?'
+    )
+    assert first.text_b.endswith("by Hugo Young ( Farrar , Straus & Giroux )")
+
+
+def test_trecqa_bad_label_names_file_and_line(tmp_path: Path) -> None:
+    folder = tmp_path / "trecqa"
+    folder.mkdir()
+    (folder / "train.csv").write_text("qtext,label,atext\nwho ?,1,him .\nwho ?,2,her .\n", encoding="utf-8")
+    (folder / "dev.csv").write_text("qtext,label,atext\nwhat ?,0,it .\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.csv: line 3: label 2; expected 0 or 1"):
+        parse_source("trecqa", tmp_path, CFG)
+    (folder / "train.csv").write_text("question,label,answer\nwho ?,1,him .\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"train.csv: line 1: header"):
+        parse_source("trecqa", tmp_path, CFG)
+
+
 def test_hash_fraction_is_a_fixed_function() -> None:
     assert hash_fraction("abc") == hash_fraction("abc")
     assert 0 <= hash_fraction("x") < 1

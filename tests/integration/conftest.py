@@ -71,8 +71,7 @@ TINY_PARAMS: dict[str, Any] = {
         "lr": 1e-3,
         "eval_every": 2,
         "bf16": False,
-        "dev_dataset": "sick",
-        "dev_metric": "ap",
+        "dev_datasets": ["sick"],
         "max_dev_pairs": 48,
     },
     "evaluation": {
@@ -81,6 +80,8 @@ TINY_PARAMS: dict[str, Any] = {
         "max_pairs": 48,
         "teacher_rerank_depth": 10,
         "batch_size": 32,
+        "validation_datasets": ["sick"],
+        "max_validation_pairs": 48,
     },
 }
 

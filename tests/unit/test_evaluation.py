@@ -43,6 +43,8 @@ STS = [  # (a, b, score 0-5, split)
     ("children play on the beach", "a child plays on the beach", 4.0, "test"),
     ("the bird sings", "the horse runs", 1.0, "test"),
     ("a man walks", "a man is walking", 4.8, "dev"),
+    ("a cat sleeps", "a dog barks loudly", 1.2, "dev"),
+    ("the sun is hot", "a car is red", 0.0, "dev"),
 ]
 DOCS = {
     "d1": "a man plays a guitar in the park",
@@ -124,6 +126,7 @@ def _params(tiny_bert_dir, **evaluation) -> Params:
                 "pair_datasets": ["nli", "sts"],
                 "ir_datasets": ["tiny"],
                 "batch_size": 4,
+                "validation_datasets": ["sts"],
                 **evaluation,
             },
         }
@@ -241,7 +244,17 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
         for n in results["datasets"]
     ]
     assert results["summary"]["student"]["mean_main"] == pytest.approx(np.mean(mains))
-    assert results["flat"] == {
+    # Promotion reads the dev split only (validation); the test numbers are reported apart.
+    dev_sts = [r for r in STS if r[3] == "dev"]
+    for name in ("bi-encoder", "student"):
+        dev_scores = models[name].score_pairs([r[0] for r in dev_sts], [r[1] for r in dev_sts], "sym")
+        expected_dev = M.sts_metrics(dev_scores, [r[2] for r in dev_sts])["spearman"]
+        assert results["validation"][name] == {
+            "sts/spearman": pytest.approx(expected_dev),
+            "mean_main": pytest.approx(expected_dev),
+        }
+    assert results["flat"] == results["validation"]["student"]
+    assert results["test_flat"] == {
         "nli/ap": pytest.approx(nli["metrics"]["student"]["ap"]),
         "sts/spearman": pytest.approx(sts["metrics"]["student"]["spearman"]),
         "tiny/ndcg@10": pytest.approx(ir["metrics"]["student"]["ndcg@10"]),
@@ -267,7 +280,7 @@ def test_max_pairs_and_max_queries_sample_the_test_data(prepared, models, tiny_b
     assert results["datasets"]["nli"]["n_pairs"] == 4
     assert results["datasets"]["tiny"]["n_queries"] == 2
     assert results["datasets"]["nli"]["student_gain_recovered"] is None  # no teacher, no student
-    assert results["flat"] == {}
+    assert results["flat"] == {} and results["test_flat"] == {}
 
 
 def test_missing_dataset_is_a_clear_error(prepared, models, tiny_bert_dir):

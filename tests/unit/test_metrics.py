@@ -175,3 +175,25 @@ def test_gain_recovered():
     assert M.gain_recovered(50.0, 40.0, 60.0) is None
     assert M.gain_recovered(50.0, None, 60.0) is None
     assert M.gain_recovered(50.0, math.nan, 60.0) is None
+
+
+def test_answer_selection_map_and_mrr_by_hand():
+    from d2llm.evaluation.metrics import answer_selection_metrics
+
+    questions = ["q1"] * 4 + ["q2"] * 3 + ["q3"] * 2
+    scores = [0.9, 0.8, 0.7, 0.1, 0.5, 0.6, 0.2, 0.3, 0.4]
+    labels = [0, 1, 0, 1, 1, 0, 0, 1, 1]
+    out = answer_selection_metrics(questions, scores, labels)
+    # q1 ranking: 0 1 0 1 -> AP = (1/2 + 2/4) / 2 = 0.5, RR = 1/2.
+    # q2 ranking: 0 1 0 -> AP = 1/2, RR = 1/2.  q3: all right, no ranking information: skipped.
+    assert out["map"] == pytest.approx(100 * (0.5 + 0.5) / 2)
+    assert out["mrr"] == pytest.approx(100 * (0.5 + 0.5) / 2)
+    assert (out["n_questions"], out["n_questions_skipped"], out["n_pairs"]) == (2, 1, 9)
+
+
+def test_answer_selection_ties_rank_wrong_candidates_first():
+    from d2llm.evaluation.metrics import answer_selection_metrics
+
+    out = answer_selection_metrics(["q"] * 3, [1.0, 1.0, 1.0], [1, 0, 0])
+    assert out["mrr"] == pytest.approx(100 / 3)  # a constant scorer earns the worst rank
+    assert out["map"] == pytest.approx(100 / 3)

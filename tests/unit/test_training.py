@@ -68,8 +68,7 @@ def _params(tiny_bert_dir: Path, **training: object) -> Params:
                 "max_steps": 6,
                 "patience": 10,
                 "warmup_ratio": 0.0,
-                "dev_dataset": "toy",
-                "dev_metric": "ap",
+                "dev_datasets": ["toy"],
                 "max_dev_pairs": None,
                 **training,
             },
@@ -134,7 +133,7 @@ def test_training_keeps_the_best_dev_model_and_never_one_below_the_start(
     workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     from d2llm.student.model import D2LLMStudent
-    from d2llm.training import evaluate_dev, load_dev_set, train_student
+    from d2llm.training import evaluate_dev, load_training_dev_sets, train_student
 
     params = _params(tiny_bert_dir)
     result = train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "student")
@@ -147,8 +146,8 @@ def test_training_keeps_the_best_dev_model_and_never_one_below_the_start(
     assert result.best_metric >= result.initial_metric
     # The saved student is the best one, not the last one.
     saved = D2LLMStudent.from_pretrained(tmp_path / "student")
-    dev = load_dev_set(params, workspace["prepared"])
-    assert evaluate_dev(saved, dev) == pytest.approx(result.best_metric, abs=1e-4)
+    dev_sets = load_training_dev_sets(params, workspace["prepared"])
+    assert evaluate_dev(saved, dev_sets)["main"] == pytest.approx(result.best_metric, abs=1e-4)
     assert (tmp_path / "student" / "training_history.json").is_file()
 
 

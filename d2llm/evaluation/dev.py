@@ -1,0 +1,126 @@
+"""Dev splits: the only data that selects anything (teacher epoch, distilled families, the
+student's early-stopping step, recipes, promotion). Test splits are read by
+``d2llm.evaluation.evaluate`` alone, for the report.
+
+One ``DevSet`` per prepared pair dataset; its metric follows from the dataset's kind:
+
+| dataset kind | example | metric |
+|---|---|---|
+| class labels, sym | sick, snli | ``ap``: average precision of ``is_positive`` |
+| scores | stsb_en, sick_r | ``spearman`` with the gold score |
+| class labels, asym | trecqa | ``map``: mean average precision per question |
+
+Every value is in points (x100). ``dev_score`` turns any scorer's outputs into that number, so
+the teacher, the bi-encoder and the student are measured by one function.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from d2llm.errors import DataError
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+DevMetric = Literal["ap", "spearman", "map"]
+
+
+@dataclass(frozen=True)
+class DevSet:
+    """Pairs of one dataset's dev split with the gold signal its metric needs."""
+
+    dataset: str
+    task: Literal["sym", "asym"]
+    pairs: list[tuple[str, str]]
+    gold: np.ndarray  # is_positive (ap, map) or the gold score (spearman)
+    metric: DevMetric
+
+    @property
+    def name(self) -> str:
+        """``<dataset>/<metric>``: the key of this set in every report."""
+        return f"{self.dataset}/{self.metric}"
+
+
+def dataset_metric(df: pd.DataFrame) -> DevMetric:
+    """The selection metric of a pair table: see the module docstring."""
+    is_class = bool((df["label_name"].fillna("").astype(str) != "").any())
+    if not is_class:
+        return "spearman"
+    return "map" if str(df["task"].iloc[0]) == "asym" else "ap"
+
+
+def _sample_rows(df: pd.DataFrame, metric: DevMetric, limit: int | None, seed: int) -> pd.DataFrame:
+    """At most ``limit`` rows, seeded; for ``map`` whole questions, so rankings stay complete."""
+    if limit is None or len(df) <= limit:
+        return df
+    if metric != "map":
+        return df.sample(n=limit, random_state=seed).sort_index()
+    questions = df["text_a"].drop_duplicates().sample(frac=1.0, random_state=seed).tolist()
+    sizes = df.groupby("text_a").size()
+    kept, total = set(), 0
+    for q in questions:
+        if total + sizes[q] > limit and kept:
+            break
+        kept.add(q)
+        total += int(sizes[q])
+    return df[df["text_a"].isin(kept)]
+
+
+def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, seed: int) -> DevSet:
+    """The dev split of a prepared pair dataset (a seeded sample of at most ``max_pairs``)."""
+    from d2llm.data.tables import load_pairs
+
+    table = load_pairs(prepared_dir, dataset)
+    df = table[table["split"] == "dev"]
+    if df.empty:
+        raise DataError(f"dataset {dataset!r} has no dev split in {prepared_dir}; choose another dev dataset")
+    tasks = df["task"].unique().tolist()
+    if len(tasks) != 1:
+        raise DataError(f"dataset {dataset!r} mixes task kinds {tasks}; a dataset must have one")
+    metric = dataset_metric(table)
+    df = _sample_rows(df, metric, max_pairs, seed)
+    if metric == "spearman":
+        gold = df["label"].to_numpy(dtype=float)
+    else:
+        gold = df["is_positive"].to_numpy(dtype=float)
+        if gold.min() == gold.max():
+            raise DataError(f"dev split of {dataset!r} has only one class: {metric} is undefined")
+    return DevSet(
+        dataset=dataset,
+        task=tasks[0],
+        pairs=list(zip(df["text_a"], df["text_b"], strict=True)),
+        gold=gold,
+        metric=metric,
+    )
+
+
+def load_dev_sets(
+    prepared_dir: str | Path, datasets: Sequence[str], max_pairs: int | None, seed: int
+) -> list[DevSet]:
+    return [load_dev_set(prepared_dir, name, max_pairs, seed) for name in datasets]
+
+
+def dev_score(dev: DevSet, scores: Sequence[float] | np.ndarray) -> float:
+    """The dev metric of ``scores`` (one per pair of ``dev``), in points."""
+    from d2llm.evaluation import metrics as M
+
+    scores = np.asarray(scores, dtype=float)
+    if dev.metric == "ap":
+        return 100.0 * M.average_precision(scores, dev.gold)
+    if dev.metric == "spearman":
+        return 100.0 * M.spearman(scores, dev.gold)
+    questions = [a for a, _ in dev.pairs]
+    return M.answer_selection_metrics(questions, scores, dev.gold)["map"]
+
+
+def mean_metric(values: dict[str, float]) -> float:
+    """The mean over dev sets: the single number selection maximises (NaN when there is none)."""
+    finite = [v for v in values.values() if math.isfinite(v)]
+    return float(np.mean(finite)) if finite else math.nan

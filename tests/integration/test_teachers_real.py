@@ -13,41 +13,43 @@ from d2llm.teachers.base import load_teacher, probabilities
 from d2llm.teachers.finetune import finetune_teacher
 
 pytestmark = pytest.mark.slow
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # on a small shared CPU, extra threads make these runs several times slower
 
 SICK = Path(__file__).resolve().parents[2] / "data" / "raw" / "sick"
 
 
-def _sick(file: str, split: str, n: int) -> pd.DataFrame:
+def _entailed_and_unrelated(file: str, split: str, n: int) -> pd.DataFrame:
+    """``n`` SICK entailment pairs (premises distinct) and the same premises with an unrelated
+    sentence: the hypothesis of another of these pairs, half the list away."""
     raw = pd.read_csv(SICK / file, sep="\t")
-    raw = pd.concat([raw[raw["entailment_judgment"] == "ENTAILMENT"].head(n // 2), raw.head(n - n // 2)])
-    raw = raw.drop_duplicates("pair_ID").head(n)
+    entailed = raw[raw["entailment_judgment"] == "ENTAILMENT"].drop_duplicates("sentence_A").head(n)
+    premises, hypotheses = entailed["sentence_A"].tolist(), entailed["sentence_B"].tolist()
+    unrelated = hypotheses[n // 2 :] + hypotheses[: n // 2]
     return pd.DataFrame(
         {
-            "text_a": raw["sentence_A"],
-            "text_b": raw["sentence_B"],
-            "label": raw["entailment_judgment"]
-            .map({"ENTAILMENT": 0, "NEUTRAL": 1, "CONTRADICTION": 2})
-            .astype(float),
-            "label_name": raw["entailment_judgment"].str.lower(),
+            "text_a": premises + premises,
+            "text_b": hypotheses + unrelated,
+            "label": [0.0] * n + [1.0] * n,
+            "label_name": ["entailment"] * n + ["unrelated"] * n,
             "task": "sym",
             "source": "sick",
             "split": split,
-            "is_positive": raw["entailment_judgment"] == "ENTAILMENT",
+            "is_positive": [True] * n + [False] * n,
         }
     )
 
 
-def _bce(teacher, table: pd.DataFrame) -> float:
-    pairs = list(zip(table["text_a"], table["text_b"], strict=True))
-    p = probabilities(teacher.score(pairs, "sym").logits)
-    y = torch.tensor(table["is_positive"].to_numpy(), dtype=torch.float32)
-    return float(torch.nn.functional.binary_cross_entropy(p, y))
+def test_minilm_cross_encoder_learns_which_answer_is_yes_on_real_sick_pairs(tmp_path):
+    """Real MiniLM weights, fine-tuned for 6 steps on 8 SICK entailment pairs and 8 unrelated ones.
 
-
-def test_minilm_cross_encoder_finetunes_on_real_sick_pairs(tmp_path):
+    On held-out SICK trial premises, the entailed hypothesis must get a higher "yes" probability
+    than an unrelated sentence for at least 14 of 16 premises, and dev AP must rise by >= 0.3
+    (observed 0.50 -> 0.96, 16 of 16). Both fail when "yes" and "no" are swapped anywhere between
+    the fine-tuning target and the probability read (column 0 of [z_yes, z_no]).
+    """
     (tmp_path / "pairs").mkdir()
-    train, dev = _sick("SICK_train.txt", "train", 16), _sick("SICK_trial.txt", "dev", 16)
+    train = _entailed_and_unrelated("SICK_train.txt", "train", 8)
+    dev = _entailed_and_unrelated("SICK_trial.txt", "dev", 16)
     pd.concat([train, dev], ignore_index=True).to_parquet(tmp_path / "pairs" / "sick.parquet")
     params = params_from_dict(
         {
@@ -66,19 +68,17 @@ def test_minilm_cross_encoder_finetunes_on_real_sick_pairs(tmp_path):
             },
         }
     )
-    teacher = load_teacher(params.teacher, None, "cpu")
-    before = _bce(teacher, train)
-    result = finetune_teacher(params, tmp_path, tmp_path / "teacher", teacher=teacher)
+    result = finetune_teacher(params, tmp_path, tmp_path / "teacher")
     assert result["steps"] == 3 * 2 and result["train_pairs"] == len(train)
-    assert 0 < result["dev_after"]["sick/ap"] <= 1
-    assert result["dev_after"]["main"] >= result["dev_before"]["main"]
+    assert result["best_epoch"] > 0
+    assert result["dev_after"]["sick/ap"] >= result["dev_before"]["sick/ap"] + 0.3
+
     restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
-    if result["best_epoch"] > 0:  # the kept weights are trained ones: they fit the train pairs better
-        assert _bce(restored, train) < before
-    out = restored.score(
-        list(zip(dev["text_a"][:4], dev["text_b"][:4], strict=True)), "sym", with_features=True
-    )
-    assert out.logits.shape == (4, 2) and out.features.shape == (4, 384)
+    out = restored.score(list(zip(dev["text_a"], dev["text_b"], strict=True)), "sym", with_features=True)
+    assert out.logits.shape == (32, 2) and out.features.shape == (32, 384)
+    yes = probabilities(out.logits)
+    entailed, unrelated = yes[:16], yes[16:]  # row i and row 16 + i share their premise
+    assert int((entailed > unrelated).sum()) >= 14, (entailed.tolist(), unrelated.tolist())
 
 
 def test_smollm2_gguf_scores_pairs_as_a_causal_teacher():

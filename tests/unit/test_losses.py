@@ -173,3 +173,140 @@ def test_gradients_reach_student_logits_and_branch_vectors() -> None:
         assert tensor.grad.abs().sum() > 0, name
     # The easy negative of anchor 0 is pushed down by RI part 2 and CI: its gradient is positive.
     assert z_in.grad[0, 1] > 0
+
+
+# --------------------------------------------------------------------------- the authors' reductions
+# A group of B=3 anchors with K=2 hard negatives each: every divisor of the authors' code
+# (B^2, B K, B K (B-1), (K+1)^2) differs from the B of a mean over anchors, so a wrong divisor
+# shows. The expected values are explicit loops over plain floats, written from the authors'
+# train.py (sum of the per-anchor or per-pair terms, then one division), not from d2llm.losses.
+B3, K3 = 3, 2
+Z_IN3 = [[2.0, 0.5, -1.0], [1.0, 3.0, 0.0], [0.5, -0.5, 1.5]]
+S_IN3 = [[0.9, 0.2, 0.1], [0.4, 0.8, 0.3], [0.6, 0.05, 0.7]]
+Z_HN3 = [[2.0, 1.5, 0.0], [3.0, -1.0, 2.5], [1.5, 1.0, 2.0]]  # column 0 = the diagonal of Z_IN3
+S_HN3 = [[0.9, 0.6, 0.3], [0.8, 0.1, 0.7], [0.7, 0.75, 0.2]]
+U_HN3 = [
+    [[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]],
+    [[0.0, 2.0], [3.0, 0.0], [1.0, 2.0]],
+    [[2.0, 1.0], [1.0, 0.5], [0.5, 3.0]],
+]
+C_T3 = [
+    [[1.0, 0.5, 0.1], [0.5, 1.0, 0.3], [0.1, 0.3, 1.0]],
+    [[1.0, 0.2, 0.9], [0.2, 1.0, 0.4], [0.9, 0.4, 1.0]],
+    [[1.0, 0.8, 0.6], [0.8, 1.0, 0.0], [0.6, 0.0, 1.0]],
+]
+
+
+def authors_ci_in_batch(weighted: bool, tau: float) -> float:
+    """Sum over anchors of -log softmax(row i)[i], divided by B^2 (authors: plain rows)."""
+    total = 0.0
+    for i in range(B3):
+        logits = []
+        for j in range(B3):
+            weight = (S_IN3[i][j] if j == i else 1 - S_IN3[i][j]) if weighted else 1.0
+            logits.append(weight * Z_IN3[i][j] / tau)
+        total += -math.log(math.exp(logits[i]) / sum(math.exp(x) for x in logits))
+    return total / (B3 * B3)
+
+
+def authors_ci_hard(tau: float) -> float:
+    """Sum over anchors of -log softmax(s_i0 z_i0, (1 - s_ik) z_ik)[0], divided by B K."""
+    total = 0.0
+    for i in range(B3):
+        weights = [S_HN3[i][0]] + [1 - S_HN3[i][k] for k in range(1, K3 + 1)]
+        logits = [w * z / tau for w, z in zip(weights, Z_HN3[i], strict=True)]
+        total += -math.log(math.exp(logits[0]) / sum(math.exp(x) for x in logits))
+    return total / (B3 * K3)
+
+
+def authors_ri_hard_easy(tau: float) -> float:
+    """Sum over (anchor, hard, easy) of -log sigmoid(z_h - z_e) max(s_h - s_e, 0), / (B K (B-1))."""
+    total = 0.0
+    for i in range(B3):
+        for h in range(1, K3 + 1):
+            for e in range(B3):
+                if e != i:
+                    weight = max(S_HN3[i][h] - S_IN3[i][e], 0.0)
+                    total += neg_log_sigmoid((Z_HN3[i][h] - Z_IN3[i][e]) / tau) * weight
+    return total / (B3 * K3 * (B3 - 1))
+
+
+def authors_fi() -> float:
+    """Sum over anchors and the (K+1)^2 cells of (C_T - C_S)^2, divided by (K+1)^2."""
+
+    def cos(x: list[float], y: list[float]) -> float:
+        dot = sum(a * b for a, b in zip(x, y, strict=True))
+        return dot / (math.sqrt(sum(a * a for a in x)) * math.sqrt(sum(b * b for b in y)))
+
+    total = 0.0
+    for i in range(B3):
+        for k in range(K3 + 1):
+            for m in range(K3 + 1):
+                total += (C_T3[i][k][m] - cos(U_HN3[i][k], U_HN3[i][m])) ** 2
+    return total / (K3 + 1) ** 2
+
+
+def authors_pearson() -> float:
+    """Sum over anchors of 1 - (Bessel-corrected covariance / (sample std x sample std)), / B."""
+    total = 0.0
+    n = K3 + 1
+    for z, s in zip(Z_HN3, S_HN3, strict=True):
+        mz, ms = sum(z) / n, sum(s) / n
+        cov = sum((a - mz) * (b - ms) for a, b in zip(z, s, strict=True)) / (n - 1)
+        sd_z = math.sqrt(sum((a - mz) ** 2 for a in z) / (n - 1))
+        sd_s = math.sqrt(sum((b - ms) ** 2 for b in s) / (n - 1))
+        total += 1 - cov / (sd_z * sd_s)
+    return total / B3
+
+
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_ci_authors_reduction_by_loops(variant: str) -> None:
+    tau, alpha = 0.5, 0.25
+    loss = ContrastiveImitationLoss(alpha=alpha, tau=tau, variant=variant, reduction="authors")
+    value = loss(t(Z_IN3), t(S_IN3), t(Z_HN3), t(S_HN3)).item()
+    expected = authors_ci_in_batch(weighted=variant == "paper", tau=tau) + alpha * authors_ci_hard(tau)
+    assert value == pytest.approx(expected, rel=1e-12)
+
+
+def test_hard_easy_rank_authors_reduction_by_loops() -> None:
+    value = HardEasyRankLoss(tau=0.5, reduction="authors")(t(Z_IN3), t(S_IN3), t(Z_HN3), t(S_HN3)).item()
+    assert value == pytest.approx(authors_ri_hard_easy(0.5), rel=1e-12)
+    assert value > 0
+
+
+def test_feature_imitation_authors_reduction_by_loops() -> None:
+    value = FeatureImitationLoss(reduction="authors")(t(U_HN3), t(C_T3)).item()
+    assert value == pytest.approx(authors_fi(), rel=1e-9)
+
+
+def test_combined_loss_with_the_authors_reductions_by_loops() -> None:
+    cfg = LossConfig(
+        reduction="authors", ci_variant="authors", alpha=0.5, beta=2.0, gamma=0.3, eta=0.1, tau_ci=0.5
+    )
+    parts = D2LLMLoss(cfg)(
+        t(Z_IN3), t(Z_HN3), teacher_logits(S_IN3), teacher_logits(S_HN3), t(U_HN3), t(C_T3)
+    )
+    ci = authors_ci_in_batch(weighted=False, tau=0.5) + 0.5 * authors_ci_hard(0.5)
+    # RI part 1 is reduced alike in both codes; only where eps enters differs (1e-8 here).
+    ri1, ri2, fi = authors_pearson(), authors_ri_hard_easy(1.0), authors_fi()
+    assert parts["ci"].item() == pytest.approx(ci, rel=1e-9)
+    assert parts["ri_pearson"].item() == pytest.approx(ri1, rel=1e-6)
+    assert parts["ri_hard_easy"].item() == pytest.approx(ri2, rel=1e-9)
+    assert parts["fi"].item() == pytest.approx(fi, rel=1e-9)
+    assert parts["total"].item() == pytest.approx(ci + 2.0 * ri1 + 0.3 * ri2 + 0.1 * fi, rel=1e-6)
+    # The default reduction is another number for the same group (a mean over the 3 anchors).
+    mean_parts = D2LLMLoss(cfg.model_copy(update={"reduction": "mean"}))(
+        t(Z_IN3), t(Z_HN3), teacher_logits(S_IN3), teacher_logits(S_HN3), t(U_HN3), t(C_T3)
+    )
+    assert mean_parts["ri_hard_easy"].item() == pytest.approx(ri2 * K3 * (B3 - 1), rel=1e-9)
+    assert mean_parts["fi"].item() == pytest.approx(fi * (K3 + 1) ** 2 / B3, rel=1e-9)
+
+
+def test_unknown_reduction_is_rejected() -> None:
+    for build in (
+        lambda: ContrastiveImitationLoss(reduction="sum"),  # type: ignore[arg-type]
+        lambda: HardEasyRankLoss(reduction="sum"),  # type: ignore[arg-type]
+        lambda: FeatureImitationLoss(reduction="sum"),  # type: ignore[arg-type]
+    ):
+        with pytest.raises(ValueError, match="unknown loss reduction 'sum'"):
+            build()

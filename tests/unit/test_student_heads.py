@@ -124,36 +124,54 @@ def _iem(residual: str = "none", seed: int = 0) -> IEM:
     return iem
 
 
-def test_iem_matches_the_concatenated_first_layer_formula() -> None:
-    iem = _iem()
-    e_a, e_b = torch.randn(5, 8), torch.randn(5, 8)
-    z, u = iem(e_a, e_b, "asym")
-    w1 = torch.cat([iem.first_a.weight, iem.first_b.weight], dim=1)  # W1 acting on [e_a; e_b]
-    h = torch.relu(torch.cat([e_a, e_b], dim=1) @ w1.T + iem.first_a.bias)
-    u_ref = torch.relu(iem.branches["asym"](h))
-    assert torch.allclose(u, u_ref, atol=1e-6)
-    assert torch.allclose(z, (u_ref @ iem.out.weight.T).squeeze(-1) + iem.out.bias, atol=1e-6)
-    # The two task branches are different functions.
-    assert not torch.allclose(iem(e_a, e_b, "sym")[0], z)
+def _iem_reference(
+    iem: IEM, e_a: torch.Tensor, e_b: torch.Tensor, task: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An IEM forward written from the raw weights, independent of ``IEM``'s own code path.
+
+    One pair at a time on the concatenated input, as the paper writes it:
+    ``h = relu(W1 [e_a; e_b] + b1)``, ``u = relu(W_t h + b_t)``, ``z = w . u + c``, plus
+    ``scale * cos(e_a, e_b)`` for the cosine residual. No split first layer, no passage cache.
+    """
+    w1 = torch.cat([iem.first_a.weight, iem.first_b.weight], dim=1)  # [hidden, 2d]
+    b1 = iem.first_a.bias
+    branch = iem.branches[task]
+    zs, us = [], []
+    for a, b in zip(e_a, e_b, strict=True):
+        h = torch.relu(w1 @ torch.cat([a, b]) + b1)
+        u = torch.relu(branch.weight @ h + branch.bias)
+        z = iem.out.weight[0] @ u + iem.out.bias[0]
+        if iem.residual == "cosine":
+            z = z + iem.cosine_scale * (a @ b) / (a.norm() * b.norm())
+        zs.append(z)
+        us.append(u)
+    return torch.stack(zs), torch.stack(us)
 
 
+@pytest.mark.parametrize("task", ["sym", "asym"])
 @pytest.mark.parametrize("residual", ["none", "cosine"])
-def test_iem_cached_equals_uncached_and_chunked_equals_unchunked(residual: str) -> None:
+def test_iem_cached_scores_match_an_independent_concatenated_input_iem(residual: str, task: str) -> None:
+    """Every way the IEM scores (uncached, cached row-wise, cached matrix in any chunking) equals
+    the reference above, for both residual modes and both task kinds."""
     iem = _iem(residual)
     queries, passages = torch.randn(5, 8), torch.randn(7, 8)
     cache = iem.passage_cache(passages)
     assert cache.shape == (7, iem.cache_size)
-    # Row-wise cached == uncached.
-    rows_a, rows_b = queries[[0, 1, 2, 3, 4, 0, 1]], passages
-    z_cached, u_cached = iem.forward_cached(rows_a, cache, "sym")
-    z_plain, u_plain = iem(rows_a, rows_b, "sym")
-    assert torch.allclose(z_cached, z_plain, atol=1e-6)
-    assert torch.allclose(u_cached, u_plain, atol=1e-6)
-    # Matrix form == every pair scored one by one, for any chunk size.
-    expected = torch.stack([iem(q.expand(7, 8), passages, "sym")[0] for q in queries])
-    for chunk in (1, 3, 7, 10, 35, 1000):
-        got = iem.score_matrix(queries, cache, "sym", chunk_size=chunk)
-        assert torch.allclose(got, expected, atol=1e-5), chunk
+    with torch.no_grad():
+        # Row-wise: query i against passage i (queries repeat to cover all 7 passages).
+        rows_a = queries[[0, 1, 2, 3, 4, 0, 1]]
+        z_ref, u_ref = _iem_reference(iem, rows_a, passages, task)
+        for z, u in (iem.forward_cached(rows_a, cache, task), iem(rows_a, passages, task)):
+            torch.testing.assert_close(z, z_ref, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(u, u_ref, atol=1e-5, rtol=1e-5)
+        # Matrix: every query against every cached passage, [5, 7], for any block size.
+        expected = torch.stack([_iem_reference(iem, q.expand(7, 8), passages, task)[0] for q in queries])
+        for chunk in (1, 3, 7, 10, 35, 1000):
+            got = iem.score_matrix(queries, cache, task, chunk_size=chunk)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"chunk_size={chunk}")
+    # The two task branches are different functions: the reference does depend on the task.
+    other = "asym" if task == "sym" else "sym"
+    assert not torch.allclose(_iem_reference(iem, rows_a, passages, other)[0], z_ref)
 
 
 def test_iem_cosine_residual_starts_as_scaled_cosine() -> None:

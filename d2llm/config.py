@@ -8,10 +8,10 @@ a typo in a retraining config must stop the run, not train the wrong model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from d2llm.errors import ConfigError
 
@@ -95,6 +95,19 @@ class CustomIRDataset(_Section):
     columns: IRColumnMapping = IRColumnMapping()
 
 
+def _custom_kind(entry: Any) -> str:
+    kind = entry.get("kind") if isinstance(entry, dict) else getattr(entry, "kind", None)
+    return "ir" if kind == "ir" else "pairs"
+
+
+# ``kind: ir`` selects an IR collection, anything else a pair dataset: errors then name the
+# fields of the one model meant, not of both.
+CustomDataset = Annotated[
+    Annotated[CustomPairsDataset, Tag("pairs")] | Annotated[CustomIRDataset, Tag("ir")],
+    Discriminator(_custom_kind),
+]
+
+
 class DataConfig(_Section):
     raw_dir: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
@@ -112,7 +125,7 @@ class DataConfig(_Section):
     # used for training.
     ir_train_pairs: Literal["title_body", "none"] = "title_body"
     # Pair datasets, or IR collections (``kind: ir``): see docs/data.md.
-    custom: list[CustomPairsDataset | CustomIRDataset] = Field(default_factory=list)
+    custom: list[CustomDataset] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _custom_names_unique(self) -> DataConfig:

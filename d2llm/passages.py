@@ -128,12 +128,13 @@ def split_passages(
         raise ConfigError(f"search.passage_stride must be in [1, passage_window={window}], got {stride}")
 
     def fits(text: str, c0: int, c1: int) -> bool:
-        return len(tokenizer(text[c0:c1], add_special_tokens=False)["input_ids"]) <= window
+        return len(tokenizer(text[c0:c1], add_special_tokens=False, verbose=False)["input_ids"]) <= window
 
     doc, start, end = [], [], []
     for first in range(0, len(texts), chunk_docs):
         chunk = [str(t) for t in texts[first : first + chunk_docs]]
-        encoded = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True)
+        # verbose=False: long documents are expected here, no "longer than the maximum" warning.
+        encoded = tokenizer(chunk, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         for k, text in enumerate(chunk):
             position = first + k
             if len(encoded["input_ids"][k]) <= window:

@@ -70,8 +70,11 @@ def _write_jsonl(path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
 
 
-def test_split_passages_covers_every_word_within_the_window(student):
-    tokenizer = student.tokenizer
+@pytest.mark.parametrize("kind", ["wordpiece", "byte_bpe"])
+def test_split_passages_covers_every_word_within_the_window(student, tiny_qwen2_dir, kind):
+    from transformers import AutoTokenizer
+
+    tokenizer = student.tokenizer if kind == "wordpiece" else AutoTokenizer.from_pretrained(tiny_qwen2_dir)
     texts = [LONG_DOC, SHORT_DOCS["cat"]]
     spans = split_passages(texts, tokenizer, window=10, stride=6)
     passages = [spans.text(texts, i) for i in range(len(spans))]

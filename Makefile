@@ -1,5 +1,6 @@
-# The two commands of the README: `make run` (main job) and `make test` (test suite).
-# Both create the virtual environment first when it is missing.
+# The two commands of the README: `make run` (main job) and `make test` (test suite), and
+# `make serve` (the registered champion over HTTP). All create the virtual environment first
+# when it is missing.
 SHELL := /bin/bash
 VENV ?= .venv
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -10,7 +11,14 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK ?= true
 
-.PHONY: setup run test lint
+# make serve: which registered model, where, from which tracking store (override any of them,
+# e.g. `make serve SERVE_PORT=8080` or `MLFLOW_TRACKING_URI=... make serve`).
+SERVE_MODEL ?= models:/d2llm-student@champion
+SERVE_HOST ?= 127.0.0.1
+SERVE_PORT ?= 5001
+MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
+
+.PHONY: setup run test lint serve
 setup:
 	@bash scripts/setup.sh
 
@@ -23,3 +31,10 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# `mlflow models serve` starts `uvicorn` from PATH: the venv's bin goes first, so this works
+# from a fresh shell without activating the venv.
+serve: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" MLFLOW_TRACKING_URI="$(MLFLOW_TRACKING_URI)" \
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+	$(VENV)/bin/mlflow models serve -m "$(SERVE_MODEL)" --env-manager local -h $(SERVE_HOST) -p $(SERVE_PORT)

@@ -152,41 +152,55 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
 
 def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student")
-    p.add_argument("--dataset", default="cranfield", help="IR dataset whose corpus is indexed")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--dataset", help="prepared IR dataset whose corpus is indexed (default: cranfield)")
+    source.add_argument("--corpus", type=Path, help="a document file: .csv, .tsv, .jsonl or .parquet")
+    p.add_argument("--id-column", default="doc_id", help="--corpus column of document ids (default: doc_id)")
+    p.add_argument("--text-column", default="text", help="--corpus column of document texts (default: text)")
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--out-dir", type=Path, help="index folder (default: index/<dataset>)")
+    p.add_argument("--out-dir", type=Path, help="index folder (default: index/<dataset or file name>)")
     p.add_argument("--model-version", help="recorded in the manifest (default: the student dir)")
 
 
-@command("index", "encode an IR corpus once with the student (PMA vectors + cached IEM projections)")
+@command("index", "encode a corpus once with the student (PMA vectors + cached IEM projections)")
 @arguments(_index_args)
 def cmd_index(args: argparse.Namespace, params: Params) -> int:
     import pandas as pd
 
     from d2llm.errors import ArtifactError
     from d2llm.hub import pick_device
-    from d2llm.search import build_index
+    from d2llm.search import build_index, read_corpus_file
     from d2llm.student.model import D2LLMStudent
 
-    corpus_path = (args.prepared_dir or params.data.prepared_dir) / "ir" / args.dataset / "corpus.parquet"
-    if not corpus_path.is_file():
-        raise ArtifactError(f"no corpus for {args.dataset!r} at {corpus_path}: run `d2llm prepare` first")
-    out_dir = args.out_dir or layout.INDEX_ROOT / args.dataset
+    if args.corpus is not None:
+        corpus = read_corpus_file(args.corpus, args.id_column, args.text_column)
+        name, out_dir = str(args.corpus), args.out_dir or layout.INDEX_ROOT / args.corpus.stem
+    else:
+        dataset = args.dataset or "cranfield"
+        corpus_path = (args.prepared_dir or params.data.prepared_dir) / "ir" / dataset / "corpus.parquet"
+        if not corpus_path.is_file():
+            raise ArtifactError(f"no corpus for {dataset!r} at {corpus_path}: run `d2llm prepare` first")
+        corpus = pd.read_parquet(corpus_path)
+        name, out_dir = dataset, args.out_dir or layout.INDEX_ROOT / dataset
     student = D2LLMStudent.from_pretrained(args.student_dir, device=pick_device(params.device))
     index = build_index(
         student,
-        pd.read_parquet(corpus_path),
+        corpus,
         out_dir,
         model_version=args.model_version or str(args.student_dir),
         batch_size=params.evaluation.batch_size,
+        search_cfg=params.search,
     )
-    print(f"indexed {len(index)} documents of {args.dataset} into {out_dir}")
+    print(
+        f"indexed {len(index)} documents of {name} as {index.n_passages} passages into {out_dir} "
+        f"(first stage: {index.manifest['first_stage_ann']})"
+    )
     return 0
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="the search query")
-    p.add_argument("-k", type=int, default=10, help="number of passages to show")
+    p.add_argument("-k", type=int, default=10, help="number of documents to show (each by its best passage)")
     p.add_argument("--index-dir", type=Path, default=layout.INDEX_ROOT / "cranfield", help="index folder")
     p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="the student that built it")
     p.add_argument("--mode", choices=["full", "two_stage"], help="default: search.mode")
@@ -194,7 +208,7 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-depth", type=int, help="two-stage candidates M (default: search.rerank_depth)")
 
 
-@command("search", "search an index with the student and print ranked passages with scores")
+@command("search", "search an index with the student and print ranked documents with scores")
 @arguments(_search_args)
 def cmd_search(args: argparse.Namespace, params: Params) -> int:
     import textwrap
@@ -203,7 +217,7 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     from d2llm.student.model import D2LLMStudent
 
     student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
-    index = load_index(args.index_dir, student)
+    index = load_index(args.index_dir, student, ef_search=params.search.hnsw_ef_search)
     hits = search(
         student,
         index,

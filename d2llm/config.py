@@ -8,10 +8,10 @@ a typo in a retraining config must stop the run, not train the wrong model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from d2llm.errors import ConfigError
 
@@ -66,6 +66,48 @@ class CustomPairsDataset(_Section):
         return self
 
 
+class IRColumnMapping(_Section):
+    """Which column of each file of a user's IR collection holds each canonical field."""
+
+    doc_id: str = "doc_id"  # corpus file
+    doc_text: str = "text"  # corpus file
+    query_id: str = "query_id"  # queries and qrels files
+    query_text: str = "text"  # queries file
+    qrels_doc_id: str = "doc_id"  # qrels files
+    relevance: str = "relevance"  # qrels files; integers, > 0 means relevant
+
+
+class CustomIRDataset(_Section):
+    """A user's own IR collection: corpus, queries and qrels files (.csv, .tsv, .jsonl, .parquet).
+
+    ``qrels`` judge the evaluation queries (``ir/<name>/``, for ``evaluation.ir_datasets``).
+    Optional ``train_qrels`` judge other queries and become the asym training pairs
+    ``<name>_train`` (query -> relevant document), for mining, teacher fine-tuning and
+    ``labelling.datasets``; a query judged in both is an error (test leak).
+    """
+
+    kind: Literal["ir"]
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_\-]*$")
+    corpus: str
+    queries: str
+    qrels: str
+    train_qrels: str | None = None
+    columns: IRColumnMapping = IRColumnMapping()
+
+
+def _custom_kind(entry: Any) -> str:
+    kind = entry.get("kind") if isinstance(entry, dict) else getattr(entry, "kind", None)
+    return "ir" if kind == "ir" else "pairs"
+
+
+# ``kind: ir`` selects an IR collection, anything else a pair dataset: errors then name the
+# fields of the one model meant, not of both.
+CustomDataset = Annotated[
+    Annotated[CustomPairsDataset, Tag("pairs")] | Annotated[CustomIRDataset, Tag("ir")],
+    Discriminator(_custom_kind),
+]
+
+
 class DataConfig(_Section):
     raw_dir: Path = Path("data/raw")
     prepared_dir: Path = Path("data/prepared")
@@ -88,7 +130,8 @@ class DataConfig(_Section):
     # IR training pairs derived from documents (title -> body); queries and qrels are never
     # used for training.
     ir_train_pairs: Literal["title_body", "none"] = "title_body"
-    custom: list[CustomPairsDataset] = Field(default_factory=list)
+    # Pair datasets, or IR collections (``kind: ir``): see docs/data.md.
+    custom: list[CustomDataset] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _custom_names_unique(self) -> DataConfig:
@@ -106,6 +149,8 @@ class DataConfig(_Section):
         }
         builtin |= {"stsb_zh", "ocnli", "atec"}
         names = [c.name for c in self.custom]
+        # An IR collection with train_qrels also produces the pair dataset <name>_train.
+        names += [f"{c.name}_train" for c in self.custom if isinstance(c, CustomIRDataset) and c.train_qrels]
         for name in names:
             if names.count(name) > 1:
                 raise ValueError(f"data.custom: dataset name {name!r} is used twice")
@@ -300,6 +345,24 @@ class SearchConfig(_Section):
     first_stage: Literal["bm25", "cosine"] = "cosine"
     rerank_depth: int = Field(default=100, ge=1)  # M
     chunk_size: int = Field(default=4096, ge=1)
+    # Documents longer than the student's input are split into passages of at most
+    # passage_window tokens (None: student.max_length minus special tokens), starting
+    # passage_stride tokens apart (None: 3/4 of the window); a document scores by its best passage.
+    passage_window: int | None = Field(default=None, ge=8)
+    passage_stride: int | None = Field(default=None, ge=1)
+    encode_chunk: int = Field(default=4096, ge=1)  # passages encoded and written per step
+    # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, HNSW from there on.
+    ann_min_size: int = Field(default=100_000, ge=1)
+    hnsw_m: int = Field(default=32, ge=2)
+    hnsw_ef_construction: int = Field(default=200, ge=1)
+    hnsw_ef_search: int = Field(default=128, ge=1)
+
+    @model_validator(mode="after")
+    def _stride_within_window(self) -> SearchConfig:
+        window, stride = self.passage_window, self.passage_stride
+        if window is not None and stride is not None and stride > window:
+            raise ValueError("search.passage_stride must not exceed search.passage_window (no gaps)")
+        return self
 
 
 class TrackingConfig(_Section):

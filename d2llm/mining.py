@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 NEGATIVE_COLUMNS = ("dataset", "task", "anchor", "positive", "negatives", "method")
 _TOKEN = re.compile(r"[0-9a-z]+|[\u3400-\u4dbf\u4e00-\u9fff]")  # words, and CJK one char at a time
 TITLES_SUFFIX = "_titles"
+QRELS_TRAIN_SUFFIX = "_train"  # training pairs of a custom IR collection (d2llm.data.custom)
 
 
 # --------------------------------------------------------------------------- rankers
@@ -153,6 +154,11 @@ def _pool(prepared_dir: Path, name: str, train: pd.DataFrame) -> tuple[list[str]
         if corpus.is_file():
             return list(dict.fromkeys(pd.read_parquet(corpus)["text"].tolist())), True
         log.warning("%s: IR corpus %s not found; mining from the dataset's own passages", name, corpus)
+    base = name.removesuffix(QRELS_TRAIN_SUFFIX)
+    corpus = prepared_dir / "ir" / base / "corpus.parquet"
+    if name.endswith(QRELS_TRAIN_SUFFIX) and corpus.is_file() and train["source"].eq(base).all():
+        # Training pairs of a custom IR collection (query -> document): negatives from its corpus.
+        return list(dict.fromkeys(pd.read_parquet(corpus)["text"].tolist())), False
     return list(dict.fromkeys(train["text_b"].tolist())), False
 
 

@@ -1,20 +1,29 @@
 """The corpus index and search with the student: full IEM scoring or two-stage re-ranking.
 
-D2LLM's point is that passages are encoded once, offline: the index stores, per document, the
+D2LLM's point is that passages are encoded once, offline: the index stores, per passage, the
 PMA vector ``e_b`` and the IEM's passage projection ``W1b e_b``. A query then costs one
 encoder pass plus cheap IEM evaluations over the cached projections.
 
+Documents longer than the student's input are split into overlapping passages
+(``d2llm.passages``, window and stride in ``search``); a document scores by its best passage
+and search returns documents, each with that passage. Nothing is truncated.
+
 - ``mode="full"``: every passage gets its IEM score, in chunks of ``chunk_size`` rows so that
   memory stays flat for any corpus size.
-- ``mode="two_stage"``: a first stage (cosine of PMA vectors, or BM25) keeps the top
-  ``rerank_depth`` (M) passages and only those get the IEM. ``first_stage_recall`` measures
-  what this costs: the fraction of full-IEM top-k documents that survive the first stage.
+- ``mode="two_stage"``: a first stage (cosine of PMA vectors on FAISS, or BM25) keeps the top
+  ``rerank_depth`` (M) passages and only those get the IEM. The cosine first stage is exact
+  (FAISS flat) below ``search.ann_min_size`` passages and FAISS HNSW from there on
+  (``d2llm.ann``). ``first_stage_recall`` measures what the first stage costs: the fraction of
+  full-IEM top-k passages that survive it.
 
 An index is bound to one student and one corpus: the manifest records a fingerprint of the
 student's weights and a hash of the corpus, and ``load_index`` refuses a stale index.
 
-Index layout (``out_dir``): ``index.safetensors`` (``vectors [N, d]``, ``passage_cache [N, h]``),
-``corpus.parquet`` (``doc_id, text`` in index order), ``manifest.json``.
+Index layout (``out_dir``): ``vectors.npy [P, d]`` and ``passage_cache.npy [P, h]`` (float32,
+written chunk by chunk while encoding and memory-mapped when loaded), ``passages.parquet``
+(``doc, start, end``: document position and character span of each passage),
+``corpus.parquet`` (``doc_id, text`` in index order), ``ann.faiss`` (only for an HNSW first
+stage), ``manifest.json`` (written last: an index without it is incomplete).
 """
 
 from __future__ import annotations
@@ -22,29 +31,36 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from d2llm.ann import ANN_FILE, VectorIndex, ann_kind
 from d2llm.errors import ArtifactError
+from d2llm.passages import PassageSpans, passage_window, split_passages
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-INDEX_FORMAT_VERSION = 1
-TENSORS_FILE = "index.safetensors"
+    from d2llm.config import SearchConfig
+
+INDEX_FORMAT_VERSION = 2
+VECTORS_FILE = "vectors.npy"
+CACHE_FILE = "passage_cache.npy"
+PASSAGES_FILE = "passages.parquet"
 CORPUS_FILE = "corpus.parquet"
 MANIFEST_FILE = "manifest.json"
 
 
 class SearchHit(NamedTuple):
     doc_id: str
-    score: float
-    text: str
+    score: float  # the IEM logit of the document's best passage
+    text: str  # that passage's text (the whole document when it fits in one passage)
+    passage: int = 0  # that passage's number within the document
 
 
 # --------------------------------------------------------------------------- hashing
@@ -119,19 +135,43 @@ def top_k_positions(scores: np.ndarray, k: int) -> np.ndarray:
 class SearchIndex:
     doc_ids: list[str]
     texts: list[str]
-    vectors: torch.Tensor  # [N, d] PMA vectors
-    passage_cache: torch.Tensor  # [N, h] W1b e_b
+    vectors: torch.Tensor  # [P, d] PMA vectors, one per passage
+    passage_cache: torch.Tensor  # [P, h] W1b e_b
     manifest: dict[str, Any]
+    spans: PassageSpans | None = None  # None: one passage per document, the whole text
+    ann: VectorIndex | None = field(default=None, repr=False)  # saved HNSW; else exact, built on use
     _bm25: Bm25Ranker | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.spans is None:
+            self.spans = PassageSpans.one_per_document(self.texts)
+        self._first_passage = np.searchsorted(self.spans.doc, np.arange(len(self.doc_ids)))
 
     def __len__(self) -> int:
         return len(self.doc_ids)
 
+    @property
+    def n_passages(self) -> int:
+        return len(self.spans)
+
+    def passage_text(self, position: int) -> str:
+        return self.spans.text(self.texts, position)
+
+    def passage_number(self, position: int) -> int:
+        """The passage's number within its document (0 for the first)."""
+        return int(position - self._first_passage[self.spans.doc[position]])
+
     def bm25(self) -> Bm25Ranker:
-        """Built on first use: only BM25 first-stage searches pay for it."""
+        """Built on first use over the passages: only BM25 first-stage searches pay for it."""
         if self._bm25 is None:
-            self._bm25 = Bm25Ranker(self.texts)
+            self._bm25 = Bm25Ranker([self.passage_text(i) for i in range(self.n_passages)])
         return self._bm25
+
+    def vector_index(self) -> VectorIndex:
+        """The cosine first stage: the saved HNSW index, or an exact flat one built on first use."""
+        if self.ann is None:
+            self.ann = VectorIndex.build(self.vectors, "flat")
+        return self.ann
 
 
 def encode_corpus(student: Any, texts: Sequence[str], batch_size: int = 64, desc: str = "encode corpus"):
@@ -155,16 +195,78 @@ def encode_corpus(student: Any, texts: Sequence[str], batch_size: int = 64, desc
     return torch.cat(vectors), torch.cat(caches)
 
 
+def document_passages(
+    student: Any, texts: list[str], window: int | None = None, stride: int | None = None
+) -> tuple[PassageSpans, dict[str, int] | None]:
+    """Passage spans for ``texts`` by the student's tokenizer, and the window/stride used.
+
+    A stand-in student without a tokenizer and a ``max_length`` (tests) reads whole texts:
+    each document is one passage.
+    """
+    tokenizer, cfg = getattr(student, "tokenizer", None), getattr(student, "cfg", None)
+    if tokenizer is None or cfg is None:
+        return PassageSpans.one_per_document(texts), None
+    window = passage_window(tokenizer, cfg.max_length, window)
+    stride = stride if stride is not None else max(1, window * 3 // 4)
+    return split_passages(texts, tokenizer, window, stride), {"window": window, "stride": stride}
+
+
+def _encode_to_files(
+    student: Any,
+    passages: Callable[[int, int], list[str]],
+    n: int,
+    out_dir: Path,
+    batch_size: int,
+    chunk: int,
+) -> tuple[int, int]:
+    """Encode ``n`` passages ``chunk`` at a time into ``vectors.npy`` / ``passage_cache.npy``.
+
+    ``passages(start, stop)`` gives the texts of one chunk; only that chunk's tensors are in
+    memory at a time, the rest is on disk. Returns ``(d, h)``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    vectors = cache = None
+    with torch.inference_mode():
+        for start in tqdm(range(0, n, chunk), desc="encode passages", unit="chunk", leave=False):
+            stop = min(start + chunk, n)
+            e_b = student.encode(passages(start, stop), batch_size=batch_size).float().cpu()
+            c_b = student.passage_cache(e_b).float().cpu()
+            if vectors is None:
+                vectors = np.lib.format.open_memmap(
+                    out_dir / VECTORS_FILE, mode="w+", dtype=np.float32, shape=(n, e_b.shape[1])
+                )
+                cache = np.lib.format.open_memmap(
+                    out_dir / CACHE_FILE, mode="w+", dtype=np.float32, shape=(n, c_b.shape[1])
+                )
+            vectors[start:stop] = e_b.numpy()
+            cache[start:stop] = c_b.numpy()
+    assert vectors is not None and cache is not None
+    dims = (int(vectors.shape[1]), int(cache.shape[1]))
+    vectors.flush()
+    cache.flush()
+    del vectors, cache
+    return dims
+
+
 def build_index(
     student: Any,
     corpus_df: pd.DataFrame,
     out_dir: str | Path,
     model_version: str,
     batch_size: int = 64,
+    search_cfg: SearchConfig | None = None,
 ) -> SearchIndex:
-    """Encode the corpus once and write the index (tensors, corpus, manifest) to ``out_dir``."""
-    from safetensors.torch import save_file
+    """Encode the corpus once, passage by passage, and write the index to ``out_dir``.
 
+    Memory holds the document texts and one chunk (``search.encode_chunk`` passages) of
+    vectors; the vectors themselves stream to disk. From ``search.ann_min_size`` passages on,
+    an HNSW first-stage index is built and saved as well. Returns the index, memory-mapped.
+    """
+    from d2llm.config import SearchConfig
+
+    cfg = search_cfg or SearchConfig()
     missing = {"doc_id", "text"} - set(corpus_df.columns)
     if missing:
         raise ArtifactError(f"corpus table lacks column(s) {sorted(missing)}; needs doc_id, text")
@@ -172,11 +274,28 @@ def build_index(
     if len(set(doc_ids)) != len(doc_ids):
         raise ArtifactError("corpus doc_id values are not unique")
     texts = [str(t) for t in corpus_df["text"]]
-    vectors, cache = encode_corpus(student, texts, batch_size=batch_size)
+    if not texts:
+        raise ArtifactError("cannot index an empty corpus")
+    spans, split = document_passages(student, texts, cfg.passage_window, cfg.passage_stride)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"vectors": vectors.contiguous(), "passage_cache": cache.contiguous()}, out_dir / TENSORS_FILE)
+    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+    (out_dir / ANN_FILE).unlink(missing_ok=True)
+    dim, cache_dim = _encode_to_files(
+        student,
+        lambda a, b: [spans.text(texts, i) for i in range(a, b)],
+        len(spans),
+        out_dir,
+        batch_size,
+        cfg.encode_chunk,
+    )
+    kind = ann_kind(len(spans), cfg.ann_min_size)
+    if kind == "hnsw":
+        vectors = np.load(out_dir / VECTORS_FILE, mmap_mode="r")
+        VectorIndex.build(vectors, kind, cfg.hnsw_m, cfg.hnsw_ef_construction).save(out_dir / ANN_FILE)
+        del vectors
+    _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
     _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,
@@ -184,12 +303,55 @@ def build_index(
         "student_fingerprint": student_fingerprint(student),
         "corpus_hash": corpus_hash(doc_ids, texts),
         "n_docs": len(doc_ids),
-        "vector_dim": int(vectors.shape[1]),
-        "cache_dim": int(cache.shape[1]),
+        "n_passages": len(spans),
+        "passages": split,
+        "first_stage_ann": kind,
+        "vector_dim": dim,
+        "cache_dim": cache_dim,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return SearchIndex(doc_ids, texts, vectors, cache, manifest)
+    return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search)
+
+
+def _passage_frame(spans: PassageSpans) -> pd.DataFrame:
+    import pandas as pd
+
+    return pd.DataFrame({"doc": spans.doc, "start": spans.start, "end": spans.end})
+
+
+def read_corpus_file(path: str | Path, id_column: str = "doc_id", text_column: str = "text") -> pd.DataFrame:
+    """A user's document file (.csv, .tsv, .jsonl, .parquet) as a ``doc_id, text`` table.
+
+    Errors name the file and, for a missing or duplicate id or an empty text, the data row
+    (1-based, header excluded).
+    """
+    from d2llm.data.custom import read_table
+    from d2llm.errors import DataError
+
+    path = Path(path)
+    table = read_table(path).reset_index(drop=True)
+    missing = [c for c in (id_column, text_column) if c not in table.columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; the file has {list(table.columns)} "
+            "(choose them with --id-column / --text-column)"
+        )
+    ids, texts = table[id_column], table[text_column]
+    for row, (doc_id, text) in enumerate(zip(ids, texts, strict=True), start=1):
+        if doc_id is None or (isinstance(doc_id, float) and np.isnan(doc_id)) or not str(doc_id).strip():
+            raise DataError(f"{path}: data row {row}: column {id_column!r} is empty")
+        if not isinstance(text, str) or not text.strip():
+            raise DataError(f"{path}: data row {row} (id {doc_id!r}): column {text_column!r} has no text")
+    as_str = ids.astype(str)
+    duplicated = as_str.duplicated()
+    if duplicated.any():
+        row = int(duplicated.idxmax())
+        raise DataError(
+            f"{path}: data row {row + 1}: id {as_str.iloc[row]!r} in column {id_column!r} "
+            f"repeats an earlier row ({int(duplicated.sum())} repeated ids)"
+        )
+    return _corpus_frame(as_str.tolist(), texts.tolist())
 
 
 def _corpus_frame(doc_ids: list[str], texts: list[str]) -> pd.DataFrame:
@@ -198,29 +360,66 @@ def _corpus_frame(doc_ids: list[str], texts: list[str]) -> pd.DataFrame:
     return pd.DataFrame({"doc_id": doc_ids, "text": texts})
 
 
-def load_index(index_dir: str | Path, student: Any, expected_corpus_hash: str | None = None) -> SearchIndex:
+def _open_index(
+    index_dir: Path,
+    doc_ids: list[str],
+    texts: list[str],
+    spans: PassageSpans,
+    manifest: dict[str, Any],
+    ef_search: int,
+) -> SearchIndex:
+    """The index with its tensors memory-mapped (copy-on-write: pages load on use, never written)."""
+    import torch
+
+    vectors = torch.from_numpy(np.load(index_dir / VECTORS_FILE, mmap_mode="c"))
+    cache = torch.from_numpy(np.load(index_dir / CACHE_FILE, mmap_mode="c"))
+    if vectors.shape[0] != len(spans) or cache.shape[0] != len(spans):
+        raise ArtifactError(
+            f"index at {index_dir} is corrupt: {len(spans)} passages but "
+            f"{vectors.shape[0]} vectors and {cache.shape[0]} cached projections"
+        )
+    ann = None
+    if (index_dir / ANN_FILE).exists():
+        ann = VectorIndex.load(index_dir / ANN_FILE, ef_search)
+        if len(ann) != len(spans):
+            raise ArtifactError(
+                f"index at {index_dir} is corrupt: {ANN_FILE} holds {len(ann)} vectors, not {len(spans)}"
+            )
+    return SearchIndex(doc_ids, texts, vectors, cache, manifest, spans, ann)
+
+
+def load_index(
+    index_dir: str | Path,
+    student: Any,
+    expected_corpus_hash: str | None = None,
+    ef_search: int = 128,
+) -> SearchIndex:
     """Load an index and refuse it if it was built by another student or for another corpus.
 
     Checks: the student's fingerprint equals the manifest's; the stored corpus still hashes to
     the manifest's hash; and, when given, ``expected_corpus_hash`` (the corpus the caller
-    searches now) equals it too. Each refusal names both values.
+    searches now) equals it too. Each refusal names both values. Vectors are memory-mapped;
+    ``ef_search`` is the HNSW search breadth (``search.hnsw_ef_search``) when there is one.
     """
     import pandas as pd
-    from safetensors.torch import load_file
 
     index_dir = Path(index_dir)
     manifest_path = index_dir / MANIFEST_FILE
-    for required in (manifest_path, index_dir / TENSORS_FILE, index_dir / CORPUS_FILE):
-        if not required.exists():
-            raise ArtifactError(
-                f"index at {index_dir} is incomplete: {required.name} is missing (run `d2llm index`)"
-            )
+    if not manifest_path.exists():
+        raise ArtifactError(
+            f"index at {index_dir} is incomplete: {MANIFEST_FILE} is missing (run `d2llm index`)"
+        )
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     if manifest.get("format_version") != INDEX_FORMAT_VERSION:
         raise ArtifactError(
             f"index at {index_dir} has format {manifest.get('format_version')}, "
-            f"this code reads format {INDEX_FORMAT_VERSION}: rebuild it"
+            f"this code reads format {INDEX_FORMAT_VERSION}: rebuild it with `d2llm index`"
         )
+    for required in (VECTORS_FILE, CACHE_FILE, PASSAGES_FILE, CORPUS_FILE):
+        if not (index_dir / required).exists():
+            raise ArtifactError(
+                f"index at {index_dir} is incomplete: {required} is missing (run `d2llm index`)"
+            )
 
     current = student_fingerprint(student)
     if current != manifest["student_fingerprint"]:
@@ -242,14 +441,13 @@ def load_index(index_dir: str | Path, student: Any, expected_corpus_hash: str | 
             f"stale index at {index_dir}: built for corpus {manifest['corpus_hash'][:16]}… but the current "
             f"corpus is {expected_corpus_hash[:16]}…; rebuild the index with `d2llm index`"
         )
-    tensors = load_file(index_dir / TENSORS_FILE)
-    vectors, cache = tensors["vectors"], tensors["passage_cache"]
-    if vectors.shape[0] != len(doc_ids) or cache.shape[0] != len(doc_ids):
-        raise ArtifactError(
-            f"index at {index_dir} is corrupt: {len(doc_ids)} documents but "
-            f"{vectors.shape[0]} vectors and {cache.shape[0]} cached projections"
-        )
-    return SearchIndex(doc_ids, texts, vectors, cache, manifest)
+    table = pd.read_parquet(index_dir / PASSAGES_FILE)
+    spans = PassageSpans(*(table[c].to_numpy(dtype=np.int64) for c in ("doc", "start", "end")))
+    lengths = np.array([len(t) for t in texts], dtype=np.int64)
+    bad = (spans.doc < 0) | (spans.doc >= len(texts))
+    if bad.any() or (spans.end > lengths[np.clip(spans.doc, 0, len(texts) - 1)]).any():
+        raise ArtifactError(f"index at {index_dir} is corrupt: {PASSAGES_FILE} points outside the corpus")
+    return _open_index(index_dir, doc_ids, texts, spans, manifest, ef_search)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -281,12 +479,29 @@ def cosine_scores(e_q: torch.Tensor, vectors: torch.Tensor) -> np.ndarray:
 def first_stage_candidates(
     index: SearchIndex, query: str, e_q: torch.Tensor, first_stage: Literal["bm25", "cosine"], depth: int
 ) -> np.ndarray:
-    """Corpus positions kept by the first stage, best first."""
+    """Passage positions kept by the first stage, best first."""
     if first_stage == "cosine":
-        return top_k_positions(cosine_scores(e_q, index.vectors), depth)
+        positions = index.vector_index().search(e_q.float().reshape(1, -1), depth)[0][0]
+        return positions[positions >= 0]
     if first_stage == "bm25":
         return index.bm25().top(query, depth)
     raise ValueError(f"unknown first stage {first_stage!r}; use 'bm25' or 'cosine'")
+
+
+def best_per_document(
+    positions: np.ndarray, scores: np.ndarray, passage_doc: np.ndarray, k: int
+) -> np.ndarray:
+    """Indices into ``scores`` of the best passage of each of the top-``k`` documents, best first.
+
+    A document scores by its best passage; ties are broken by passage position, as in
+    ``top_k_positions``.
+    """
+    if passage_doc.size and passage_doc[-1] == passage_doc.size - 1:
+        return top_k_positions(scores, k)  # one passage per document
+    order = top_k_positions(scores, scores.size)
+    docs = passage_doc[positions[order]]
+    _, first = np.unique(docs, return_index=True)  # the first (best) occurrence of each document
+    return order[np.sort(first)[:k]]
 
 
 def _encode_query(student: Any, query: str):
@@ -306,12 +521,12 @@ def search(
     rerank_depth: int = 100,
     chunk_size: int = 4096,
 ) -> list[SearchHit]:
-    """The top ``k`` passages for ``query`` by the student's IEM logit (asym branch)."""
+    """The top ``k`` documents for ``query`` by their best passage's IEM logit (asym branch)."""
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     e_q = _encode_query(student, query)
     if mode == "full":
-        positions = np.arange(len(index))
+        positions = np.arange(index.n_passages)
         scores = iem_scores(student, e_q, index.passage_cache, "asym", chunk_size)
     elif mode == "two_stage":
         if rerank_depth < 1:
@@ -323,9 +538,10 @@ def search(
     else:
         raise ValueError(f"unknown search mode {mode!r}; use 'full' or 'two_stage'")
     hits = []
-    for i in top_k_positions(scores, k):
-        p = positions[i]
-        hits.append(SearchHit(index.doc_ids[p], float(scores[i]), index.texts[p]))
+    for i in best_per_document(positions, scores, index.spans.doc, k):
+        p = int(positions[i])
+        doc_id = index.doc_ids[index.spans.doc[p]]
+        hits.append(SearchHit(doc_id, float(scores[i]), index.passage_text(p), index.passage_number(p)))
     return hits
 
 
@@ -338,7 +554,7 @@ def first_stage_recall(
     rerank_depth: int = 100,
     chunk_size: int = 4096,
 ) -> dict[str, float]:
-    """Recall lost by the first stage: mean fraction of the full-IEM top-k inside its top M.
+    """Recall lost by the first stage: mean fraction of the full-IEM top-k passages inside its top M.
 
     1.0 means two-stage search returns what full search returns, for these queries.
     """
@@ -350,7 +566,7 @@ def first_stage_recall(
     for query in tqdm(queries, desc=f"first-stage recall ({first_stage}@{rerank_depth})", leave=False):
         e_q = _encode_query(student, query)
         full = iem_scores(student, e_q, index.passage_cache, "asym", chunk_size)
-        full_top = set(top_k_positions(full, k).tolist())
+        full_top = set(top_k_positions(full, k).tolist())  # passage positions
         kept = set(first_stage_candidates(index, query, e_q, first_stage, rerank_depth).tolist())
         fractions.append(len(full_top & kept) / len(full_top))
     return {

@@ -111,7 +111,11 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
             from d2llm.search import load_index
 
             # load_index checks the index was built by this very student (weights fingerprint).
-            self.index = load_index(context.artifacts[INDEX_ARTIFACT], self.student)
+            self.index = load_index(
+                context.artifacts[INDEX_ARTIFACT],
+                self.student,
+                ef_search=int(self.settings.get("hnsw_ef_search", 128)),
+            )
 
     def _point_at_bundled_backbone(self, student_dir: str, backbone_dir: str) -> str:
         """A copy of the student folder whose config names the backbone shipped with the model.

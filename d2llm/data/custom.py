@@ -1,7 +1,9 @@
-"""A user's own pair datasets, declared in params.yaml under ``data.custom``.
+"""A user's own datasets, declared in params.yaml under ``data.custom``: pairs or IR collections.
 
-Each entry names one file per split (.csv, .tsv, .jsonl or .parquet) and which of its columns
-hold the two texts and the label. Files are decoded through sources.read_text, so a wrong
+A pair entry names one file per split (.csv, .tsv, .jsonl or .parquet) and which of its columns
+hold the two texts and the label. An IR entry (``kind: ir``) names a corpus, a queries and a
+qrels file (and optionally training qrels) and their columns; every id in the qrels must exist,
+and an error names the file and data row. Files are decoded through sources.read_text, so a wrong
 encoding or a broken JSON line is reported with its line number like the built-in sources.
 """
 
@@ -9,13 +11,17 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
-from d2llm.config import CustomPairsDataset
+from d2llm.config import CustomIRDataset, CustomPairsDataset
 from d2llm.data.schema import DatasetSpec, conform_pairs, normalize_text
 from d2llm.data.sources import read_jsonl, read_text
 from d2llm.errors import DataError
+
+if TYPE_CHECKING:
+    from d2llm.data.sources import IRCollection
 
 FORMATS = (".csv", ".tsv", ".jsonl", ".parquet")
 
@@ -130,3 +136,154 @@ def load_custom(
         )
     table = conform_pairs(pd.concat(frames, ignore_index=True), f"custom dataset {ds.name!r}")
     return custom_spec(ds), table, files
+
+
+# --------------------------------------------------------------------------- IR collections
+
+
+def _ir_table(path: Path, dataset: str, wanted: dict[str, str]) -> pd.DataFrame:
+    """The file's mapped columns under their canonical names; errors name file and columns."""
+    df = read_table(path).reset_index(drop=True)
+    missing = [f"{col!r} (for {canon})" for canon, col in wanted.items() if col not in df.columns]
+    if missing:
+        raise DataError(
+            f"{path}: IR dataset {dataset!r}: missing column(s) {', '.join(missing)}; "
+            f"the file has {list(df.columns)} - fix the file or data.custom[].columns"
+        )
+    return pd.DataFrame({canon: df[col] for canon, col in wanted.items()})
+
+
+def _ids(frame: pd.DataFrame, column: str, path: Path, unique: bool) -> pd.Series:
+    ids = frame[column].map(
+        lambda v: "" if v is None or (isinstance(v, float) and v != v) else str(v).strip()
+    )
+    empty = ids == ""
+    if empty.any():
+        row = int(empty.idxmax())
+        raise DataError(f"{path}: data row {row + 1}: {column} is empty")
+    if unique:
+        repeated = ids.duplicated()
+        if repeated.any():
+            row = int(repeated.idxmax())
+            raise DataError(f"{path}: data row {row + 1}: {column} {ids.iloc[row]!r} repeats an earlier row")
+    return ids
+
+
+def _texts(frame: pd.DataFrame, path: Path) -> pd.Series:
+    texts = frame["text"].map(normalize_text)
+    empty = texts == ""
+    if empty.any():
+        row = int(empty.idxmax())
+        raise DataError(f"{path}: data row {row + 1}: text is empty ({int(empty.sum())} such rows)")
+    return texts
+
+
+def _qrels(path: Path, ds: CustomIRDataset, query_ids: set[str], doc_ids: set[str]) -> pd.DataFrame:
+    c = ds.columns
+    frame = _ir_table(
+        path, ds.name, {"query_id": c.query_id, "doc_id": c.qrels_doc_id, "relevance": c.relevance}
+    )
+    qids, dids = _ids(frame, "query_id", path, unique=False), _ids(frame, "doc_id", path, unique=False)
+    relevance = pd.to_numeric(frame["relevance"], errors="coerce")
+    bad = relevance.isna() | (relevance != relevance.round())
+    if bad.any():
+        row = int(bad.idxmax())
+        raise DataError(
+            f"{path}: data row {row + 1}: relevance {frame['relevance'].iloc[row]!r} in column "
+            f"{c.relevance!r} is not an integer"
+        )
+    for ids, known, what in ((dids, doc_ids, "doc id"), (qids, query_ids, "query id")):
+        unknown = ~ids.isin(known)
+        if unknown.any():
+            row = int(unknown.idxmax())
+            source = ds.corpus if what == "doc id" else ds.queries
+            raise DataError(
+                f"{path}: data row {row + 1}: {what} {ids.iloc[row]!r} is not in {source} "
+                f"({int(unknown.sum())} such rows)"
+            )
+    pairs = pd.DataFrame({"query_id": qids, "doc_id": dids, "relevance": relevance.astype("int64")})
+    repeated = pairs.duplicated(["query_id", "doc_id"])
+    if repeated.any():
+        row = int(repeated.idxmax())
+        raise DataError(
+            f"{path}: data row {row + 1}: query {qids.iloc[row]!r} and doc {dids.iloc[row]!r} "
+            "are judged twice"
+        )
+    return pairs
+
+
+def load_custom_ir(
+    ds: CustomIRDataset, base_dir: Path = Path(".")
+) -> tuple[IRCollection, tuple[DatasetSpec, pd.DataFrame] | None, list[Path]]:
+    """Read one custom IR collection: ``(IRCollection, train pairs spec and table or None, files)``."""
+    from d2llm.data.schema import conform_ir
+    from d2llm.data.sources import IRCollection
+
+    def resolve(name: str) -> Path:
+        path = Path(name)
+        return path if path.is_absolute() else base_dir / path
+
+    c = ds.columns
+    corpus_path, queries_path, qrels_path = resolve(ds.corpus), resolve(ds.queries), resolve(ds.qrels)
+    corpus = _ir_table(corpus_path, ds.name, {"doc_id": c.doc_id, "text": c.doc_text})
+    corpus = pd.DataFrame(
+        {"doc_id": _ids(corpus, "doc_id", corpus_path, True), "text": _texts(corpus, corpus_path)}
+    )
+    queries = _ir_table(queries_path, ds.name, {"query_id": c.query_id, "text": c.query_text})
+    queries = pd.DataFrame(
+        {"query_id": _ids(queries, "query_id", queries_path, True), "text": _texts(queries, queries_path)}
+    )
+    doc_ids, query_ids = set(corpus["doc_id"]), set(queries["query_id"])
+    qrels = _qrels(qrels_path, ds, query_ids, doc_ids)
+    files = [corpus_path, queries_path, qrels_path]
+    what = f"custom IR dataset {ds.name!r}"
+    collection = IRCollection(
+        corpus=conform_ir(corpus, "corpus", what),
+        queries=conform_ir(queries, "queries", what),
+        qrels=conform_ir(qrels, "qrels", what),
+        titles=pd.DataFrame({"doc_id": [], "title": [], "body": []}),
+    )
+    if ds.train_qrels is None:
+        return collection, None, files
+    train_path = resolve(ds.train_qrels)
+    files.append(train_path)
+    train = _qrels(train_path, ds, query_ids, doc_ids)
+    leaked = train["query_id"].isin(set(qrels["query_id"]))
+    if leaked.any():
+        row = int(leaked.idxmax())
+        raise DataError(
+            f"{train_path}: data row {row + 1}: query {train['query_id'].iloc[row]!r} is also judged in "
+            f"{qrels_path} (evaluation): a query is either for training or for evaluation"
+        )
+    return collection, qrels_train_pairs(ds.name, train, corpus, queries), files
+
+
+def qrels_train_pairs(
+    name: str, train: pd.DataFrame, corpus: pd.DataFrame, queries: pd.DataFrame
+) -> tuple[DatasetSpec, pd.DataFrame]:
+    """Asym training pairs query text -> relevant document text from training qrels."""
+    relevant = train[train["relevance"] > 0]
+    doc_text = dict(zip(corpus["doc_id"], corpus["text"], strict=True))
+    query_text = dict(zip(queries["query_id"], queries["text"], strict=True))
+    df = pd.DataFrame(
+        {
+            "text_a": relevant["query_id"].map(query_text),
+            "text_b": relevant["doc_id"].map(doc_text),
+            "label": 1.0,
+            "label_name": "",
+            "task": "asym",
+            "source": name,
+            "split": "train",
+            "is_positive": True,
+        }
+    )
+    spec = DatasetSpec(
+        name=f"{name}_train",
+        task="asym",
+        label_kind="score",
+        source=name,
+        label_range=(1.0, 1.0),
+        positive_rule="always (a query and a document its training qrels judge relevant)",
+        splits=("train",),
+    )
+    return spec, conform_pairs(df.reset_index(drop=True), spec.name)

@@ -26,8 +26,8 @@ from typing import Any, TextIO
 
 import pandas as pd
 
-from d2llm.config import Params
-from d2llm.data.custom import load_custom
+from d2llm.config import CustomIRDataset, Params
+from d2llm.data.custom import load_custom, load_custom_ir
 from d2llm.data.schema import SPLITS, DatasetSpec, conform_pairs, pair_key
 from d2llm.data.sources import IRCollection, parse_source
 from d2llm.errors import DataError
@@ -149,11 +149,26 @@ def build_tables(params: Params, raw_dir: Path) -> PreparedData:
                 spec, df = title_pairs(name, collection)
                 out.add_pairs(spec.name, spec, df)
     for ds in cfg.custom:
-        spec, df, files = load_custom(ds)
-        out.add_pairs(ds.name, spec, df)
+        if isinstance(ds, CustomIRDataset):
+            files = add_custom_ir(out, ds)
+        else:
+            spec, df, files = load_custom(ds)
+            out.add_pairs(ds.name, spec, df)
         for path in files:
             out.files[f"custom/{ds.name}/{path.name}"] = path
     return out
+
+
+def add_custom_ir(out: PreparedData, ds: CustomIRDataset) -> list[Path]:
+    """Add a user's IR collection (and its training pairs, if any); returns the files read."""
+    collection, train, files = load_custom_ir(ds)
+    if ds.name in out.ir or ds.name in out.pairs:
+        raise DataError(f"dataset name {ds.name!r} is produced twice; rename the custom dataset")
+    out.ir[ds.name] = collection
+    if train is not None:
+        spec, df = train
+        out.add_pairs(spec.name, spec, df)
+    return files
 
 
 def sha256_file(path: Path) -> str:

@@ -204,6 +204,7 @@ def register_student(
             "first_stage": search.first_stage,
             "rerank_depth": search.rerank_depth,
             "chunk_size": search.chunk_size,
+            "hnsw_ef_search": search.hnsw_ef_search,
         },
     )
 

@@ -161,3 +161,85 @@ def test_served_champion_scores_pairs_and_rejects_malformed_requests(served_cham
         status, body = _request(f"{url}/invocations", {"dataframe_split": split})
         assert 400 <= status < 500, (split, status, body)
         assert message in json.loads(body)["message"], body
+
+
+# --------------------------------------------------------------------------- `make serve`
+
+REPO = Path(__file__).resolve().parents[2]
+DOCS = {
+    "d1": "a man plays a guitar in the park",
+    "d2": "a dog runs in the park",
+    "d3": "what is water",
+}
+
+
+@pytest.fixture
+def served_by_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Register a tiny student with a search index as ``d2llm-student@champion`` in a temporary
+    store and start it with the documented command only: ``make serve`` from the repository
+    root, port and store given as environment variables, PATH without the virtualenv.
+
+    Yields (url, student dir, index dir).
+    """
+    import mlflow
+    import pandas as pd
+
+    from d2llm.search import build_index
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.tracking import configure, log_student, promote
+
+    monkeypatch.delenv("D2LLM_MLFLOW_PARENT_RUN_ID", raising=False)
+    monkeypatch.chdir(tmp_path)
+    cfg = TrackingConfig(experiment="make-serve-test")  # registered_model: d2llm-student
+    configure(cfg, root=tmp_path)
+    student_dir = _tiny_student(tmp_path)
+    corpus = pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())})
+    index_dir = tmp_path / "index"
+    build_index(D2LLMStudent.from_pretrained(student_dir), corpus, index_dir, model_version="test")
+    version = log_student(
+        student_dir, index_dir, registered_model_name=cfg.registered_model, search_settings={"mode": "full"}
+    )
+    assert promote(
+        mlflow.MlflowClient(), cfg.registered_model, version.version, {"mean_main": 1.0}, PromotionConfig()
+    )
+    tracking_uri = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(None)
+
+    port = _free_port()
+    log_file = tmp_path / "server.log"
+    venv_bin = str(Path(sys.executable).parent)
+    path = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if p != venv_bin)
+    env = {**os.environ, "PATH": path, "MLFLOW_TRACKING_URI": tracking_uri, "SERVE_PORT": str(port)}
+    env.pop("VIRTUAL_ENV", None)
+    with log_file.open("w") as log:
+        server = subprocess.Popen(
+            ["make", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_until_healthy(url, server, log_file)
+        yield url, student_dir, index_dir
+    finally:
+        try:
+            os.killpg(server.pid, signal.SIGTERM)
+            server.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+
+
+def test_make_serve_answers_search_requests(served_by_make):
+    from d2llm.search import load_index, search
+    from d2llm.student.model import D2LLMStudent
+
+    url, student_dir, index_dir = served_by_make
+    payload = {"dataframe_split": {"columns": ["query", "k"], "data": [["a man plays music", 2]]}}
+    status, body = _request(f"{url}/invocations", payload)
+    assert status == 200, body
+    rows = json.loads(body)["predictions"]
+    student = D2LLMStudent.from_pretrained(student_dir)
+    expected = search(student, load_index(index_dir, student), "a man plays music", k=2, mode="full")
+    assert [(r["rank"], r["doc_id"]) for r in rows] == [(1, expected[0].doc_id), (2, expected[1].doc_id)]
+    assert [r["score"] for r in rows] == pytest.approx([h.score for h in expected], abs=1e-5)

@@ -117,7 +117,8 @@ def test_index_round_trip(built, student, corpus):
     out, index = built
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model_version"] == "test-v1"
-    assert manifest["n_docs"] == len(DOCS)
+    assert manifest["n_docs"] == len(DOCS) and manifest["n_passages"] == len(DOCS)
+    assert manifest["passages"] is None  # a stand-in without a tokenizer: each text is one passage
     assert manifest["vector_dim"] == 16 and manifest["cache_dim"] == 32
     assert manifest["corpus_hash"] == corpus_hash(corpus["doc_id"], corpus["text"])
     assert manifest["student_fingerprint"] == student_fingerprint(student)
@@ -159,8 +160,13 @@ def test_tampered_or_incomplete_index_is_refused(built, student):
     stored.to_parquet(out / "corpus.parquet", index=False)
     with pytest.raises(ArtifactError, match="corrupt"):
         load_index(out, student)
-    (out / "index.safetensors").unlink()
-    with pytest.raises(ArtifactError, match=r"index.safetensors is missing"):
+    (out / "vectors.npy").unlink()
+    with pytest.raises(ArtifactError, match=r"vectors.npy is missing"):
+        load_index(out, student)
+    # An index written by an older format is refused with the way out, not misread.
+    manifest = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps(manifest | {"format_version": 1}))
+    with pytest.raises(ArtifactError, match=r"has format 1, this code reads format 2: rebuild it"):
         load_index(out, student)
 
 

@@ -9,7 +9,6 @@ A model reference in params.yaml is one of
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 from pathlib import Path

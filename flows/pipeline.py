@@ -2,9 +2,10 @@
 
 This module only composes d2llm library functions as tasks. What Prefect adds:
 - caching keyed on content: each task's cache key is the content fingerprint of its input
-  artefacts, the config sections it reads and the library's source, so an unchanged stage (the
-  teacher labelling above all) is skipped on the next run; a cached stage whose output folder
-  has gone missing is recomputed;
+  artefacts, the config keys it reads (both from the one table of d2llm.stages, which dvc.yaml
+  is tested against) and the library's source, so an unchanged stage (the teacher labelling
+  above all) is skipped on the next run; a cached stage whose output folder has gone missing is
+  recomputed;
 - retries on transient failures (never on errors in the data or the config, which a retry
   cannot fix);
 - a "gpu" concurrency limit around the stages that use the accelerator
@@ -25,13 +26,15 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.concurrency.sync import concurrency
 
-from d2llm import layout
+from d2llm import layout, stages
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 from d2llm.fingerprint import code_fingerprint, path_fingerprint
+from d2llm.stages import cache_key
 
 # The cache key is built from everything a task reads except the full config object, whose
-# unrelated sections must not invalidate the stage.
+# unrelated sections must not invalidate the stage: the task's ``key`` argument carries the
+# config values, input fingerprints and code the stage depends on (d2llm.stages.cache_key).
 CACHED = (INPUTS - "params") + TASK_SOURCE
 
 
@@ -44,10 +47,6 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     except Exception:
         return True
     return False
-
-
-def _section(params: Params, *names: str) -> dict[str, Any]:
-    return {name: getattr(params, name).model_dump(mode="json") for name in names}
 
 
 def _gpu_slot() -> Any:
@@ -216,8 +215,13 @@ def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def _run_cached(step: Any, output: Path, params: Params, key: dict[str, Any]) -> Any:
-    """Run a cached task, recomputing it when its output artefact is gone."""
+def _run_cached(step: Any, stage: str, output: Path, params: Params, done: dict[str, str], code: str) -> Any:
+    """Run a cached task keyed on its row of d2llm.stages; recompute it when its output is gone.
+
+    ``done`` holds the fingerprints of the artefacts made so far (keyed as in d2llm.stages),
+    ``code`` the library's.
+    """
+    key = cache_key(stage, params, done, code)
     return step.with_options(refresh_cache=not Path(output).exists())(params, key)
 
 
@@ -239,55 +243,17 @@ def training_pipeline(
     params = params or load_params(params_file, overrides)
     code = code_fingerprint()
     with pipeline_run(params, run_name="d2llm-training") as run:
-        prepared = validate_data(params)
-        negatives = _run_cached(
-            mine,
-            layout.NEGATIVES,
-            params,
-            {"prepared": prepared, "code": code, **_section(params, "mining", "labelling")},
+        # Fingerprints of the artefacts made so far, keyed as in d2llm.stages.
+        done: dict[str, str] = {stages.PREPARED: validate_data(params)}
+        done[stages.NEGATIVES] = _run_cached(mine, "mine", layout.NEGATIVES, params, done, code)
+        done[stages.TEACHER] = _run_cached(
+            finetune, "teacher-finetune", layout.TEACHER_DIR, params, done, code
         )
-        teacher = _run_cached(
-            finetune,
-            layout.TEACHER_DIR,
-            params,
-            {"prepared": prepared, "code": code, **_section(params, "teacher")},
-        )
-        labels = _run_cached(
-            label,
-            layout.LABELS_DIR,
-            params,
-            {
-                "negatives": negatives,
-                "teacher": teacher,
-                "code": code,
-                **_section(params, "labelling", "teacher"),
-            },
-        )
-        trained = _run_cached(
-            distil,
-            layout.STUDENT_DIR,
-            params,
-            {
-                "labels": labels,
-                "prepared": prepared,
-                "code": code,
-                "seed": params.seed,
-                **_section(params, "student", "loss", "training"),
-            },
-        )
-        evaluation = _run_cached(
-            evaluate,
-            params.evaluation.output,
-            params,
-            {
-                "student": trained["fingerprint"],
-                "teacher": teacher,
-                "prepared": prepared,
-                "code": code,
-                **_section(params, "evaluation"),
-            },
-        )
-        version = register(params, evaluation["flat"], prepared, trained["fingerprint"])
+        done[stages.LABELS] = _run_cached(label, "label", layout.LABELS_DIR, params, done, code)
+        trained = _run_cached(distil, "train", layout.STUDENT_DIR, params, done, code)
+        done[stages.STUDENT] = trained["fingerprint"]
+        evaluation = _run_cached(evaluate, "evaluate", params.evaluation.output, params, done, code)
+        version = register(params, evaluation["flat"], done[stages.PREPARED], done[stages.STUDENT])
         logger.info(
             "registered %s version %s (MLflow run %s)",
             params.tracking.registered_model,

@@ -23,6 +23,9 @@ log = logging.getLogger("d2llm")
 
 Command = Callable[[argparse.Namespace, Params], int | None]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+# Commands that write no pipeline artefact run without the working copy's lock (d2llm.lock);
+# every other one refuses (or waits, --wait) while another pipeline run holds it.
+_READ_ONLY = {"index", "search"}
 
 
 def command(name: str, help: str) -> Callable[[Command], Command]:
@@ -102,8 +105,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--plots-dir", type=Path, default=layout.PLOTS_DIR, help="dev metric and loss curves (JSON lists)"
     )
-
-
 
 
 @command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
@@ -323,6 +324,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. -S training.lr=1e-4 (repeatable)",
     )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another pipeline run holds this working copy, wait this long for it (default: refuse)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, add_arguments, help_text) in _COMMANDS.items():
@@ -341,7 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, dict(args.overrides))
-        return _COMMANDS[args.command][0](args, params) or 0
+        run = _COMMANDS[args.command][0]
+        if args.command in _READ_ONLY:
+            return run(args, params) or 0
+        from d2llm.lock import pipeline_lock
+
+        with pipeline_lock(wait=args.wait):
+            return run(args, params) or 0
     except D2LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

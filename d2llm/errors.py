@@ -23,3 +23,7 @@ class ModelError(D2LLMError):
 
 class ArtifactError(D2LLMError):
     """An artefact (labels, checkpoint, index) is missing, stale or inconsistent."""
+
+
+class PipelineLockedError(D2LLMError):
+    """Another pipeline run holds this working copy's lock (d2llm.lock)."""

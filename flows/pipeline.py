@@ -30,6 +30,7 @@ from d2llm import layout, stages
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 from d2llm.fingerprint import code_fingerprint, path_fingerprint
+from d2llm.lock import pipeline_lock
 from d2llm.stages import cache_key
 
 # The cache key is built from everything a task reads except the full config object, whose
@@ -231,16 +232,24 @@ def training_pipeline(
     overrides: dict[str, Any] | None = None,
     promote: bool = True,
     params: Params | None = None,
+    lock_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Validate, mine, fine-tune the teacher, label, distil, evaluate, register (and promote).
 
     The configuration is ``params`` (the typed config itself) when given, else ``params_file``
-    with ``overrides`` (dotted keys), validated the same way.
+    with ``overrides`` (dotted keys), validated the same way. The run holds the working copy's
+    lock (d2llm.lock): while another run holds it, this one waits up to ``lock_wait`` seconds,
+    then fails with PipelineLockedError before touching anything.
     """
+    params = params or load_params(params_file, overrides)
+    with pipeline_lock(wait=lock_wait):
+        return _run_pipeline(params, promote)
+
+
+def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
     from d2llm.tracking import pipeline_run
 
     logger = get_run_logger()
-    params = params or load_params(params_file, overrides)
     code = code_fingerprint()
     with pipeline_run(params, run_name="d2llm-training") as run:
         # Fingerprints of the artefacts made so far, keyed as in d2llm.stages.
@@ -284,5 +293,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=training_pipeline.__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-promote", action="store_true")
+    parser.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for another run holding the lock"
+    )
     args = parser.parse_args()
-    training_pipeline(params_file=args.params, promote=not args.no_promote)
+    training_pipeline(params_file=args.params, promote=not args.no_promote, lock_wait=args.wait)

@@ -134,3 +134,29 @@ def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
     assert not (project.root / "models").exists()
     assert not (project.root / "data" / "labels").exists()
     assert _registry(project.root)[0] == []
+
+
+def test_a_second_run_in_the_same_working_copy_refuses_before_touching_anything(
+    prefect_harness: None, project
+) -> None:
+    import subprocess
+    import sys
+
+    from d2llm.errors import PipelineLockedError
+    from flows.pipeline import training_pipeline
+
+    holder = subprocess.Popen(  # the first run, as far as the lock is concerned
+        [sys.executable, "-c", "from d2llm.lock import pipeline_lock\nwith pipeline_lock():\n"
+         "    print('held', flush=True)\n    input()"],
+        cwd=project.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineLockedError, match=f"pid {holder.pid} "):
+            training_pipeline(params_file="params.yaml")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not (project.root / "data" / "prepared").exists()
+    assert not (project.root / "models").exists()
+    assert _registry(project.root)[0] == []

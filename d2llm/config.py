@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from d2llm.errors import ConfigError
+from d2llm.errors import ConfigError, clip
 
 TaskKind = Literal["sym", "asym"]
 
@@ -259,7 +259,9 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = False
     # Dev split used for early stopping: a prepared dataset and its metric.
     dev_dataset: str = "sick"
-    dev_metric: Literal["ap", "spearman", "ndcg@10"] = "ap"
+    # The loop scores dev *pairs*: AP (class datasets) or Spearman (score datasets). Retrieval
+    # metrics such as ndcg@10 are evaluation metrics, so they are rejected here, not mid-training.
+    dev_metric: Literal["ap", "spearman"] = "ap"
     max_dev_pairs: int | None = Field(default=1000, ge=1)
 
 
@@ -317,10 +319,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        where = clip(where if where.isprintable() else repr(where)[1:-1])  # a key may hold a line break
         if e["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{where}'")
         else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {where}: {clip(e['msg'])} (got {clip(repr(e.get('input')))})")
     return "\n".join(lines)
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,24 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-depth", type=int, help="two-stage candidates M (default: search.rerank_depth)")
 
 
+@contextmanager
+def _quiet_model_loading() -> Iterator[None]:
+    """No weight-loading progress bar and no library FutureWarnings: a search prints its results."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
 @command("search", "search an index with the student and print ranked passages with scores")
 @arguments(_search_args)
 def cmd_search(args: argparse.Namespace, params: Params) -> int:
@@ -205,7 +224,8 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     from d2llm.search import load_index, search
     from d2llm.student.model import D2LLMStudent
 
-    student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
+    with _quiet_model_loading():
+        student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
     index = load_index(args.index_dir, student)
     hits = search(
         student,

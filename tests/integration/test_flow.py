@@ -78,14 +78,7 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'"
     )
     stages = {run.data.tags.get("d2llm.stage") for run in children}
-    assert {
-        "validate-data",
-        "mine-negatives",
-        "finetune-teacher",
-        "label-groups",
-        "distil-student",
-        "evaluate",
-    } <= stages
+    assert {"prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"} <= stages
     assert parent.data.tags.get("git.commit")
 
     # Nothing changed: every cached stage is reused, nothing is retrained.

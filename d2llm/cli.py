@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ log = logging.getLogger("d2llm")
 
 Command = Callable[[argparse.Namespace, Params], int | None]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
+# Commands that write no pipeline artefact run without the working copy's lock (d2llm.lock);
+# every other one refuses (or waits, --wait) while another pipeline run holds it.
+_READ_ONLY = {"index", "search"}
 
 
 def command(name: str, help: str) -> Callable[[Command], Command]:
@@ -208,6 +212,24 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rerank-depth", type=int, help="two-stage candidates M (default: search.rerank_depth)")
 
 
+@contextmanager
+def _quiet_model_loading() -> Iterator[None]:
+    """No weight-loading progress bar and no library FutureWarnings: a search prints its results."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    bar_was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        if bar_was_on:
+            hf_logging.enable_progress_bar()
+
+
 @command("search", "search an index with the student and print ranked documents with scores")
 @arguments(_search_args)
 def cmd_search(args: argparse.Namespace, params: Params) -> int:
@@ -216,7 +238,8 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     from d2llm.search import load_index, search
     from d2llm.student.model import D2LLMStudent
 
-    student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
+    with _quiet_model_loading():
+        student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu")
     index = load_index(args.index_dir, student, ef_search=params.search.hnsw_ef_search)
     hits = search(
         student,
@@ -335,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config value, e.g. -S training.lr=1e-4 (repeatable)",
     )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="when another pipeline run holds this working copy, wait this long for it (default: refuse)",
+    )
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, add_arguments, help_text) in _COMMANDS.items():
@@ -353,7 +383,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, dict(args.overrides))
-        return _COMMANDS[args.command][0](args, params) or 0
+        run = _COMMANDS[args.command][0]
+        if args.command in _READ_ONLY:
+            return run(args, params) or 0
+        from d2llm.lock import pipeline_lock
+
+        with pipeline_lock(wait=args.wait):
+            return run(args, params) or 0
     except D2LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

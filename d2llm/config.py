@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from d2llm.errors import ConfigError
+from d2llm.errors import ConfigError, clip
 
 TaskKind = Literal["sym", "asym"]
 
@@ -398,10 +398,11 @@ def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "<root>"
+        where = clip(where if where.isprintable() else repr(where)[1:-1])  # a key may hold a line break
         if e["type"] == "extra_forbidden":
             lines.append(f"  - unknown key '{where}'")
         else:
-            lines.append(f"  - {where}: {e['msg']} (got {e.get('input')!r})")
+            lines.append(f"  - {where}: {clip(e['msg'])} (got {clip(repr(e.get('input')))})")
     return "\n".join(lines)
 
 

@@ -1,4 +1,17 @@
-"""Errors a user can act on. The CLI prints their message and exits non-zero, without a traceback."""
+"""Errors a user can act on. The CLI prints their message and exits non-zero, without a traceback.
+
+Messages quote the offending value through ``clip``, so a 200 000-character text in a bad row
+shows as its first 200 characters and its length, not as a screenful.
+"""
+
+QUOTE_LIMIT = 200
+
+
+def clip(text: str, limit: int = QUOTE_LIMIT) -> str:
+    """``text`` for an error message: whole when short, else its first ``limit`` characters and its length."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} chars)"
 
 
 class D2LLMError(Exception):
@@ -23,3 +36,7 @@ class ModelError(D2LLMError):
 
 class ArtifactError(D2LLMError):
     """An artefact (labels, checkpoint, index) is missing, stale or inconsistent."""
+
+
+class PipelineLockedError(D2LLMError):
+    """Another pipeline run holds this working copy's lock (d2llm.lock)."""

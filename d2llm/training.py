@@ -141,20 +141,17 @@ class TrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
-def training_inputs_fingerprint(params: Params, labels_dir: Path) -> str:
-    """What a training run depends on: the labels and every setting the loop reads."""
+def training_inputs_fingerprint(params: Params, labels_dir: Path, dev: DevSet) -> str:
+    """What a training run depends on: its labels, its dev pairs and the config keys of stage "train"."""
     from d2llm.fingerprint import path_fingerprint, value_fingerprint
     from d2llm.labelling import MANIFEST_FILE
+    from d2llm.stages import param_values
 
-    read = ("student", "loss", "training")
-    sections = {name: getattr(params, name).model_dump(mode="json") for name in read}
-    manifest = Path(labels_dir) / MANIFEST_FILE
     return value_fingerprint(
         {
-            **sections,
-            "seed": params.seed,
-            "teacher_temperature": params.teacher.temperature,
-            "labels": path_fingerprint(manifest),
+            "params": param_values("train", params),
+            "labels": path_fingerprint(Path(labels_dir) / MANIFEST_FILE),
+            "dev": {"pairs": dev.pairs, "gold": dev.gold.tolist(), "task": dev.task, "metric": dev.metric},
         }
     )
 
@@ -245,7 +242,7 @@ def train_student(
         "initial_metric": None,
         "bad_evals": 0,
         "stopped_early": False,
-        "inputs": training_inputs_fingerprint(params, labels_dir),
+        "inputs": training_inputs_fingerprint(params, labels_dir, dev),
         "history": [],
     }
     checkpoint_dir = out_dir / CHECKPOINT_DIR

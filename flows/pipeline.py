@@ -1,10 +1,11 @@
-"""The training pipeline as a Prefect flow: validate, mine, teacher, label, distil, evaluate, register.
+"""The training pipeline as a Prefect flow: one task per stage of d2llm.stages, then promotion.
 
 This module only composes d2llm library functions as tasks. What Prefect adds:
 - caching keyed on content: each task's cache key is the content fingerprint of its input
-  artefacts, the config sections it reads and the library's source, so an unchanged stage (the
-  teacher labelling above all) is skipped on the next run; a cached stage whose output folder
-  has gone missing is recomputed;
+  artefacts, the config keys it reads (both from the one table of d2llm.stages, which dvc.yaml
+  is tested against) and the library's source, so an unchanged stage (the teacher labelling
+  above all) is skipped on the next run; a cached stage whose output folder has gone missing is
+  recomputed;
 - retries on transient failures (never on errors in the data or the config, which a retry
   cannot fix);
 - a "gpu" concurrency limit around the stages that use the accelerator
@@ -25,13 +26,16 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import INPUTS, TASK_SOURCE
 from prefect.concurrency.sync import concurrency
 
-from d2llm import layout
+from d2llm import layout, stages
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 from d2llm.fingerprint import code_fingerprint, path_fingerprint
+from d2llm.lock import pipeline_lock
+from d2llm.stages import cache_key
 
 # The cache key is built from everything a task reads except the full config object, whose
-# unrelated sections must not invalidate the stage.
+# unrelated sections must not invalidate the stage: the task's ``key`` argument carries the
+# config values, input fingerprints and code the stage depends on (d2llm.stages.cache_key).
 CACHED = (INPUTS - "params") + TASK_SOURCE
 
 
@@ -46,10 +50,6 @@ def _retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
-def _section(params: Params, *names: str) -> dict[str, Any]:
-    return {name: getattr(params, name).model_dump(mode="json") for name in names}
-
-
 def _gpu_slot() -> Any:
     # strict=False: without a "gpu" limit on the server the stage simply runs.
     return concurrency("gpu", occupy=1, strict=False)
@@ -58,17 +58,25 @@ def _gpu_slot() -> Any:
 # --------------------------------------------------------------------------- tasks
 
 
-@task(name="validate-data", retries=0)
-def validate_data(params: Params) -> str:
-    """Prepare the canonical tables and validate them with Great Expectations (fails the flow)."""
+@task(name="prepare", retries=0)
+def prepare(params: Params) -> str:
+    """Parse the raw sources and custom datasets into the canonical tables."""
     from d2llm.data.prepare import prepare_data, print_counts
+    from d2llm.tracking import stage_run
+
+    with stage_run("prepare"):
+        print_counts(prepare_data(params, params.data.raw_dir, params.data.prepared_dir))
+    return path_fingerprint(params.data.prepared_dir)
+
+
+@task(name="validate", retries=0)
+def validate(params: Params, prepared: str) -> None:
+    """Validate the tables ``prepare`` made (fingerprint ``prepared``) with GX; failing fails the flow."""
     from d2llm.data.validation import validate_prepared
     from d2llm.tracking import stage_run
 
     logger = get_run_logger()
-    with stage_run("validate-data") as run:
-        counts = prepare_data(params, params.data.raw_dir, params.data.prepared_dir)
-        print_counts(counts)
+    with stage_run("validate") as run:
         try:
             summary = validate_prepared(params, params.data.prepared_dir, params.validation.report_dir)
         except D2LLMError as err:
@@ -76,11 +84,10 @@ def validate_data(params: Params) -> str:
             raise
         logger.info(summary.describe())
         _log_artifacts(run, params.validation.report_dir, "validation")
-    return path_fingerprint(params.data.prepared_dir)
 
 
 @task(
-    name="mine-negatives",
+    name="mine",
     cache_policy=CACHED,
     persist_result=True,
     retries=2,
@@ -90,24 +97,24 @@ def mine(params: Params, key: dict[str, Any]) -> str:
     from d2llm.mining import mine_negatives
     from d2llm.tracking import stage_run
 
-    with stage_run("mine-negatives"):
+    with stage_run("mine"):
         mine_negatives(params, params.data.prepared_dir, layout.NEGATIVES)
     return path_fingerprint(layout.NEGATIVES)
 
 
 @task(
-    name="finetune-teacher",
+    name="teacher-finetune",
     cache_policy=CACHED,
     persist_result=True,
     retries=1,
     retry_condition_fn=_retry_transient,
     tags=["gpu"],
 )
-def finetune(params: Params, key: dict[str, Any]) -> str:
+def teacher_finetune(params: Params, key: dict[str, Any]) -> str:
     from d2llm.teachers.finetune import finetune_teacher
     from d2llm.tracking import log_metrics_dict, stage_run
 
-    with stage_run("finetune-teacher"), _gpu_slot():
+    with stage_run("teacher-finetune"), _gpu_slot():
         report = finetune_teacher(params, params.data.prepared_dir, layout.TEACHER_DIR)
         report.pop("history", None)
         log_metrics_dict(report, prefix="teacher")
@@ -116,7 +123,7 @@ def finetune(params: Params, key: dict[str, Any]) -> str:
 
 
 @task(
-    name="label-groups",
+    name="label",
     cache_policy=CACHED,
     persist_result=True,
     retries=2,
@@ -128,26 +135,26 @@ def label(params: Params, key: dict[str, Any]) -> str:
     from d2llm.labelling import label_groups
     from d2llm.tracking import log_metrics_dict, stage_run
 
-    with stage_run("label-groups"), _gpu_slot():
+    with stage_run("label"), _gpu_slot():
         report = label_groups(params, layout.NEGATIVES, layout.TEACHER_DIR, layout.LABELS_DIR)
         log_metrics_dict(report, prefix="labelling")
     return path_fingerprint(layout.LABELS_DIR)
 
 
 @task(
-    name="distil-student",
+    name="train",
     cache_policy=CACHED,
     persist_result=True,
     retries=1,
     retry_condition_fn=_retry_transient,
     tags=["gpu"],
 )
-def distil(params: Params, key: dict[str, Any]) -> dict[str, Any]:
+def train(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     # A retry resumes from the last checkpoint in models/student/checkpoint.
     from d2llm.tracking import log_metrics_dict, log_training_curve, stage_run
     from d2llm.training import train_student, write_curves
 
-    with stage_run("distil-student"), _gpu_slot():
+    with stage_run("train"), _gpu_slot():
         result = train_student(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
         log_training_curve(result.history)
         log_metrics_dict(result.to_dict(), prefix="train")
@@ -174,7 +181,7 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     return {"table": format_table(results), "flat": results["flat"]}
 
 
-@task(name="register-student", retries=0)
+@task(name="register", retries=0)
 def register(params: Params, metrics: dict[str, float], eval_data_id: str, student_fingerprint: str) -> str:
     """Register the student, unless this very student (same files) is registered already.
 
@@ -217,8 +224,13 @@ def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:
         mlflow.log_artifact(str(path), artifact_path)
 
 
-def _run_cached(step: Any, output: Path, params: Params, key: dict[str, Any]) -> Any:
-    """Run a cached task, recomputing it when its output artefact is gone."""
+def _run_cached(step: Any, output: Path, params: Params, done: dict[str, str], code: str) -> Any:
+    """Run a cached task keyed on its row of d2llm.stages (its name); recompute it if its output is gone.
+
+    ``done`` holds the fingerprints of the artefacts made so far (keyed as in d2llm.stages),
+    ``code`` the library's.
+    """
+    key = cache_key(step.name, params, done, code)
     return step.with_options(refresh_cache=not Path(output).exists())(params, key)
 
 
@@ -228,67 +240,37 @@ def training_pipeline(
     overrides: dict[str, Any] | None = None,
     promote: bool = True,
     params: Params | None = None,
+    lock_wait: float = 0.0,
 ) -> dict[str, Any]:
     """Validate, mine, fine-tune the teacher, label, distil, evaluate, register (and promote).
 
     The configuration is ``params`` (the typed config itself) when given, else ``params_file``
-    with ``overrides`` (dotted keys), validated the same way.
+    with ``overrides`` (dotted keys), validated the same way. The run holds the working copy's
+    lock (d2llm.lock): while another run holds it, this one waits up to ``lock_wait`` seconds,
+    then fails with PipelineLockedError before touching anything.
     """
+    params = params or load_params(params_file, overrides)
+    with pipeline_lock(wait=lock_wait):
+        return _run_pipeline(params, promote)
+
+
+def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
     from d2llm.tracking import pipeline_run
 
     logger = get_run_logger()
-    params = params or load_params(params_file, overrides)
     code = code_fingerprint()
     with pipeline_run(params, run_name="d2llm-training") as run:
-        prepared = validate_data(params)
-        negatives = _run_cached(
-            mine,
-            layout.NEGATIVES,
-            params,
-            {"prepared": prepared, "code": code, **_section(params, "mining", "labelling")},
-        )
-        teacher = _run_cached(
-            finetune,
-            layout.TEACHER_DIR,
-            params,
-            {"prepared": prepared, "code": code, **_section(params, "teacher")},
-        )
-        labels = _run_cached(
-            label,
-            layout.LABELS_DIR,
-            params,
-            {
-                "negatives": negatives,
-                "teacher": teacher,
-                "code": code,
-                **_section(params, "labelling", "teacher"),
-            },
-        )
-        trained = _run_cached(
-            distil,
-            layout.STUDENT_DIR,
-            params,
-            {
-                "labels": labels,
-                "prepared": prepared,
-                "code": code,
-                "seed": params.seed,
-                **_section(params, "student", "loss", "training"),
-            },
-        )
-        evaluation = _run_cached(
-            evaluate,
-            params.evaluation.output,
-            params,
-            {
-                "student": trained["fingerprint"],
-                "teacher": teacher,
-                "prepared": prepared,
-                "code": code,
-                **_section(params, "evaluation"),
-            },
-        )
-        version = register(params, evaluation["flat"], prepared, trained["fingerprint"])
+        # Fingerprints of the artefacts made so far, keyed as in d2llm.stages; each task is
+        # named after its stage there (and its CLI subcommand and DVC stage).
+        done: dict[str, str] = {stages.PREPARED: prepare(params)}
+        validate(params, done[stages.PREPARED])
+        done[stages.NEGATIVES] = _run_cached(mine, layout.NEGATIVES, params, done, code)
+        done[stages.TEACHER] = _run_cached(teacher_finetune, layout.TEACHER_DIR, params, done, code)
+        done[stages.LABELS] = _run_cached(label, layout.LABELS_DIR, params, done, code)
+        trained = _run_cached(train, layout.STUDENT_DIR, params, done, code)
+        done[stages.STUDENT] = trained["fingerprint"]
+        evaluation = _run_cached(evaluate, params.evaluation.output, params, done, code)
+        version = register(params, evaluation["flat"], done[stages.PREPARED], done[stages.STUDENT])
         logger.info(
             "registered %s version %s (MLflow run %s)",
             params.tracking.registered_model,
@@ -319,5 +301,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=training_pipeline.__doc__)
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--no-promote", action="store_true")
+    parser.add_argument(
+        "--wait", type=float, default=0.0, help="seconds to wait for another run holding the lock"
+    )
     args = parser.parse_args()
-    training_pipeline(params_file=args.params, promote=not args.no_promote)
+    training_pipeline(params_file=args.params, promote=not args.no_promote, lock_wait=args.wait)

@@ -18,7 +18,7 @@ import pandas as pd
 from d2llm.config import CustomIRDataset, CustomPairsDataset
 from d2llm.data.schema import DatasetSpec, conform_pairs, normalize_text
 from d2llm.data.sources import read_jsonl, read_text
-from d2llm.errors import DataError
+from d2llm.errors import DataError, clip
 
 if TYPE_CHECKING:
     from d2llm.data.sources import IRCollection
@@ -63,7 +63,7 @@ def read_table(path: Path) -> pd.DataFrame:
         except FileNotFoundError:
             raise DataError(f"{path}: file not found") from None
         except Exception as err:  # pyarrow raises several unrelated types for a broken file
-            raise DataError(f"{path}: not a readable parquet file: {err}") from None
+            raise DataError(f"{path}: not a readable parquet file: {clip(str(err))}") from None
     if suffix == ".jsonl":
         return pd.DataFrame([obj for _, obj in read_jsonl(path, ())])
     text = read_text(path)
@@ -71,7 +71,7 @@ def read_table(path: Path) -> pd.DataFrame:
         sep = "\t" if suffix == ".tsv" else ","
         return pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path}: malformed {suffix[1:]} file: {err}") from None
+        raise DataError(f"{path}: malformed {suffix[1:]} file: {clip(str(err))}") from None
 
 
 def _labels(df: pd.DataFrame, ds: CustomPairsDataset, path: Path) -> tuple[pd.Series, pd.Series, pd.Series]:
@@ -83,8 +83,8 @@ def _labels(df: pd.DataFrame, ds: CustomPairsDataset, path: Path) -> tuple[pd.Se
         if bad.any():
             row = int(bad.idxmax())
             raise DataError(
-                f"{path}: data row {row + 1}: label {raw.iloc[row]!r} in column {ds.columns.label!r} "
-                "is not a number"
+                f"{path}: data row {row + 1}: label {clip(repr(raw.iloc[row]))} "
+                f"in column {ds.columns.label!r} is not a number"
             )
         return label, pd.Series([""] * len(df)), label >= positive_min_score(ds)
     names = raw.map(lambda v: "" if v is None else str(v).strip())
@@ -93,7 +93,7 @@ def _labels(df: pd.DataFrame, ds: CustomPairsDataset, path: Path) -> tuple[pd.Se
     if unknown.any():
         row = int(unknown.idxmax())
         raise DataError(
-            f"{path}: data row {row + 1}: label {names.iloc[row]!r} in column {ds.columns.label!r} "
+            f"{path}: data row {row + 1}: label {clip(repr(names.iloc[row]))} in column {ds.columns.label!r} "
             f"is not in label_set {ds.label_set} ({int(unknown.sum())} such rows)"
         )
     label = names.map(ds.label_set.index).astype("float64")
@@ -117,7 +117,7 @@ def load_custom(
         if missing:
             raise DataError(
                 f"{path}: dataset {ds.name!r}: missing column(s) {', '.join(missing)}; "
-                f"the file has {list(df.columns)} - fix the file or data.custom[].columns"
+                f"the file has {clip(repr(list(df.columns)))} - fix the file or data.custom[].columns"
             )
         label, label_name, positive = _labels(df, ds, path)
         frames.append(

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from d2llm.errors import DataError
+from d2llm.errors import DataError, clip
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -114,6 +114,8 @@ def pair_key(a: str, b: str, symmetric: bool) -> str:
 
 def conform(df: pd.DataFrame, columns: tuple[str, ...], dtypes: dict[str, str], what: str) -> pd.DataFrame:
     """Return ``df`` with exactly ``columns`` in order, cast to ``dtypes``; DataError if any is missing."""
+    if len(df) == 0 and len(df.columns) == 0:  # built from no rows at all: an empty table, not an error
+        df = df.reindex(columns=list(columns))
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{what}: missing column(s) {missing}; expected {list(columns)}")
@@ -122,7 +124,9 @@ def conform(df: pd.DataFrame, columns: tuple[str, ...], dtypes: dict[str, str], 
         try:
             out[col] = out[col].astype(dtypes[col])
         except (TypeError, ValueError) as err:
-            raise DataError(f"{what}: column {col!r} cannot be read as {dtypes[col]}: {err}") from None
+            raise DataError(
+                f"{what}: column {col!r} cannot be read as {dtypes[col]}: {clip(str(err))}"
+            ) from None
     return out
 
 

@@ -15,6 +15,7 @@ Label conventions (see docs/data.md):
 
 from __future__ import annotations
 
+import codecs
 import csv
 import gzip
 import hashlib
@@ -31,7 +32,7 @@ import pandas as pd
 
 from d2llm.config import DataConfig
 from d2llm.data.schema import NLI_CLASSES, SPLITS, DatasetSpec, conform_ir, conform_pairs, normalize_text
-from d2llm.errors import DataError
+from d2llm.errors import DataError, clip
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +77,14 @@ def read_text(path: Path) -> str:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        line = data[: err.start].count(b"\n") + 1
-        bad = data[err.start : err.start + 4]
+        # err.start counts from after a BOM, which utf-8-sig strips before decoding.
+        offset = err.start + (len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0)
+        line_start = data.rfind(b"\n", 0, offset) + 1
+        line = data.count(b"\n", 0, offset) + 1
+        where = "of the decompressed text" if path.suffix == ".gz" else "in the file"
         raise DataError(
-            f"{path}: line {line}: not valid UTF-8 (byte {bad[:1]!r} at offset {err.start}); "
+            f"{path}: line {line}: not valid UTF-8: byte 0x{data[offset]:02x} at offset {offset} "
+            f"{where} (byte {offset - line_start + 1} of the line; {err.reason}); "
             "expected a UTF-8 text file - re-save it as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
         ) from None
     return text.replace("\r\n", "\n").replace("\r", "\n")
@@ -102,7 +107,9 @@ def read_tsv(path: Path, n_fields: int, header: tuple[str, ...] | None = None) -
         number, first = lines.pop(0)
         got = tuple(first.split("\t"))
         if got != header:
-            raise DataError(f"{path}: line {number}: header is {list(got)}; expected {list(header)}")
+            raise DataError(
+                f"{path}: line {number}: header is {clip(repr(list(got)))}; expected {list(header)}"
+            )
     for number, line in lines:
         fields = next(csv.reader([line], delimiter="\t", quoting=csv.QUOTE_NONE))
         if len(fields) != n_fields:
@@ -172,14 +179,14 @@ def _float(path: Path, number: int, value: str, what: str) -> float:
     try:
         return float(value)
     except ValueError:
-        raise DataError(f"{path}: line {number}: {what} {value!r} is not a number") from None
+        raise DataError(f"{path}: line {number}: {what} {clip(repr(value))} is not a number") from None
 
 
 def _int(path: Path, number: int, value: str, what: str) -> int:
     try:
         return int(value)
     except ValueError:
-        raise DataError(f"{path}: line {number}: {what} {value!r} is not an integer") from None
+        raise DataError(f"{path}: line {number}: {what} {clip(repr(value))} is not an integer") from None
 
 
 # --------------------------------------------------------------------------- row builders
@@ -211,11 +218,11 @@ def _nli_row(a: str, b: str, name: str, source: str, split: str) -> dict:
     }
 
 
-def _nli_label(path: Path, number: int, value: str) -> str:
-    name = value.strip().lower()
+def _nli_label(path: Path, number: int, value: object) -> str:
+    name = value.strip().lower() if isinstance(value, str) else None  # JSON may hold a number or null
     if name not in NLI_CLASSES:
         expected = [*NLI_CLASSES, "-"]
-        raise DataError(f"{path}: line {number}: NLI label {value!r}; expected one of {expected}")
+        raise DataError(f"{path}: line {number}: NLI label {clip(repr(value))}; expected one of {expected}")
     return name
 
 
@@ -262,7 +269,7 @@ def parse_stsb_en(folder: Path, cfg: DataConfig) -> SourceData:
     for number, f in read_tsv(path, 8, header):
         split = f[0]
         if split not in ("train", "dev", "test"):
-            raise DataError(f"{path}: line {number}: split {split!r}; expected train, dev or test")
+            raise DataError(f"{path}: line {number}: split {clip(repr(split))}; expected train, dev or test")
         score = _float(path, number, f[5], "score")
         rows.append(_score_row(f[6], f[7], score, "sym", "stsb_en", split, STS_POSITIVE_MIN))
     pairs = {"stsb_en": (sts_spec("stsb_en", "stsb_en", 0, 5), _frame(rows, str(path)))}

@@ -29,7 +29,7 @@ from d2llm.data.schema import (
     pair_key,
 )
 from d2llm.data.tables import load_ir, load_pairs, read_manifest
-from d2llm.errors import DataValidationError
+from d2llm.errors import DataValidationError, clip
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -53,7 +53,8 @@ class Failure:
     def describe(self) -> str:
         where = f" column {self.column!r}" if self.column else ""
         count = f": {self.unexpected_count} unexpected value(s)" if self.unexpected_count is not None else ""
-        examples = f", e.g. {self.examples[:MAX_EXAMPLES]}" if self.examples else ""
+        quoted = ", ".join(clip(repr(example)) for example in self.examples[:MAX_EXAMPLES])
+        examples = f", e.g. [{quoted}]" if self.examples else ""
         detail = f" ({self.detail})" if self.detail else ""
         return f"{self.table}: {self.expectation}{where}{count}{examples}{detail}"
 
@@ -250,9 +251,9 @@ def _failure(table: str, r: Any) -> Failure:
     res = r.result or {}
     detail = ""
     if r.exception_info and r.exception_info.get("raised_exception"):
-        detail = f"error: {str(r.exception_info.get('exception_message', ''))[:200]}"
+        detail = f"error: {clip(str(r.exception_info.get('exception_message', '')))}"
     elif "observed_value" in res:
-        detail = f"observed {res['observed_value']!r}"
+        detail = f"observed {clip(repr(res['observed_value']))}"
     return Failure(
         table=table,
         expectation=config.type,

@@ -19,13 +19,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["prepare", "validate", "mine", "teacher_finetune", "label", "train", "evaluate"]
+ALL_STAGES = ["prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"]
 CACHED_OUTS = ["data/prepared", "data/negatives", "models/teacher", "data/labels", "models/student"]
 
 
 def stages_run(output: str) -> list[str]:
     """The stages a `dvc repro` ran, in order, from its log."""
-    return re.findall(r"Running stage '([a-z_]+)'", output)
+    return re.findall(r"Running stage '([a-z_-]+)'", output)
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -54,9 +54,9 @@ def test_repro_runs_the_whole_pipeline_in_dependency_order(reproduced: dict) -> 
     for before, after in [
         ("prepare", "validate"),
         ("validate", "mine"),
-        ("validate", "teacher_finetune"),
+        ("validate", "teacher-finetune"),
         ("mine", "label"),
-        ("teacher_finetune", "label"),
+        ("teacher-finetune", "label"),
         ("label", "train"),
         ("train", "evaluate"),
     ]:

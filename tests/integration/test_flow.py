@@ -78,14 +78,7 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{first['run_id']}'"
     )
     stages = {run.data.tags.get("d2llm.stage") for run in children}
-    assert {
-        "validate-data",
-        "mine-negatives",
-        "finetune-teacher",
-        "label-groups",
-        "distil-student",
-        "evaluate",
-    } <= stages
+    assert {"prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"} <= stages
     assert parent.data.tags.get("git.commit")
 
     # Nothing changed: every cached stage is reused, nothing is retrained.
@@ -133,4 +126,30 @@ def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
     assert "label" in str(failure.value) and "7.0" in str(failure.value)
     assert not (project.root / "models").exists()
     assert not (project.root / "data" / "labels").exists()
+    assert _registry(project.root)[0] == []
+
+
+def test_a_second_run_in_the_same_working_copy_refuses_before_touching_anything(
+    prefect_harness: None, project
+) -> None:
+    import subprocess
+    import sys
+
+    from d2llm.errors import PipelineLockedError
+    from flows.pipeline import training_pipeline
+
+    holder = subprocess.Popen(  # the first run, as far as the lock is concerned
+        [sys.executable, "-c", "from d2llm.lock import pipeline_lock\nwith pipeline_lock():\n"
+         "    print('held', flush=True)\n    input()"],
+        cwd=project.root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(PipelineLockedError, match=f"pid {holder.pid} "):
+            training_pipeline(params_file="params.yaml")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert not (project.root / "data" / "prepared").exists()
+    assert not (project.root / "models").exists()
     assert _registry(project.root)[0] == []

@@ -226,6 +226,9 @@ class TeacherConfig(_Section):
     max_length: int = Field(default=256, ge=8)
     batch_size: int = Field(default=32, ge=1)
     temperature: float = Field(default=1.0, gt=0)  # tau_T in s = softmax(z / tau_T)
+    # "biencoder": the teacher's log-odds interpolated with the bi-encoder's cosine, the weight
+    # chosen per dataset on its dev split (d2llm.teachers.fusion); "none": the teacher alone (paper).
+    fusion: Literal["none", "biencoder"] = "none"
     prompts: PromptConfig = PromptConfig()
     finetune: TeacherFinetuneConfig = TeacherFinetuneConfig()
 

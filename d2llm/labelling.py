@@ -127,12 +127,15 @@ def _deal(rows: pd.DataFrame, size: int) -> tuple[list[list[tuple[str, str, list
 # --------------------------------------------------------------------------- scoring
 
 
-def score_groups(teacher: Teacher, groups: pd.DataFrame) -> dict[str, torch.Tensor]:
-    """Teacher tensors of ``groups`` (all of one shard), each distinct pair scored once per task.
+def score_groups(
+    teacher: Teacher, groups: pd.DataFrame, fusion: Fused | None = None
+) -> dict[str, torch.Tensor]:
+    """Teacher tensors of ``groups`` (all of one shard), each distinct pair scored once per dataset.
 
     Pairs needing features (each anchor with its positive and negatives) are scored with
     features; the off-diagonal in-batch pairs without. The in-batch diagonal is the hard
-    column 0: the same pair, scored once.
+    column 0: the same pair, scored once. With ``fusion`` the logits are the teacher's fused
+    with the bi-encoder's cosine (d2llm.teachers.fusion); the features stay the teacher's.
     """
     import torch
 
@@ -142,8 +145,8 @@ def score_groups(teacher: Teacher, groups: pd.DataFrame) -> dict[str, torch.Tens
     in_batch = torch.empty((g_count, b, b, 2))
     hard = torch.empty((g_count, b, k1, 2))
     feature_cos = torch.empty((g_count, b, k1, k1))
-    for task in groups["task"].unique():
-        rows = [(gi, r) for gi, r in enumerate(groups.itertuples()) if r.task == task]
+    for task, dataset in dict.fromkeys(zip(groups["task"], groups["dataset"], strict=True)):
+        rows = [(gi, r) for gi, r in enumerate(groups.itertuples()) if (r.task, r.dataset) == (task, dataset)]
         hard_pairs: dict[tuple[str, str], int] = {}
         cross_pairs: dict[tuple[str, str], int] = {}
         for _, r in rows:
@@ -157,22 +160,56 @@ def score_groups(teacher: Teacher, groups: pd.DataFrame) -> dict[str, torch.Tens
                         cross_pairs.setdefault((a, p), len(cross_pairs))
         with_feats = teacher.score(list(hard_pairs), task, with_features=True)
         plain = teacher.score(list(cross_pairs), task)
+        hard_logits, cross_logits = with_feats.logits, plain.logits
+        if fusion is not None:
+            hard_logits = fusion.logits(list(hard_pairs), hard_logits, dataset, task)
+            cross_logits = fusion.logits(list(cross_pairs), cross_logits, dataset, task)
         feats = torch.nn.functional.normalize(with_feats.features.float(), dim=-1)  # type: ignore[union-attr]
         for gi, r in rows:
             for i, a in enumerate(r.anchors):
                 idx = [hard_pairs[(a, c)] for c in [r.positives[i], *r.negatives[i]]]
-                hard[gi, i] = with_feats.logits[idx]
+                hard[gi, i] = hard_logits[idx]
                 f = feats[idx]
                 feature_cos[gi, i] = f @ f.T
                 for j, p in enumerate(r.positives):
                     key = (a, p)
                     in_batch[gi, i, j] = (
-                        with_feats.logits[hard_pairs[key]]
-                        if key in hard_pairs
-                        else plain.logits[cross_pairs[key]]
+                        hard_logits[hard_pairs[key]] if key in hard_pairs else cross_logits[cross_pairs[key]]
                     )
     group_id = torch.tensor(groups["group_id"].tolist(), dtype=torch.long)
     return {"group_id": group_id, "in_batch": in_batch, "hard": hard, "feature_cos": feature_cos}
+
+
+@dataclass
+class Fused:
+    """The teacher's fusion weights and the bi-encoder they mix in (``teacher.fusion: biencoder``)."""
+
+    table: Any  # d2llm.teachers.fusion.FusionTable
+    encoder: Any  # d2llm.biencoder.MeanPoolEncoder
+
+    def logits(
+        self, pairs: list[tuple[str, str]], logits: torch.Tensor, dataset: str, task: str
+    ) -> torch.Tensor:
+        from d2llm.teachers.finetune import pair_cosines
+
+        if not pairs:
+            return logits
+        return self.table.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
+
+
+def load_fused(params: Params, teacher_dir: str | Path) -> Fused | None:
+    """The fusion to label with, or None with ``teacher.fusion: none``."""
+    if params.teacher.fusion == "none":
+        return None
+    from d2llm.teachers.finetune import baseline_encoder, load_fusion
+
+    table = load_fusion(teacher_dir)
+    if table is None:
+        raise ArtifactError(
+            f"teacher.fusion is {params.teacher.fusion!r} but the teacher in {teacher_dir} has no fusion "
+            "weights: fine-tune it again (`d2llm teacher-finetune`) with this setting"
+        )
+    return Fused(table, baseline_encoder(params))
 
 
 # --------------------------------------------------------------------------- files
@@ -331,6 +368,7 @@ def label_groups(
         "format": FORMAT_VERSION,
         "groups_sha256": _hash_groups(groups),
         "teacher": teacher_identity(teacher_dir),
+        "fusion": params.teacher.fusion,
         "group_size": cfg.group_size,
         "num_candidates": k1,
         "shard_groups": cfg.shard_groups,
@@ -361,6 +399,7 @@ def label_groups(
         from d2llm.teachers.base import load_teacher
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
+    fused = load_fused(params, teacher_dir)
     scored = skipped = 0
     shards = _shard_ranges(len(groups), cfg.shard_groups)
     for s, ids in enumerate(tqdm(shards, desc="labelling shards", leave=False)):
@@ -368,7 +407,7 @@ def label_groups(
         if _shard_is_valid(path, ids, cfg.group_size, k1):
             skipped += 1
             continue
-        _write_atomic(score_groups(teacher, groups.iloc[ids.start : ids.stop]), path)
+        _write_atomic(score_groups(teacher, groups.iloc[ids.start : ids.stop], fused), path)
         scored += 1
     _write_json({**manifest, "complete": True, "num_shards": len(shards)}, out_dir / MANIFEST_FILE)
     log.info(

@@ -141,7 +141,7 @@ class TrainResult:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
 
-def training_inputs_fingerprint(params: Params, labels_dir: Path, dev: DevSet) -> str:
+def training_inputs_fingerprint(params: Params, labels_dir: Path, dev_sets: list[DevSet]) -> str:
     """What a training run depends on: its labels, its dev pairs and the config keys of stage "train"."""
     from d2llm.fingerprint import path_fingerprint, value_fingerprint
     from d2llm.labelling import MANIFEST_FILE
@@ -151,7 +151,9 @@ def training_inputs_fingerprint(params: Params, labels_dir: Path, dev: DevSet) -
         {
             "params": param_values("train", params),
             "labels": path_fingerprint(Path(labels_dir) / MANIFEST_FILE),
-            "dev": {"pairs": dev.pairs, "gold": dev.gold.tolist(), "task": dev.task, "metric": dev.metric},
+            "dev": [
+                {"name": d.name, "pairs": d.pairs, "gold": d.gold.tolist(), "task": d.task} for d in dev_sets
+            ],
         }
     )
 
@@ -242,7 +244,7 @@ def train_student(
         "initial_metric": None,
         "bad_evals": 0,
         "stopped_early": False,
-        "inputs": training_inputs_fingerprint(params, labels_dir, dev),
+        "inputs": training_inputs_fingerprint(params, labels_dir, dev_sets),
         "history": [],
     }
     checkpoint_dir = out_dir / CHECKPOINT_DIR

@@ -16,6 +16,7 @@ them. Every number lands in one JSON file together with the data it came from.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -42,7 +43,7 @@ log = logging.getLogger(__name__)
 
 TaskKind = Literal["sym", "asym"]
 Ranking = list[list[tuple[int, float]]]  # per query: (corpus position, score), best first
-SYSTEM_ORDER = ("bm25", "bi-encoder", "teacher", "student")
+SYSTEM_ORDER = ("bm25", "bi-encoder", "teacher", "teacher-raw", "student")
 IR_TABLE_NAMES = ("corpus", "queries", "qrels")
 IR_DEPTH = 100  # ranked documents kept per query: enough for R@100
 
@@ -118,28 +119,53 @@ class StudentScorer:
 
 
 class TeacherScorer:
-    """The teacher, score = probability of yes; for IR it re-ranks BM25's top ``rerank_depth``."""
+    """The teacher, score = probability of yes; for IR it re-ranks BM25's top ``rerank_depth``.
+
+    With ``fused`` (``teacher.fusion: biencoder``) the score is the teacher fused with the
+    bi-encoder, with the weights of the dataset set by :meth:`for_dataset`: the very scores the
+    student was distilled from. Views of one teacher share a memo of its raw logits, so the
+    fused teacher and the raw one (``teacher-raw``) cost one pass over each dataset.
+    """
 
     name = "teacher"
 
-    def __init__(self, teacher: Any, temperature: float = 1.0, rerank_depth: int = 100):
+    def __init__(
+        self,
+        teacher: Any,
+        temperature: float = 1.0,
+        rerank_depth: int = 100,
+        fused: Any = None,
+        name: str = "teacher",
+    ):
         self.teacher = teacher
         self.temperature = temperature
         self.rerank_depth = rerank_depth
-        # SICK and SICK-R are the same pairs under two labels: score them once (the teacher's
-        # joint passes are the slowest part of the evaluation).
-        self._last: tuple[tuple[Any, ...], np.ndarray] | None = None
+        self.fused = fused  # d2llm.labelling.Fused or None
+        self.name = name
+        self.dataset = ""
+        # Last raw scoring, shared by views: SICK and SICK-R are the same pairs under two labels.
+        self._memo: dict[str, Any] = {}
+
+    def for_dataset(self, dataset: str) -> TeacherScorer:
+        view = copy.copy(self)  # shares teacher, fusion and memo
+        view.dataset = dataset
+        return view
+
+    def _logits(self, pairs: list[tuple[str, str]], task: TaskKind) -> torch.Tensor:
+        key = (task, tuple(pairs))
+        if self._memo.get("key") != key:
+            logits = self.teacher.score(pairs, task, show_progress=True).logits
+            self._memo.update(key=key, logits=logits)
+        return self._memo["logits"]
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
         from d2llm.teachers.base import probabilities
 
-        key = (task, tuple(text_a), tuple(text_b))
-        if self._last is not None and self._last[0] == key:
-            return self._last[1].copy()
-        out = self.teacher.score(list(zip(text_a, text_b, strict=True)), task, show_progress=True)
-        scores = probabilities(out.logits, self.temperature).numpy()
-        self._last = (key, scores)
-        return scores.copy()
+        pairs = list(zip(text_a, text_b, strict=True))
+        logits = self._logits(pairs, task)
+        if self.fused is not None:
+            logits = self.fused.logits(pairs, logits, self.dataset, task)
+        return probabilities(logits, self.temperature).numpy()
 
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
         bm25 = Bm25Ranker(corpus)
@@ -191,10 +217,21 @@ def load_systems(
     elif teacher_dir is None or not Path(teacher_dir).is_dir():
         notes.append(f"teacher skipped: no saved teacher at {teacher_dir}")
     else:
+        from d2llm.labelling import load_fused
         from d2llm.teachers.base import load_teacher
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
-        systems["teacher"] = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth)
+        fused = load_fused(params, teacher_dir)
+        scorer = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused)
+        systems["teacher"] = scorer
+        if fused is not None:
+            # The raw teacher too, from the same forward passes: what the fusion adds is visible.
+            raw = copy.copy(scorer)
+            raw.fused, raw.name = None, "teacher-raw"
+            systems["teacher-raw"] = raw
+            notes.append(
+                "teacher = the teacher fused with the bi-encoder (weights chosen per dataset on dev)"
+            )
     if student_dir is None or not Path(student_dir).is_dir():
         notes.append(f"student skipped: no saved student at {student_dir}")
     else:
@@ -258,6 +295,8 @@ def evaluate_pair_dataset(
     for sys_name, system in systems.items():
         if not isinstance(system, PairScorer):
             continue
+        if isinstance(system, TeacherScorer):
+            system = system.for_dataset(name)
         log.info("%s: scoring %d test pairs with %s", name, len(test), sys_name)
         start = time.perf_counter()
         scores = system.score_pairs(a, b, tasks[0])
@@ -312,6 +351,8 @@ def evaluate_ir_dataset(
     for sys_name, system in systems.items():
         if not isinstance(system, Retriever):
             continue
+        if isinstance(system, TeacherScorer):
+            system = system.for_dataset(name)
         log.info("%s: ranking %d docs for %d queries with %s", name, len(docs), len(qids), sys_name)
         start = time.perf_counter()
         ranking = system.rank(qtexts, docs, IR_DEPTH)

@@ -20,16 +20,19 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from d2llm.batching import Encoding, iter_batches
 from d2llm.errors import DataError, ModelError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_set, mean_metric
-from d2llm.teachers.base import Pair, Teacher, load_teacher, probabilities
+from d2llm.teachers.base import Pair, Teacher, load_teacher
+from d2llm.teachers.fusion import FusionTable, fit_fusion
 
 if TYPE_CHECKING:
     import pandas as pd
 
+    from d2llm.biencoder import MeanPoolEncoder
     from d2llm.config import Params
 
 log = logging.getLogger(__name__)
@@ -64,37 +67,82 @@ def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFra
     return rows, ((rows["label"] - lo) / (hi - lo)).tolist()
 
 
-def evaluate_teacher(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, float]:
-    """Dev metric per dataset (points, ``<dataset>/<metric>``) and their mean as ``main``."""
-    out = {
-        dev.name: dev_score(dev, probabilities(teacher.score(dev.pairs, dev.task).logits).numpy())
-        for dev in dev_sets
-    }
+def dev_log_odds(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, np.ndarray]:
+    """The teacher's yes/no log-odds ``z_yes - z_no`` on every dev pair, per dev set."""
+    out = {}
+    for dev in dev_sets:
+        logits = teacher.score(dev.pairs, dev.task).logits
+        out[dev.name] = (logits[:, 0] - logits[:, 1]).double().numpy()
+    return out
+
+
+def evaluate_teacher(
+    teacher: Teacher, dev_sets: list[DevSet], log_odds: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """Dev metric per dataset (points, ``<dataset>/<metric>``) and their mean as ``main``.
+
+    ``log_odds``, when given, receives the scores the metrics were computed from.
+    """
+    scores = dev_log_odds(teacher, dev_sets)
+    if log_odds is not None:
+        log_odds.update(scores)
+    out = {dev.name: dev_score(dev, scores[dev.name]) for dev in dev_sets}  # monotone in P(yes)
     return {**out, "main": mean_metric(out)}
 
 
-def baseline_dev_metrics(params: Params, dev_sets: list[DevSet]) -> dict[str, float]:
-    """The same dev metrics for the student's backbone read as a plain bi-encoder (mean-pool cosine).
-
-    A teacher is only worth distilling on a task where it beats this baseline; the report puts
-    the two side by side and ``teacher_gains`` decides from them.
-    """
+def baseline_encoder(params: Params) -> MeanPoolEncoder:
+    """The student's backbone read as a plain bi-encoder (mean pooling, cosine)."""
     from d2llm.biencoder import MeanPoolEncoder
 
     student = params.student
-    encoder = MeanPoolEncoder.from_ref(
+    return MeanPoolEncoder.from_ref(
         student.backbone,
         student.gguf_file,
         student.trust_remote_code,
         max_length=student.max_length,
         device=params.device,
     )
+
+
+def pair_cosines(encoder: MeanPoolEncoder, pairs: list[Pair]) -> np.ndarray:
+    """Cosine of each pair's two texts; each distinct text is encoded once."""
+    texts = list(dict.fromkeys([a for a, _ in pairs] + [b for _, b in pairs]))
+    row = {t: i for i, t in enumerate(texts)}
+    vectors = encoder.encode(texts)
+    a = vectors[[row[x] for x, _ in pairs]]
+    b = vectors[[row[y] for _, y in pairs]]
+    return (a * b).sum(dim=1).double().numpy()
+
+
+def baseline_dev_metrics(
+    params: Params, dev_sets: list[DevSet], cosines: dict[str, np.ndarray] | None = None
+) -> dict[str, float]:
+    """The same dev metrics for the student's backbone read as a plain bi-encoder (mean-pool cosine).
+
+    A teacher is only worth distilling on a task where it beats this baseline; the report puts
+    the two side by side and ``teacher_gains`` decides from them. ``cosines``, when given,
+    receives the scores.
+    """
+    encoder = baseline_encoder(params)
     out = {}
     for dev in dev_sets:
-        a = encoder.encode([p[0] for p in dev.pairs])
-        b = encoder.encode([p[1] for p in dev.pairs])
-        out[dev.name] = dev_score(dev, (a * b).sum(dim=1).numpy())
+        scores = pair_cosines(encoder, dev.pairs)
+        if cosines is not None:
+            cosines[dev.name] = scores
+        out[dev.name] = dev_score(dev, scores)
     return {**out, "main": mean_metric(out)}
+
+
+def fit_dev_fusion(
+    dev_sets: list[DevSet], log_odds: dict[str, np.ndarray], cosines: dict[str, np.ndarray]
+) -> tuple[FusionTable, dict[str, float]]:
+    """Per dev set, the teacher/bi-encoder interpolation with the best dev metric (teachers.fusion)."""
+    by_dataset, tasks, fused = {}, {}, {}
+    for dev in dev_sets:
+        fusion, value = fit_fusion(log_odds[dev.name], cosines[dev.name], lambda s, d=dev: dev_score(d, s))
+        by_dataset[dev.dataset], tasks[dev.dataset] = fusion, dev.task
+        fused[dev.name] = value
+    return FusionTable(by_dataset, tasks), {**fused, "main": mean_metric(fused)}
 
 
 def teacher_gains(report: dict[str, Any], min_gain: float) -> dict[str, dict[str, Any]]:
@@ -103,7 +151,8 @@ def teacher_gains(report: dict[str, Any], min_gain: float) -> dict[str, dict[str
     A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
     least ``min_gain`` points on its dev split: elsewhere the student would learn to be worse.
     """
-    after, base = report.get("dev_after", {}), report.get("dev_baseline", {})
+    # With fusion the fused scores are the teacher that labels the groups: judge those.
+    after, base = report.get("dev_fused") or report.get("dev_after", {}), report.get("dev_baseline", {})
     out = {}
     for key, teacher_value in after.items():
         if key == "main" or key not in base:
@@ -129,6 +178,14 @@ def write_dev_report(teacher_dir: str | Path, report: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
     tmp.replace(path)
+
+
+def load_fusion(teacher_dir: str | Path) -> FusionTable | None:
+    """The fusion weights saved with a teacher, or None when it was saved without fusion."""
+    report = read_dev_report(teacher_dir)
+    if not report or "fusion" not in report:
+        return None
+    return FusionTable.from_json(report["fusion"])
 
 
 def read_dev_report(teacher_dir: str | Path) -> dict[str, Any] | None:
@@ -185,9 +242,16 @@ def _linear_schedule(warmup: int, total: int):
 
 
 def train_teacher(
-    teacher: Teacher, params: Params, train: list[tuple[str, Pair, float]], dev_sets: list[DevSet]
+    teacher: Teacher,
+    params: Params,
+    train: list[tuple[str, Pair, float]],
+    dev_sets: list[DevSet],
+    best_log_odds: dict[str, np.ndarray] | None = None,
 ):
-    """The training loop; returns metrics per epoch, losses and the number of optimiser steps."""
+    """The training loop; returns metrics per epoch, losses and the number of optimiser steps.
+
+    ``best_log_odds``, when given, receives the kept epoch's dev scores (for fusion).
+    """
     import torch
 
     ft = params.teacher.finetune
@@ -207,8 +271,9 @@ def train_teacher(
     )
     target_t = torch.tensor(targets, dtype=torch.float32)
 
-    history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets)}]
-    best = (history[0]["main"], 0, [p.detach().clone() for p in trainable])
+    scores: dict[str, np.ndarray] = {}
+    history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets, scores)}]
+    best = (history[0]["main"], 0, [p.detach().clone() for p in trainable], scores)
     losses: list[float] = []
     step, epoch = 0, 0
     bar = tqdm(total=total, desc="teacher fine-tune", leave=False)
@@ -235,12 +300,15 @@ def train_teacher(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
             if step >= total:
                 break
-        metrics = evaluate_teacher(teacher, dev_sets)
+        scores = {}
+        metrics = evaluate_teacher(teacher, dev_sets, scores)
         history.append({"epoch": epoch, "step": step, **metrics})
         log.info("teacher epoch %d (step %d): dev %s", epoch, step, metrics)
         if metrics["main"] > best[0] or math.isnan(best[0]):
-            best = (metrics["main"], epoch, [p.detach().clone() for p in trainable])
+            best = (metrics["main"], epoch, [p.detach().clone() for p in trainable], scores)
     bar.close()
+    if best_log_odds is not None:
+        best_log_odds.update(best[3])
     with torch.no_grad():
         for p, saved in zip(trainable, best[2], strict=True):
             p.copy_(saved)
@@ -267,11 +335,17 @@ def finetune_teacher(
         return {"enabled": False, "kind": teacher.kind, "model": params.teacher.model}
     train, dev_sets = load_gold(params, prepared_dir)
     start = time.perf_counter()
-    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets)
+    log_odds: dict[str, np.ndarray] = {}
+    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets, log_odds)
     seconds = time.perf_counter() - start
     teacher.save_pretrained(out_dir)
-    dev_baseline = baseline_dev_metrics(params, dev_sets)
+    cosines: dict[str, np.ndarray] = {}
+    dev_baseline = baseline_dev_metrics(params, dev_sets, cosines)
     dev_after = {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")}
+    dev_report: dict[str, Any] = {"dev_after": dev_after, "dev_baseline": dev_baseline}
+    if params.teacher.fusion == "biencoder":
+        table, dev_report["dev_fused"] = fit_dev_fusion(dev_sets, log_odds, cosines)
+        dev_report["fusion"] = table.to_json()
     result = {
         "enabled": True,
         "kind": teacher.kind,
@@ -282,7 +356,9 @@ def finetune_teacher(
         "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")},
         "dev_after": dev_after,
         "dev_baseline": dev_baseline,
-        "gains": teacher_gains({"dev_after": dev_after, "dev_baseline": dev_baseline}, 0.0),
+        "dev_fused": dev_report.get("dev_fused"),
+        "fusion": dev_report.get("fusion"),
+        "gains": teacher_gains(dev_report, 0.0),
         "history": history,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -290,7 +366,7 @@ def finetune_teacher(
         "pairs_per_second": steps * ft.batch_size / seconds if seconds > 0 else None,
     }
     # The dev comparison travels with the teacher: labelling reads it to pick the families to distil.
-    write_dev_report(out_dir, {"dev_after": dev_after, "dev_baseline": dev_baseline})
+    write_dev_report(out_dir, dev_report)
     log.info(
         "teacher fine-tuned: dev %s -> %s (best epoch %d); bi-encoder baseline %s",
         result["dev_before"],

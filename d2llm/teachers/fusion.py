@@ -97,7 +97,9 @@ class FusionTable:
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "datasets": {name: {**asdict(f), "task": self.tasks.get(name)} for name, f in self.by_dataset.items()}
+            "datasets": {
+                name: {**asdict(f), "task": self.tasks.get(name)} for name, f in self.by_dataset.items()
+            }
         }
 
     @classmethod

@@ -71,7 +71,7 @@ def test_minilm_cross_encoder_learns_which_answer_is_yes_on_real_sick_pairs(tmp_
     result = finetune_teacher(params, tmp_path, tmp_path / "teacher")
     assert result["steps"] == 3 * 2 and result["train_pairs"] == len(train)
     assert result["best_epoch"] > 0
-    assert result["dev_after"]["sick/ap"] >= result["dev_before"]["sick/ap"] + 0.3
+    assert result["dev_after"]["sick/ap"] >= result["dev_before"]["sick/ap"] + 30  # points
 
     restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
     out = restored.score(list(zip(dev["text_a"], dev["text_b"], strict=True)), "sym", with_features=True)

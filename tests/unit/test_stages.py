@@ -116,7 +116,7 @@ def _candidates(dotted: str, value: Any) -> list[Any]:
     literals = [choice for choice in _literal_choices(dotted) if choice != value]
     if isinstance(value, str):
         return [*literals, value + "x"]
-    return [*literals, 1, 0.5, "x", ["x"]]  # None: the field's other type decides
+    return [*literals, 1, 16, 0.5, "x", ["x"]]  # None: the field's other type decides
 
 
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -224,12 +224,14 @@ def test_the_training_checkpoint_fingerprint_covers_settings_labels_and_dev_data
 
     (tmp_path / MANIFEST_FILE).write_text('{"complete": true}', encoding="utf-8")
     params = params_from_dict(_shipped_raw())
-    dev = DevSet(pairs=[("a", "b"), ("c", "d")], gold=np.array([1.0, 0.0]), task="sym", metric="ap")
+    dev = [DevSet("toy", "sym", [("a", "b"), ("c", "d")], np.array([1.0, 0.0]), "ap")]
     base = training_inputs_fingerprint(params, tmp_path, dev)
     assert training_inputs_fingerprint(params, tmp_path, dev) == base
 
-    other_dev = DevSet(pairs=[("a", "b"), ("c", "e")], gold=dev.gold, task="sym", metric="ap")
+    other_dev = [DevSet("toy", "sym", [("a", "b"), ("c", "e")], dev[0].gold, "ap")]
     assert training_inputs_fingerprint(params, tmp_path, other_dev) != base
+    one_more = [*dev, DevSet("toy2", "sym", [("e", "f"), ("g", "h")], dev[0].gold, "ap")]
+    assert training_inputs_fingerprint(params, tmp_path, one_more) != base
 
     hotter = params.model_copy(update={"teacher": params.teacher.model_copy(update={"temperature": 2.0})})
     assert training_inputs_fingerprint(hotter, tmp_path, dev) != base

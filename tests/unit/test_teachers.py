@@ -245,14 +245,14 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
 
     assert result["steps"] == 10 * 30  # 480 train pairs / 16, ten epochs
     assert set(result["history"][0]) == {"epoch", "step", "rule/ap", "main"}
-    assert result["dev_after"]["rule/ap"] >= result["dev_before"]["rule/ap"] + 0.30
+    assert result["dev_after"]["rule/ap"] >= result["dev_before"]["rule/ap"] + 30  # points
     assert result["loss_last"] < result["loss_first"]
     # The saved teacher is the best epoch's: it scores the dev pairs as the run measured them.
     restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
     pairs = list(zip(dev["text_a"], dev["text_b"], strict=True))
     scores = probabilities(restored.score(pairs, "sym").logits)
-    assert average_precision(scores.tolist(), dev["is_positive"].tolist()) == pytest.approx(
-        result["dev_after"]["rule/ap"], abs=1e-5
+    assert 100 * average_precision(scores.tolist(), dev["is_positive"].tolist()) == pytest.approx(
+        result["dev_after"]["rule/ap"], abs=1e-3
     )
 
 

@@ -324,6 +324,9 @@ class TrainingConfig(_Section):
     # List every distilled family and those that must not get worse.
     dev_datasets: list[str] = Field(default_factory=lambda: ["sick"], min_length=1)
     max_dev_pairs: int | None = Field(default=1000, ge=1)  # per dev dataset (a seeded sample)
+    # A step is kept as the best only if no dev set is more than this many points below its
+    # value at step 0 (the starting student), so no family pays for another; null: mean only.
+    dev_tolerance: float | None = Field(default=None, ge=0)
 
 
 class EvaluationConfig(_Section):

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
     from d2llm.config import Params
     from d2llm.teachers.base import Teacher
+    from d2llm.teachers.fusion import Fused
 
 log = logging.getLogger(__name__)
 
@@ -178,38 +179,6 @@ def score_groups(
                     )
     group_id = torch.tensor(groups["group_id"].tolist(), dtype=torch.long)
     return {"group_id": group_id, "in_batch": in_batch, "hard": hard, "feature_cos": feature_cos}
-
-
-@dataclass
-class Fused:
-    """The teacher's fusion weights and the bi-encoder they mix in (``teacher.fusion: biencoder``)."""
-
-    table: Any  # d2llm.teachers.fusion.FusionTable
-    encoder: Any  # d2llm.biencoder.MeanPoolEncoder
-
-    def logits(
-        self, pairs: list[tuple[str, str]], logits: torch.Tensor, dataset: str, task: str
-    ) -> torch.Tensor:
-        from d2llm.teachers.finetune import pair_cosines
-
-        if not pairs:
-            return logits
-        return self.table.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
-
-
-def load_fused(params: Params, teacher_dir: str | Path) -> Fused | None:
-    """The fusion to label with, or None with ``teacher.fusion: none``."""
-    if params.teacher.fusion == "none":
-        return None
-    from d2llm.teachers.finetune import baseline_encoder, load_fusion
-
-    table = load_fusion(teacher_dir)
-    if table is None:
-        raise ArtifactError(
-            f"teacher.fusion is {params.teacher.fusion!r} but the teacher in {teacher_dir} has no fusion "
-            "weights: fine-tune it again (`d2llm teacher-finetune`) with this setting"
-        )
-    return Fused(table, baseline_encoder(params))
 
 
 # --------------------------------------------------------------------------- files
@@ -399,6 +368,8 @@ def label_groups(
         from d2llm.teachers.base import load_teacher
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
+    from d2llm.teachers.fusion import load_fused
+
     fused = load_fused(params, teacher_dir)
     scored = skipped = 0
     shards = _shard_ranges(len(groups), cfg.shard_groups)

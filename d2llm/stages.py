@@ -89,19 +89,26 @@ STAGES: dict[str, Stage] = {
             params=("teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(PREPARED,),
             gates=(VALIDATED,),
-            code=("d2llm/teachers", "d2llm/biencoder.py"),
+            code=("d2llm/teachers", "d2llm/biencoder.py", "d2llm/evaluation/dev.py"),
         ),
         Stage(
             "label",
-            params=("labelling", "teacher", "seed"),
+            # teacher.fusion mixes in the student's backbone read as a bi-encoder.
+            params=("labelling", "teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(NEGATIVES, TEACHER),
-            code=("d2llm/labelling.py", "d2llm/teachers"),
+            code=("d2llm/labelling.py", "d2llm/teachers", "d2llm/biencoder.py"),
         ),
         Stage(
             "train",
             params=("student", "loss", "training", "seed", "teacher.temperature"),
             inputs=(LABELS, PREPARED),  # prepared: the dev split for early stopping
-            code=("d2llm/training.py", "d2llm/checkpoint.py", "d2llm/losses.py", "d2llm/student"),
+            code=(
+                "d2llm/training.py",
+                "d2llm/checkpoint.py",
+                "d2llm/losses.py",
+                "d2llm/student",
+                "d2llm/evaluation/dev.py",
+            ),
         ),
         Stage(
             "evaluate",
@@ -112,10 +119,11 @@ STAGES: dict[str, Stage] = {
                 "seed",
                 "search.chunk_size",
                 "teacher.temperature",
+                "teacher.fusion",
                 *_BACKBONE_AS_BIENCODER,
             ),
             inputs=(PREPARED, TEACHER, STUDENT),
-            code=("d2llm/evaluation", "d2llm/search.py", "d2llm/biencoder.py"),
+            code=("d2llm/evaluation", "d2llm/search.py", "d2llm/biencoder.py", "d2llm/teachers/fusion.py"),
         ),
         Stage(
             "register",

@@ -54,13 +54,36 @@ def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int 
     """
     was_training = student.training
     student.eval()
+    # Every distinct text of every set is encoded once (SICK and SICK-R share their pairs;
+    # answer-selection questions repeat for each candidate).
+    texts = sorted({text for dev in dev_sets for pair in dev.pairs for text in pair})
+    row = {text: i for i, text in enumerate(texts)}
     out = {}
     with torch.no_grad():
+        vectors = student.encode(texts, batch_size=batch_size)
         for dev in dev_sets:
-            scores = student.score(dev.pairs, dev.task, batch_size=batch_size).float().cpu().numpy()
+            e_a = vectors[[row[a] for a, _ in dev.pairs]]
+            e_b = vectors[[row[b] for _, b in dev.pairs]]
+            scores = student.score_vectors(e_a, e_b, dev.task).float().cpu().numpy()
             out[dev.name] = dev_score(dev, scores)
     student.train(was_training)
     return {**out, "main": mean_metric(out)}
+
+
+def regressions(
+    per_set: dict[str, float], start: dict[str, float], tolerance: float | None
+) -> dict[str, float]:
+    """Dev sets more than ``tolerance`` points below their value at step 0 (None: no guard).
+
+    A step that raises the mean by trading one family for another is not kept as the best.
+    """
+    if tolerance is None:
+        return {}
+    return {
+        name: round(value - start[name], 4)
+        for name, value in per_set.items()
+        if name in start and value < start[name] - tolerance
+    }
 
 
 # --------------------------------------------------------------------------- one step
@@ -242,6 +265,7 @@ def train_student(
         "best_metric": None,
         "best_step": 0,
         "initial_metric": None,
+        "initial_per_set": {},
         "bad_evals": 0,
         "stopped_early": False,
         "inputs": training_inputs_fingerprint(params, labels_dir, dev_sets),
@@ -287,16 +311,21 @@ def train_student(
             on_eval(record)
         if loop["initial_metric"] is None:
             loop["initial_metric"] = metric
-        if loop["best_metric"] is None or metric > loop["best_metric"]:
+            loop["initial_per_set"] = per_set
+        regressed = regressions(per_set, loop["initial_per_set"], cfg.dev_tolerance)
+        if regressed:
+            record["regressed"] = regressed
+        if loop["best_metric"] is None or (metric > loop["best_metric"] and not regressed):
             loop.update(best_metric=metric, best_step=loop["step"], bad_evals=0)
             student.save_pretrained(out_dir)
         else:
             loop["bad_evals"] += 1
         log.info(
-            "step %d: dev mean %.2f %s (best %.2f at step %d)",
+            "step %d: dev mean %.2f %s%s (best %.2f at step %d)",
             loop["step"],
             metric,
             {name: round(value, 2) for name, value in per_set.items()},
+            f"; not kept, below the start on {sorted(regressed)}" if regressed else "",
             loop["best_metric"],
             loop["best_step"],
         )

@@ -217,8 +217,8 @@ def load_systems(
     elif teacher_dir is None or not Path(teacher_dir).is_dir():
         notes.append(f"teacher skipped: no saved teacher at {teacher_dir}")
     else:
-        from d2llm.labelling import load_fused
         from d2llm.teachers.base import load_teacher
+        from d2llm.teachers.fusion import load_fused
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
         fused = load_fused(params, teacher_dir)

@@ -23,9 +23,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from d2llm.config import Params
 
 GRID = tuple(round(i / 10, 1) for i in range(11))
 
@@ -112,3 +118,37 @@ class FusionTable:
             if not all(math.isfinite(getattr(by_dataset[name], f)) for f in Fusion.__dataclass_fields__):
                 raise ValueError(f"fusion weights of {name!r} are not finite: {entry}")
         return cls(by_dataset, tasks)
+
+
+@dataclass
+class Fused:
+    """The teacher's fusion weights and the bi-encoder they mix in (``teacher.fusion: biencoder``)."""
+
+    table: FusionTable
+    encoder: Any  # d2llm.biencoder.MeanPoolEncoder
+
+    def logits(
+        self, pairs: list[tuple[str, str]], logits: torch.Tensor, dataset: str, task: str
+    ) -> torch.Tensor:
+        from d2llm.teachers.finetune import pair_cosines
+
+        if not pairs:
+            return logits
+        return self.table.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
+
+
+def load_fused(params: Params, teacher_dir: str | Path) -> Fused | None:
+    """The fusion to label with, or None with ``teacher.fusion: none``."""
+    if params.teacher.fusion == "none":
+        return None
+    from d2llm.teachers.finetune import baseline_encoder, load_fusion
+
+    table = load_fusion(teacher_dir)
+    if table is None:
+        from d2llm.errors import ArtifactError
+
+        raise ArtifactError(
+            f"teacher.fusion is {params.teacher.fusion!r} but the teacher in {teacher_dir} has no fusion "
+            "weights: fine-tune it again (`d2llm teacher-finetune`) with this setting"
+        )
+    return Fused(table, baseline_encoder(params))

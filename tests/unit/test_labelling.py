@@ -208,3 +208,71 @@ def test_killed_labelling_resumes_to_the_same_tensors(teacher_dir, tmp_path):
     assert a.groups.equals(b.groups)
     for name in ("group_id", "in_batch", "hard", "feature_cos"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_fused_labels_mix_the_dev_chosen_weight_of_bi_encoder_cosine(teacher_dir, tiny_bert_dir, tmp_path):
+    """teacher.fusion: labels are (1 - w) teacher log-odds + w cosine moved onto the teacher's scale."""
+    import shutil
+
+    import numpy as np
+
+    from d2llm.biencoder import MeanPoolEncoder
+    from d2llm.teachers.finetune import write_dev_report
+    from d2llm.teachers.fusion import Fusion, FusionTable
+
+    fused_dir = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, fused_dir)
+    fusion = Fusion(weight=0.3, teacher_mean=0.5, teacher_std=2.0, cosine_mean=0.4, cosine_std=0.1)
+    table = FusionTable({"toy": fusion}, {"toy": "sym"})
+    write_dev_report(fused_dir, {"dev_after": {"toy/ap": 90.0}, "dev_baseline": {"toy/ap": 80.0},
+                                 "fusion": table.to_json()})  # fmt: skip
+    _negatives(4).to_parquet(tmp_path / "neg.parquet")
+    raw = _params(group_size=2, shard_groups=2)
+    raw["teacher"].update(fusion="biencoder")
+    raw["student"] = {"backbone": str(tiny_bert_dir), "max_length": 32}
+    params = params_from_dict(raw)
+    summary = label_groups(params, tmp_path / "neg.parquet", fused_dir, tmp_path / "labels")
+    assert summary["distilled"] == {"toy": "distilled: gating off (labelling.min_teacher_gain: null)"}
+    labels = load_labels(tmp_path / "labels")
+
+    teacher = load_teacher(params.teacher, fused_dir, "cpu")
+    encoder = MeanPoolEncoder.from_ref(str(tiny_bert_dir), max_length=32)
+    for g in labels.groups.itertuples():
+        for i, a in enumerate(g.anchors):
+            cands = [g.positives[i], *g.negatives[i]]
+            logits = teacher.score([(a, c) for c in cands], "sym").logits
+            d = (logits[:, 0] - logits[:, 1]).numpy()
+            vec_a, vec_c = encoder.encode([a]), encoder.encode(cands)
+            cosine = (vec_a * vec_c).sum(-1).numpy()
+            expected = 0.7 * d + 0.3 * (0.5 + 2.0 * (cosine - 0.4) / 0.1)  # by hand
+            got = labels.hard[g.group_id, i]
+            np.testing.assert_allclose((got[:, 0] - got[:, 1]).numpy(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_gating_labels_only_datasets_the_teacher_wins_on_dev(teacher_dir, tmp_path):
+    import shutil
+
+    from d2llm.teachers.finetune import write_dev_report
+
+    gated_dir = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, gated_dir)
+    report = {
+        "dev_after": {"win/ap": 85.0, "lose/ap": 70.0},
+        "dev_baseline": {"win/ap": 80.0, "lose/ap": 75.0},
+    }
+    write_dev_report(gated_dir, report)
+    neg = pd.concat(
+        [_negatives(4, dataset="win"), _negatives(4, dataset="lose"), _negatives(4, dataset="unmeasured")]
+    )
+    neg.to_parquet(tmp_path / "neg.parquet")
+    raw = _params(group_size=2, shard_groups=4)
+    raw["labelling"]["min_teacher_gain"] = 1.0
+    summary = label_groups(params_from_dict(raw), tmp_path / "neg.parquet", gated_dir, tmp_path / "labels")
+    assert summary["distilled"]["win"].startswith("distilled: teacher 85.00 vs bi-encoder 80.00")
+    assert summary["distilled"]["lose"].startswith("skipped: teacher 70.00 vs bi-encoder 75.00")
+    assert summary["distilled"]["unmeasured"].startswith("skipped: the teacher was not measured")
+    assert set(load_labels(tmp_path / "labels").groups["dataset"]) == {"win"}
+
+    raw["labelling"]["min_teacher_gain"] = 10.0  # nothing left worth distilling: a clear error
+    with pytest.raises(DataError, match="beats the bi-encoder on no labelling dataset"):
+        label_groups(params_from_dict(raw), tmp_path / "neg.parquet", gated_dir, tmp_path / "labels2")

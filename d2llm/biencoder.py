@@ -2,6 +2,13 @@
 
 One implementation serves as the mining encoder, the baseline of every evaluation and the
 baseline the teacher is checked against, so "the bi-encoder" means the same thing everywhere.
+
+Batches are always padded on the right, whatever the tokenizer's ``padding_side``: every text
+then sits at positions 0..n-1, the positions every model gives it when it is encoded alone, and a
+causal decoder's real tokens never see a padding token. A text's vector therefore does not depend
+on its batch companions, for encoders and decoders alike. (Left padding shifts the positions of
+the shorter rows: harmless for rotary decoders such as Llama or Qwen2, whose attention depends
+only on relative positions, but it changes the vectors of any model with absolute positions.)
 """
 
 from __future__ import annotations
@@ -61,7 +68,7 @@ class MeanPoolEncoder:
                 run,
                 batch_size=self.batch_size,
                 pad_id=self.tokenizer.pad_token_id,
-                side=self.tokenizer.padding_side,
+                side="right",  # never the tokenizer's side: see the module docstring
                 show_progress=show_progress,
                 desc="bi-encoder",
             )

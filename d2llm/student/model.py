@@ -101,7 +101,12 @@ class D2LLMStudent(nn.Module):
     def tokenize(self, texts: Sequence[str]) -> Any:
         """Pad and truncate a batch of texts to ``student.max_length``, on the model's device."""
         batch = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+            list(texts),
+            padding=True,
+            padding_side="right",  # positions 0..n-1 for every text, as encoded alone
+            truncation=True,
+            max_length=self.cfg.max_length,
+            return_tensors="pt",
         )
         return batch.to(self.device)
 
@@ -140,7 +145,8 @@ class D2LLMStudent(nn.Module):
             for start in tqdm(steps, desc="encode", disable=not show_progress, unit="batch"):
                 idx = order[start : start + batch_size]
                 features = [{key: encoded[key][i] for key in encoded} for i in idx]
-                batch = self.tokenizer.pad(features, return_tensors="pt").to(self.device)
+                batch = self.tokenizer.pad(features, padding_side="right", return_tensors="pt")
+                batch = batch.to(self.device)
                 out[idx] = self.embed(batch).float().cpu()
         finally:
             self.train(was_training)

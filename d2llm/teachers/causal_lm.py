@@ -7,7 +7,12 @@ Three rules keep the score meaningful:
 - "yes" and "no" must each be one token, checked at load time (the authors' code took the first
   sub-token of a word unchecked).
 Only the two answer rows of the LM head are applied to the last hidden state: the full
-vocabulary projection over every position is never computed.
+vocabulary projection over every position is never computed. What the model's own causal-LM
+forward does after its head is done to those two logits too (``_output_path``: Gemma 2/3
+final-logit soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``), so
+``[z_yes, z_no]`` are the model's own next-token logits. Chat templates with a thinking mode
+(Qwen3) are rendered with it switched off (``enable_thinking=False``): the answer cue is the
+non-thinking generation prompt.
 
 Saved layout: ``adapter/`` (LoRA, safetensors) on top of the referenced base model, or
 ``model/`` (full weights) plus tokenizer files.
@@ -164,8 +169,13 @@ class CausalLMTeacher(Teacher):
         prompt = self.template(task, language).format(a=a, b=b)
         if not self.use_chat:
             return prompt
+        # enable_thinking=False: a thinking template (Qwen3) closes an empty think block, so the
+        # next token is the answer; templates that never read the variable ignore it.
         return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            [{"role": "user", "content": prompt}],
+            tokenize=False,
+            add_generation_prompt=True,
+            enable_thinking=False,
         )
 
     def _ids(self, text: str) -> list[int]:
@@ -220,7 +230,7 @@ class CausalLMTeacher(Teacher):
         logits = last @ rows.T.to(last.dtype)
         if getattr(head, "bias", None) is not None:
             logits = logits + head.bias[[self.yes_id, self.no_id]]
-        return logits, last
+        return _output_path(self.lm.config, logits), last
 
     def _save_weights(self, out_dir: Path) -> WeightsKind:
         if self.peft_model is not None:
@@ -229,6 +239,27 @@ class CausalLMTeacher(Teacher):
         self.lm.save_pretrained(out_dir / MODEL_DIR)
         self.tokenizer.save_pretrained(out_dir)
         return "full"
+
+
+def _output_path(config: Any, logits: torch.Tensor) -> torch.Tensor:
+    """What the model's causal-LM forward does to the LM head's output, applied to ``logits``.
+
+    Read from the (text) config as the modelling code reads it: Cohere multiplies by
+    ``logit_scale``, Granite divides by ``logits_scaling``, Gemma 2/3 soft-cap with
+    ``cap * tanh(logits / cap)`` (``final_logit_softcapping``), in that code's order.
+    """
+    import torch
+
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    model_type = getattr(config, "model_type", "")
+    if model_type.startswith("cohere") and getattr(config, "logit_scale", None) is not None:
+        logits = logits * config.logit_scale
+    if model_type.startswith("granite") and getattr(config, "logits_scaling", None) is not None:
+        logits = logits / config.logits_scaling
+    cap = getattr(config, "final_logit_softcapping", None)
+    if cap is not None:
+        logits = cap * torch.tanh(logits / cap)
+    return logits
 
 
 def _split_budget(len_a: int, len_b: int, budget: int) -> tuple[int, int]:

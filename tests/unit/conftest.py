@@ -6,7 +6,11 @@ All fixtures are session-scoped and build their folder once (about a second each
 - ``tiny_qwen2_dir``: a 2-layer, 32-d ``Qwen2ForCausalLM`` with a byte-level BPE tokenizer and a
   ChatML chat template;
 - ``tiny_llama_dir``: a 2-layer, 32-d ``LlamaForCausalLM`` with the same BPE vocabulary and no
-  chat template (so both teacher prompt paths can be exercised).
+  chat template (so both teacher prompt paths can be exercised);
+- ``tiny_gpt2_dir``: a 2-layer, 32-d ``GPT2LMHeadModel`` (learned absolute positions, unlike the
+  rotary Llama and Qwen2) with the same BPE vocabulary and no chat template;
+- ``tiny_causal_lm``: a builder of further tiny causal LMs of any family (config overrides, chat
+  template), each in a new folder.
 
 The causal models are saved with their LM head, so a causal-LM teacher can load them; "yes" and
 "no" are single tokens with and without a leading space, and every tokenizer has a pad token.
@@ -15,6 +19,7 @@ Nothing is downloaded. Do not modify the folders in a test: copy them first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -82,7 +87,10 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def _save_causal_lm(folder: Path, config_cls: type, model_cls: type, chat_template: str | None) -> Path:
+def _save_causal_lm(
+    folder: Path, config_cls: type, model_cls: type, chat_template: str | None, **config_kw: object
+) -> Path:
+    """A random 2-layer, 32-d ``model_cls`` with the BPE tokenizer; ``config_kw`` overrides the config."""
     import torch
     from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
 
@@ -99,18 +107,19 @@ def _save_causal_lm(folder: Path, config_cls: type, model_cls: type, chat_templa
     _check_yes_no(tokenizer, f"tiny {config_cls.model_type} tokenizer")
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=None,
-    )
+    settings: dict[str, object] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    config = config_cls(**{**settings, **config_kw})
     model_cls(config).save_pretrained(folder)
     return folder
 
@@ -137,3 +146,25 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     return _save_causal_lm(tmp_path_factory.mktemp("tiny_llama"), LlamaConfig, LlamaForCausalLM, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random 2-layer GPT2LMHeadModel (hidden 32, absolute positions) with the BPE tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return _save_causal_lm(tmp_path_factory.mktemp("tiny_gpt2"), GPT2Config, GPT2LMHeadModel, None)
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_lm(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``tiny_causal_lm(config_cls, model_cls, chat_template=None, **config_kw)``: another tiny
+    causal LM (2 layers, hidden 32, the BPE tokenizer), saved to a new folder."""
+
+    def build(
+        config_cls: type, model_cls: type, chat_template: str | None = None, **config_kw: object
+    ) -> Path:
+        folder = tmp_path_factory.mktemp(f"tiny_{config_cls.model_type}")
+        return _save_causal_lm(folder, config_cls, model_cls, chat_template, **config_kw)
+
+    return build

@@ -10,6 +10,7 @@ FAISS is imported only here, inside the functions.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,16 @@ from typing import Any, Literal
 import numpy as np
 
 ANN_FILE = "ann.faiss"
+
+
+def _import_faiss() -> Any:
+    """faiss, without its loader's INFO lines about which CPU build it tried (noise for a search)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
+
+
 AnnKind = Literal["flat", "hnsw"]
 
 
@@ -49,7 +60,7 @@ class VectorIndex:
         chunk_rows: int = 65_536,
     ) -> VectorIndex:
         """Add ``vectors [N, d]`` (numpy, memmap or torch on CPU) ``chunk_rows`` at a time."""
-        import faiss
+        faiss = _import_faiss()
 
         dim = int(vectors.shape[1])
         if kind == "flat":
@@ -98,13 +109,13 @@ class VectorIndex:
         return positions, scores
 
     def save(self, path: str | Path) -> None:
-        import faiss
+        faiss = _import_faiss()
 
         faiss.write_index(self.faiss_index, str(path))
 
     @classmethod
     def load(cls, path: str | Path, ef_search: int = 128) -> VectorIndex:
-        import faiss
+        faiss = _import_faiss()
 
         index = faiss.read_index(str(path))
         kind: AnnKind = "hnsw" if hasattr(index, "hnsw") else "flat"

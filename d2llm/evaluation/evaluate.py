@@ -221,9 +221,11 @@ def load_systems(
         from d2llm.teachers.fusion import load_fused
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
-        fused = load_fused(params, teacher_dir)
+        fused = load_fused(params, teacher_dir, required=False)
         scorer = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused)
         systems["teacher"] = scorer
+        if fused is None and params.teacher.fusion != "none":
+            notes.append(f"teacher scored alone: the teacher in {teacher_dir} has no fusion weights")
         if fused is not None:
             # The raw teacher too, from the same forward passes: what the fusion adds is visible.
             raw = copy.copy(scorer)

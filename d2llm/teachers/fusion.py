@@ -137,13 +137,19 @@ class Fused:
         return self.table.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
 
 
-def load_fused(params: Params, teacher_dir: str | Path) -> Fused | None:
-    """The fusion to label with, or None with ``teacher.fusion: none``."""
+def load_fused(params: Params, teacher_dir: str | Path, required: bool = True) -> Fused | None:
+    """The fusion to score with, or None with ``teacher.fusion: none``.
+
+    A teacher saved without fusion weights is an error when ``required`` (labelling must not
+    silently label with another teacher than configured), else None (evaluation notes it).
+    """
     if params.teacher.fusion == "none":
         return None
     from d2llm.teachers.finetune import baseline_encoder, load_fusion
 
     table = load_fusion(teacher_dir)
+    if table is None and not required:
+        return None
     if table is None:
         from d2llm.errors import ArtifactError
 

@@ -47,13 +47,28 @@ def _pairs_frame(dataset: str, task: str, classes: bool, n: int = 24) -> pd.Data
     return pd.DataFrame(rows, columns=cols)
 
 
+def _qa_frame(per_split: int = 4, candidates: int = 4) -> pd.DataFrame:
+    """Answer selection (asym): each question has one right candidate among ``candidates``."""
+    rows = []
+    for split in ("train", "dev", "test"):
+        for q in range(per_split):
+            question = f"what does the {SUBJECTS[q % 3]} do {split} {q}"
+            for c in range(candidates):
+                right = c == q % candidates
+                rows.append((question, _sentence(q + c), float(right), "yes" if right else "no", "asym",
+                             "trecqa", split, right))  # fmt: skip
+    cols = ["text_a", "text_b", "label", "label_name", "task", "source", "split", "is_positive"]
+    return pd.DataFrame(rows, columns=cols)
+
+
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny prepared folder: sick, snli, stsb_en, sick_r pairs; cranfield and cisi IR tables."""
+    """A tiny prepared folder: sick, snli, stsb_en, sick_r, trecqa pairs; cranfield and cisi IR tables."""
     root = tmp_path_factory.mktemp("prepared")
     (root / "pairs").mkdir()
     for name, classes in (("sick", True), ("snli", True), ("stsb_en", False), ("sick_r", False)):
         _pairs_frame(name, "sym", classes).to_parquet(root / "pairs" / f"{name}.parquet", index=False)
+    _qa_frame().to_parquet(root / "pairs" / "trecqa.parquet", index=False)
     for name, offset in (("cranfield", 0), ("cisi", 7)):
         folder = root / "ir" / name
         folder.mkdir(parents=True)
@@ -280,8 +295,9 @@ def test_quality_evaluates_when_no_metrics_file(tiny_bert_dir, prepared_dir, sav
     assert (tmp_path / "quality_metrics.json").is_file()
     assert report["systems_present"] == ["bi-encoder", "teacher", "student"]
     rows = {r["dataset"]: r for r in report["rows"]}
-    assert set(rows) == {"stsb_en", "sick", "sick_r", "cranfield", "cisi"}
+    assert set(rows) == {"stsb_en", "sick", "sick_r", "trecqa", "cranfield", "cisi"}
     assert rows["sick"]["metric"] == "ap" and rows["cranfield"]["metric"] == "ndcg@10"
+    assert rows["trecqa"]["metric"] == "map"
     assert all(r[s] is not None for r in rows.values() for s in ("bi-encoder", "teacher", "student"))
     assert report["mean"]["student"] == pytest.approx(np.mean([r["student"] for r in rows.values()]))
 

@@ -13,8 +13,8 @@ threads send ``--requests`` requests in all, a seeded mix of:
 
 It reports latency percentiles (p50/p95/p99, all requests and per kind), counts by status class,
 the 5xx count (must be 0), every request whose answer broke its rule, and the server's resident
-memory (all processes of its group: the CLI and uvicorn's worker) after warm-up and after the
-load. The loop is bounded (a fixed number of requests, a timeout per request) and the server is
+memory (all processes of its group: the CLI and uvicorn's worker) after warm-up and after each
+quarter of the load. The loop is bounded (a fixed number of requests, a timeout per request) and the server is
 always stopped. Loopback only: nothing listens beyond 127.0.0.1.
 
     python -m benchmarks.serve_load                       # models:/d2llm-student@champion
@@ -52,6 +52,7 @@ HOST = "127.0.0.1"
 DEFAULT_MODEL = "models:/d2llm-student@champion"
 STARTUP_TIMEOUT_S = 180.0
 REQUEST_TIMEOUT_S = 60.0
+ROUNDS = 4  # the load goes out in this many equal parts, the server's RSS read after each
 # Share of each kind in the mix (search requests become pair requests for a model without index).
 MIX = {"pairs": 0.4, "search": 0.2, "malformed": 0.3, "oversized": 0.1}
 SENTENCES = (
@@ -394,10 +395,18 @@ def measure(
         log.info(
             "sending %d requests from %d clients to %s (search: %s)", len(load), clients, url, with_search
         )
+        # Sent in ROUNDS equal parts, RSS read after each: memory is flat when the later rounds
+        # stop adding to it (the first ones fill allocator caches and per-thread buffers).
+        answers: list[Answer] = []
+        rss_rounds: list[int] = []
         start = time.perf_counter()
-        answers = send_all(url, load, clients, timeout)
+        for r in range(ROUNDS):
+            answers += send_all(
+                url, load[r * len(load) // ROUNDS : (r + 1) * len(load) // ROUNDS], clients, timeout
+            )
+            rss_rounds.append(group_rss_bytes(pgid))
         wall = time.perf_counter() - start
-        rss_after = group_rss_bytes(pgid)
+        rss_after = rss_rounds[-1]
     result = summarise(answers, wall)
     result.update(
         {
@@ -409,6 +418,8 @@ def measure(
                 "after_warmup": rss_before / 2**20,
                 "after_load": rss_after / 2**20,
                 "growth": (rss_after - rss_before) / 2**20,
+                "after_each_round": [b / 2**20 for b in rss_rounds],
+                "growth_second_half": (rss_after - rss_rounds[ROUNDS // 2 - 1]) / 2**20,
             },
         }
     )
@@ -454,7 +465,9 @@ def print_report(results: dict[str, Any]) -> None:
     rss = results["rss_mib"]
     print(
         f"server RSS: {rss['after_warmup']:.0f} MiB after warm-up, "
-        f"{rss['after_load']:.0f} MiB after the load ({rss['growth']:+.0f} MiB)"
+        f"{rss['after_load']:.0f} MiB after the load ({rss['growth']:+.0f} MiB); after each quarter: "
+        f"{', '.join(f'{m:.0f}' for m in rss['after_each_round'])} MiB "
+        f"(second half {rss['growth_second_half']:+.0f} MiB)"
     )
     for label, message in results["error_messages"].items():
         print(f"  {label}: {message[:140]}")

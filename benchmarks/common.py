@@ -212,15 +212,17 @@ def load_student(params: Params, student_dir: Path | None) -> tuple[Any, str]:
     """The trained student in ``student_dir`` when it exists, else a fresh one from the config.
 
     An untrained student costs exactly what a trained one costs (same shapes, same operations),
-    so timing benchmarks run before training too; quality figures then say "untrained".
+    so timing benchmarks run before training too; quality figures then say "untrained". Either
+    way the LoRA adapters are merged into the backbone, as every inference path runs it.
     """
     from d2llm.hub import pick_device
     from d2llm.student.model import D2LLMStudent
 
     device = pick_device(params.device)
     if student_dir is not None and (Path(student_dir) / "student.json").is_file():
-        return D2LLMStudent.from_pretrained(student_dir, device=device), f"trained ({student_dir})"
-    student = D2LLMStudent.from_config(params.student, device=device)
+        student = D2LLMStudent.from_pretrained(student_dir, device=device, merged=True)
+        return student, f"trained ({student_dir})"
+    student = D2LLMStudent.from_config(params.student, device=device).merge_lora()
     return student, f"untrained (from_config, backbone {params.student.backbone})"
 
 

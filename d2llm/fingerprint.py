@@ -60,3 +60,18 @@ def code_fingerprint() -> str:
         digest.update(str(file.relative_to(package)).encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
+
+
+def state_fingerprint(module: Any) -> str:
+    """sha256 of a torch module's state dict (names, dtypes, shapes and bytes, sorted by name)."""
+    import torch
+
+    digest = hashlib.sha256()
+    state = module.state_dict()
+    for name in sorted(state):
+        tensor = state[name].detach().to("cpu").contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
+        if tensor.numel():
+            # Raw bytes, whatever the dtype (bf16 has no numpy equivalent).
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

@@ -79,18 +79,14 @@ def student_fingerprint(student: Any) -> str:
 
     These are exactly the tensors ``save_pretrained`` writes, so a retrained or re-loaded
     different checkpoint gives a different fingerprint, and the same checkpoint the same one.
+    A student with its LoRA merged for inference answers with the fingerprint of the weights it
+    was merged from (``D2LLMStudent.fingerprint``), so an index fits the merged and the unmerged
+    student alike.
     """
-    import torch
+    from d2llm.fingerprint import state_fingerprint
 
-    h = hashlib.sha256()
-    state = student.state_dict()
-    for name in sorted(state):
-        tensor = state[name].detach().to("cpu").contiguous()
-        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}\n".encode())
-        if tensor.numel():
-            # Raw bytes, whatever the dtype (bf16 has no numpy equivalent).
-            h.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    own = getattr(student, "fingerprint", None)
+    return own() if callable(own) else state_fingerprint(student)
 
 
 # --------------------------------------------------------------------------- BM25

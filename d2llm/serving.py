@@ -12,6 +12,14 @@ Two request kinds, told apart by their columns:
 
 Bad input raises ``MlflowException`` with ``INVALID_PARAMETER_VALUE``: the scoring server turns
 that into an HTTP 400 carrying the message, instead of a 500 with a generic text.
+
+Request size limit: at most ``MAX_ROWS`` rows (pairs or queries) per request and ``MAX_TEXT_CHARS``
+characters per text; a larger request gets a 400 naming the limit before any text is encoded.
+The student reads at most ``student.max_length`` tokens of a text anyway, so the character cap
+only bounds the tokenizer's work and the request's memory. A model logged with
+``search_settings={"max_rows": ..., "max_text_chars": ...}`` (its ``model_config``) uses those
+values instead. ``benchmarks/serve_load.py`` measures the server under concurrent load with valid,
+malformed and oversized requests.
 """
 
 from __future__ import annotations
@@ -22,6 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlflow.pyfunc
+
+from d2llm.errors import clip
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +46,8 @@ BACKBONE_ARTIFACT = "backbone"  # a bundled local backbone folder (see d2llm.tra
 STUDENT_CONFIG_FILE = "student.json"  # d2llm.student.model.CONFIG_FILE
 DEFAULT_K = 10
 MAX_K = 1000
+MAX_ROWS = 512  # pairs or queries per request
+MAX_TEXT_CHARS = 10_000  # characters per text (about 2 000 words; the student reads max_length tokens)
 
 
 def _invalid(message: str) -> Exception:
@@ -44,42 +56,57 @@ def _invalid(message: str) -> Exception:
     return MlflowException.invalid_parameter_value(message)
 
 
-def _check_texts(frame: pd.DataFrame, column: str) -> list[str]:
-    """The column as a list of non-empty strings, or a 400 naming the first bad row."""
+def check_size(frame: pd.DataFrame, max_rows: int = MAX_ROWS) -> None:
+    """A 400 for a request without rows or with more than ``max_rows``."""
+    if len(frame) == 0:
+        raise _invalid("request has no rows")
+    if len(frame) > max_rows:
+        raise _invalid(f"request has {len(frame)} rows; the limit is {max_rows} rows per request: split it")
+
+
+def _check_texts(frame: pd.DataFrame, column: str, max_chars: int = MAX_TEXT_CHARS) -> list[str]:
+    """The column as a list of non-empty strings of at most ``max_chars``, or a 400 naming the
+    first bad row (a quoted value is cut short, so a huge text is never echoed whole)."""
     values = frame[column].tolist()
     for row, value in enumerate(values):
         if not isinstance(value, str):
-            raise _invalid(
-                f"column {column!r} row {row}: expected a string, got {type(value).__name__} {value!r}"
-            )
+            kind = type(value).__name__
+            raise _invalid(f"column {column!r} row {row}: expected a string, got {kind} {clip(repr(value))}")
         if not value.strip():
             raise _invalid(f"column {column!r} row {row}: text is empty")
+        if len(value) > max_chars:
+            raise _invalid(
+                f"column {column!r} row {row}: text has {len(value)} characters; "
+                f"the limit is {max_chars} characters per text"
+            )
     return values
 
 
-def validate_pairs(frame: pd.DataFrame) -> tuple[list[str], list[str], list[str]]:
+def validate_pairs(
+    frame: pd.DataFrame, max_rows: int = MAX_ROWS, max_chars: int = MAX_TEXT_CHARS
+) -> tuple[list[str], list[str], list[str]]:
     """``(text_a, text_b, task)`` lists from a pair request, or a clear error."""
     missing = [c for c in PAIR_COLUMNS if c not in frame.columns]
     if missing:
         raise _invalid(
             f"pair request is missing column(s) {missing}; send columns {list(PAIR_COLUMNS)}"
-            f" (got {list(frame.columns)})"
+            f" (got {clip(repr(list(frame.columns)))})"
         )
-    if len(frame) == 0:
-        raise _invalid("request has no rows")
-    text_a, text_b = _check_texts(frame, "text_a"), _check_texts(frame, "text_b")
+    check_size(frame, max_rows)
+    text_a, text_b = _check_texts(frame, "text_a", max_chars), _check_texts(frame, "text_b", max_chars)
     tasks = frame["task"].tolist()
     for row, task in enumerate(tasks):
         if task not in TASKS:
-            raise _invalid(f"column 'task' row {row}: {task!r} is not one of {list(TASKS)}")
+            raise _invalid(f"column 'task' row {row}: {clip(repr(task))} is not one of {list(TASKS)}")
     return text_a, text_b, tasks
 
 
-def validate_queries(frame: pd.DataFrame, default_k: int) -> tuple[list[str], list[int]]:
+def validate_queries(
+    frame: pd.DataFrame, default_k: int, max_rows: int = MAX_ROWS, max_chars: int = MAX_TEXT_CHARS
+) -> tuple[list[str], list[int]]:
     """``(queries, ks)`` from a search request, or a clear error."""
-    if len(frame) == 0:
-        raise _invalid("request has no rows")
-    queries = _check_texts(frame, "query")
+    check_size(frame, max_rows)
+    queries = _check_texts(frame, "query", max_chars)
     if "k" not in frame.columns:
         return queries, [default_k] * len(queries)
     ks = []
@@ -87,7 +114,7 @@ def validate_queries(frame: pd.DataFrame, default_k: int) -> tuple[list[str], li
         if isinstance(k, float) and k.is_integer():
             k = int(k)  # JSON numbers may arrive as floats
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_K:
-            bad = "missing" if isinstance(k, float) and math.isnan(k) else repr(k)
+            bad = "missing" if isinstance(k, float) and math.isnan(k) else clip(repr(k))
             raise _invalid(f"column 'k' row {row}: expected an integer in [1, {MAX_K}], got {bad}")
         ks.append(k)
     return queries, ks
@@ -103,8 +130,8 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         student_dir = context.artifacts[STUDENT_ARTIFACT]
         if BACKBONE_ARTIFACT in context.artifacts:
             student_dir = self._point_at_bundled_backbone(student_dir, context.artifacts[BACKBONE_ARTIFACT])
-        self.student = D2LLMStudent.from_pretrained(student_dir)
-        self.student.eval()
+        # LoRA merged into the backbone: inference runs the plain backbone (same scores, faster).
+        self.student = D2LLMStudent.from_pretrained(student_dir, merged=True)
         self.settings: Mapping[str, Any] = dict(context.model_config or {})
         self.index = None
         if INDEX_ARTIFACT in context.artifacts:
@@ -161,12 +188,17 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
             return self._search(frame)
         return self._score_pairs(frame)
 
+    def _limits(self) -> tuple[int, int]:
+        """(rows per request, characters per text): the logged settings, else the defaults."""
+        settings = getattr(self, "settings", {})
+        return int(settings.get("max_rows", MAX_ROWS)), int(settings.get("max_text_chars", MAX_TEXT_CHARS))
+
     def _score_pairs(self, frame: pd.DataFrame) -> pd.DataFrame:
         import numpy as np
         import pandas as pd
         import torch
 
-        text_a, text_b, tasks = validate_pairs(frame)
+        text_a, text_b, tasks = validate_pairs(frame, *self._limits())
         scores = np.zeros(len(frame), dtype=np.float64)
         for task in TASKS:  # the IEM has one branch per task kind: score each kind in one call
             rows = [i for i, t in enumerate(tasks) if t == task]
@@ -184,7 +216,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
             raise _invalid(
                 "this model was logged without a search index: send pair columns (text_a, text_b, task)"
             )
-        queries, ks = validate_queries(frame, int(self.settings.get("default_k", DEFAULT_K)))
+        queries, ks = validate_queries(frame, int(self.settings.get("default_k", DEFAULT_K)), *self._limits())
         rows = []
         for query, k in zip(queries, ks, strict=True):
             hits = search(

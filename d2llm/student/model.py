@@ -12,10 +12,17 @@ A saved student is a folder of safetensors and JSON only, nothing pickled:
 
 The backbone's base weights are not copied: ``student.backbone`` (a model reference) points at
 them, and LoRA-disabled students keep the backbone frozen, so the reference stays exact.
+
+For inference (encode, index, search, serving, evaluation) the LoRA adapters are merged into
+the backbone's weights (:meth:`D2LLMStudent.for_inference`, ``from_pretrained(merged=True)``):
+the backbone then runs as a plain model, without the adapters' extra matrix products per
+projection. A merged student scores like the unmerged one (to float rounding), keeps the
+unmerged weights' fingerprint for its indexes, and can neither train nor be saved.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +68,7 @@ class D2LLMStudent(nn.Module):
             residual=cfg.iem.residual,
             cosine_scale=cfg.iem.cosine_scale,
         )
+        self._merged_from: str | None = None  # fingerprint of the unmerged weights, once merged
 
     # ------------------------------------------------------------------ construction
 
@@ -87,6 +95,57 @@ class D2LLMStudent(nn.Module):
     def enable_gradient_checkpointing(self) -> None:
         """Trade compute for memory in the backbone (see ``backbone.enable_gradient_checkpointing``)."""
         enable_gradient_checkpointing(self.backbone)
+
+    # ------------------------------------------------------------------ inference
+
+    @property
+    def merged(self) -> bool:
+        """True once the LoRA adapters are merged into the backbone (inference only)."""
+        return self._merged_from is not None
+
+    def for_inference(self) -> D2LLMStudent:
+        """A copy of this student with LoRA merged into the backbone weights, in eval mode.
+
+        This student is left as it is (it may keep training, and saves its adapter as before);
+        the copy shares only the tokenizer. Use it wherever the student only encodes and scores.
+        """
+        clone = copy.deepcopy(self, memo={id(self.tokenizer): self.tokenizer})
+        return clone.merge_lora()
+
+    def merge_lora(self) -> D2LLMStudent:
+        """In place: merge the LoRA adapters into the backbone weights and freeze everything.
+
+        For a student nothing else holds (``from_pretrained(merged=True)`` calls it on the one it
+        just loaded); to keep a trainable student, use :meth:`for_inference`, which merges a copy.
+        Records the fingerprint of the unmerged weights first (:meth:`fingerprint`), so indexes
+        built by either form fit both. Idempotent.
+        """
+        if self.merged:
+            return self
+        from d2llm.fingerprint import state_fingerprint
+
+        fingerprint = state_fingerprint(self)
+        if self.cfg.lora.enabled:
+            self.backbone = self.backbone.merge_and_unload()  # the plain base model, adapters folded in
+        for param in self.parameters():
+            param.requires_grad_(False)
+        self._merged_from = fingerprint
+        return self.eval()
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights ``save_pretrained`` writes (for a merged student: of those it was
+        merged from). A search index records it and refuses any other student."""
+        from d2llm.fingerprint import state_fingerprint
+
+        return self._merged_from if self._merged_from is not None else state_fingerprint(self)
+
+    def train(self, mode: bool = True) -> D2LLMStudent:
+        if mode and self.merged:
+            raise ModelError(
+                "this student has its LoRA merged for inference and cannot train: train the unmerged "
+                "student (D2LLMStudent.from_pretrained without merged=True)"
+            )
+        return super().train(mode)
 
     @property
     def device(self) -> torch.device:
@@ -139,7 +198,8 @@ class D2LLMStudent(nn.Module):
             raise DataError(f"text #{lengths.index(0)} ({texts[lengths.index(0)]!r}) has no tokens to encode")
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
         was_training = self.training
-        self.eval()
+        if was_training:  # train()/eval() walk every module: skip it on the usual (eval) path
+            self.eval()
         try:
             steps = range(0, len(order), batch_size)
             for start in tqdm(steps, desc="encode", disable=not show_progress, unit="batch"):
@@ -149,7 +209,8 @@ class D2LLMStudent(nn.Module):
                 batch = batch.to(self.device)
                 out[idx] = self.embed(batch).float().cpu()
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         return out
 
     # ------------------------------------------------------------------ scoring
@@ -206,6 +267,11 @@ class D2LLMStudent(nn.Module):
         """Write the student folder (safetensors + JSON only); returns its path."""
         from safetensors.torch import save_file
 
+        if self.merged:
+            raise ModelError(
+                "cannot save a student whose LoRA is merged for inference (the adapter is folded into "
+                "the backbone): save the unmerged student it came from"
+            )
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         heads = {f"pma.{k}": v for k, v in self.pma.state_dict().items()}
@@ -233,12 +299,13 @@ class D2LLMStudent(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device | None = None
+        cls, directory: str | Path, *, device: str | torch.device | None = None, merged: bool = False
     ) -> D2LLMStudent:
         """Load a folder written by :meth:`save_pretrained`, without unpickling anything.
 
         The backbone comes from the saved model reference; remote code runs only if the saved
-        config says ``trust_remote_code: true``. Returned in eval mode.
+        config says ``trust_remote_code: true``. Returned in eval mode. ``merged=True``: for
+        inference only, the LoRA adapters merged into the backbone (:meth:`merge_lora`).
         """
         directory = Path(directory)
         meta = _read_meta(directory)
@@ -256,6 +323,8 @@ class D2LLMStudent(nn.Module):
                 f"has {student.dim}: the backbone reference points at a different model"
             )
         _load_heads(student, directory / HEADS_FILE)
+        if merged:
+            student.merge_lora()
         if device is not None:
             student.to(device)
         return student.eval()

@@ -272,3 +272,91 @@ def test_gradient_checkpointing_trains(tiny_bert_dir: Path) -> None:
     _perturb(student)
     student.embed(student.tokenize(TEXTS[:2])).sum().backward()
     assert all(p.grad is not None for n, p in student.trainable_parameters() if "lora_A" in n)
+
+
+# --------------------------------------------------------------------------- LoRA merged for inference
+
+
+def test_merged_student_gives_the_unmerged_vectors_and_scores(backbone_dir: Path, tmp_path: Path) -> None:
+    student = _student(backbone_dir, pma={"num_heads": 4, "init": "random"})
+    _perturb(student)  # non-zero LoRA B: merging really changes the backbone weights
+    out = student.save_pretrained(tmp_path / "student")
+    unmerged = D2LLMStudent.from_pretrained(out)
+    merged = D2LLMStudent.from_pretrained(out, merged=True)
+
+    assert merged.merged and not unmerged.merged
+    assert not any("lora_" in name for name, _ in merged.named_parameters())
+    assert not any(p.requires_grad for p in merged.parameters())
+    base = unmerged.backbone.get_base_model()
+    lora_names = [n for n, _ in base.named_modules() if n.endswith(("query", "q_proj"))]
+    assert lora_names  # the merged weights differ from the base weights the adapters sat on
+    merged_weight = dict(merged.backbone.named_modules())[lora_names[0]].weight
+    assert not torch.allclose(merged_weight, dict(base.named_modules())[lora_names[0]].base_layer.weight)
+
+    vectors = unmerged.encode(TEXTS)
+    torch.testing.assert_close(merged.encode(TEXTS), vectors, atol=1e-5, rtol=1e-5)
+    for task in ("sym", "asym"):
+        torch.testing.assert_close(
+            merged.score(PAIRS, task), unmerged.score(PAIRS, task), atol=1e-5, rtol=1e-5
+        )
+    with torch.no_grad():
+        cache = unmerged.passage_cache(vectors)
+        expected = unmerged.score_matrix(vectors[:2], cache, "asym")
+        got = merged.score_matrix(
+            merged.encode(TEXTS[:2]), merged.passage_cache(merged.encode(TEXTS)), "asym"
+        )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    # An index records the fingerprint of the saved weights: both forms answer with it.
+    assert merged.fingerprint() == unmerged.fingerprint()
+
+
+def test_merged_student_cannot_train_or_be_saved(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    merged = _student(tiny_bert_dir).for_inference()
+    with pytest.raises(ModelError, match="merged for inference and cannot train"):
+        merged.train()
+    with pytest.raises(ModelError, match="cannot save a student whose LoRA is merged"):
+        merged.save_pretrained(tmp_path / "merged")
+    assert merged.merge_lora() is merged  # idempotent
+
+
+def test_training_after_loading_still_works_unmerged(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    student = _student(tiny_bert_dir)
+    _perturb(student)
+    loaded = D2LLMStudent.from_pretrained(student.save_pretrained(tmp_path / "student")).train()
+    inference = loaded.for_inference()  # a merged copy: the loaded student keeps its adapters
+    assert inference.merged and not loaded.merged and loaded.training
+    before = inference.encode(TEXTS)
+
+    lora = {n: p for n, p in loaded.trainable_parameters() if "lora_" in n}
+    assert lora and all(p.requires_grad for p in lora.values())
+    start = {n: p.detach().clone() for n, p in lora.items()}
+    optimizer = torch.optim.SGD([p for _, p in loaded.trainable_parameters()], lr=0.5)
+    loaded.embed_texts(TEXTS[:3]).pow(2).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    optimizer.step()
+    assert any(not torch.equal(p, start[n]) for n, p in lora.items())
+
+    # The copy did not move with the training, and the trained student still saves its adapter.
+    torch.testing.assert_close(inference.encode(TEXTS), before)
+    assert not torch.allclose(loaded.encode(TEXTS), before, atol=1e-5)
+    retrained = D2LLMStudent.from_pretrained(loaded.save_pretrained(tmp_path / "retrained"), merged=True)
+    torch.testing.assert_close(retrained.encode(TEXTS), loaded.encode(TEXTS), atol=1e-5, rtol=1e-5)
+
+
+def test_an_index_built_merged_loads_for_the_unmerged_student(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import pandas as pd
+
+    from d2llm.search import build_index, load_index, search
+
+    student = _student(tiny_bert_dir)
+    _perturb(student)
+    out = student.save_pretrained(tmp_path / "student")
+    corpus = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(TEXTS))], "text": TEXTS})
+    merged = D2LLMStudent.from_pretrained(out, merged=True)
+    build_index(merged, corpus, tmp_path / "index", model_version="test")
+    unmerged = D2LLMStudent.from_pretrained(out)
+    index = load_index(tmp_path / "index", unmerged)
+    hits = search(unmerged, index, TEXTS[0], k=3, mode="full")
+    merged_hits = search(merged, load_index(tmp_path / "index", merged), TEXTS[0], k=3, mode="full")
+    assert [h.doc_id for h in hits] == [h.doc_id for h in merged_hits]
+    assert [h.score for h in hits] == pytest.approx([h.score for h in merged_hits], abs=1e-5)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 import pandas as pd
 
 from d2llm.config import CustomIRDataset, CustomPairsDataset
-from d2llm.data.schema import DatasetSpec, conform_pairs, normalize_text
+from d2llm.data.schema import DatasetSpec, asym_positive_pairs, conform_pairs, normalize_text
 from d2llm.data.sources import read_jsonl, read_text
 from d2llm.errors import DataError, clip
 
@@ -265,25 +265,10 @@ def qrels_train_pairs(
     relevant = train[train["relevance"] > 0]
     doc_text = dict(zip(corpus["doc_id"], corpus["text"], strict=True))
     query_text = dict(zip(queries["query_id"], queries["text"], strict=True))
-    df = pd.DataFrame(
-        {
-            "text_a": relevant["query_id"].map(query_text),
-            "text_b": relevant["doc_id"].map(doc_text),
-            "label": 1.0,
-            "label_name": "",
-            "task": "asym",
-            "source": name,
-            "split": "train",
-            "is_positive": True,
-        }
+    return asym_positive_pairs(
+        f"{name}_train",
+        name,
+        relevant["query_id"].map(query_text),
+        relevant["doc_id"].map(doc_text),
+        "always (a query and a document its training qrels judge relevant)",
     )
-    spec = DatasetSpec(
-        name=f"{name}_train",
-        task="asym",
-        label_kind="score",
-        source=name,
-        label_range=(1.0, 1.0),
-        positive_rule="always (a query and a document its training qrels judge relevant)",
-        splits=("train",),
-    )
-    return spec, conform_pairs(df.reset_index(drop=True), spec.name)

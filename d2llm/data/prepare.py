@@ -28,7 +28,7 @@ import pandas as pd
 
 from d2llm.config import CustomIRDataset, Params
 from d2llm.data.custom import load_custom, load_custom_ir
-from d2llm.data.schema import SPLITS, DatasetSpec, conform_pairs, pair_key
+from d2llm.data.schema import SPLITS, DatasetSpec, asym_positive_pairs, pair_key
 from d2llm.data.sources import IRCollection, parse_source
 from d2llm.errors import DataError
 
@@ -56,28 +56,9 @@ class PreparedData:
 def title_pairs(name: str, collection: IRCollection) -> tuple[DatasetSpec, pd.DataFrame]:
     """Training pairs title -> body from the documents only (never queries or qrels: no test leak)."""
     docs = collection.titles[(collection.titles["title"] != "") & (collection.titles["body"] != "")]
-    df = pd.DataFrame(
-        {
-            "text_a": docs["title"],
-            "text_b": docs["body"],
-            "label": 1.0,
-            "label_name": "",
-            "task": "asym",
-            "source": name,
-            "split": "train",
-            "is_positive": True,
-        }
+    return asym_positive_pairs(
+        f"{name}_titles", name, docs["title"], docs["body"], "always (a document's own title and body)"
     )
-    spec = DatasetSpec(
-        name=f"{name}_titles",
-        task="asym",
-        label_kind="score",
-        source=name,
-        label_range=(1.0, 1.0),
-        positive_rule="always (a document's own title and body)",
-        splits=("train",),
-    )
-    return spec, conform_pairs(df, f"{name}_titles")
 
 
 def drop_train_test_overlap(name: str, spec: DatasetSpec, df: pd.DataFrame) -> tuple[pd.DataFrame, str]:

@@ -137,3 +137,37 @@ def conform_pairs(df: pd.DataFrame, what: str) -> pd.DataFrame:
 def conform_ir(df: pd.DataFrame, table: str, what: str) -> pd.DataFrame:
     columns, dtypes = IR_TABLES[table]
     return conform(df, columns, dtypes, what)
+
+
+def asym_positive_pairs(
+    name: str, source: str, text_a: Any, text_b: Any, positive_rule: str
+) -> tuple[DatasetSpec, pd.DataFrame]:
+    """A train-only asym pair table whose every row is a positive (label 1.0), with its spec.
+
+    Used for training pairs derived from IR collections: titles -> bodies, queries -> their
+    judged-relevant documents.
+    """
+    import pandas as pd
+
+    df = pd.DataFrame(
+        {
+            "text_a": text_a,
+            "text_b": text_b,
+            "label": 1.0,
+            "label_name": "",
+            "task": "asym",
+            "source": source,
+            "split": "train",
+            "is_positive": True,
+        }
+    )
+    spec = DatasetSpec(
+        name=name,
+        task="asym",
+        label_kind="score",
+        source=source,
+        label_range=(1.0, 1.0),
+        positive_rule=positive_rule,
+        splits=("train",),
+    )
+    return spec, conform_pairs(df.reset_index(drop=True), name)

@@ -281,14 +281,19 @@ def serve(
             time.sleep(0.5)
         yield url, server.pid
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop_server(server)
+
+
+def stop_server(server: subprocess.Popen) -> None:
+    """Stop a server started in its own session: SIGTERM to its process group, SIGKILL if it hangs."""
+    try:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=20)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait(timeout=10)
 
 
 def register_temporary(student_dir: Path, index_dir: Path | None, root: Path) -> tuple[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from tiny_models import save_tiny_student
 
+from benchmarks.serve_load import stop_server
 from d2llm.config import PromotionConfig, TrackingConfig
 
 pytestmark = [
@@ -129,14 +129,7 @@ def served_champion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         _wait_until_healthy(url, server, log_file)
         yield url, student_dir
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop_server(server)
 
 
 def test_served_champion_scores_pairs_and_rejects_malformed_requests(served_champion):
@@ -220,14 +213,7 @@ def served_by_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
         _wait_until_healthy(url, server, log_file)
         yield url, student_dir, index_dir
     finally:
-        try:
-            os.killpg(server.pid, signal.SIGTERM)
-            server.wait(timeout=20)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        stop_server(server)
 
 
 def test_make_serve_answers_search_requests(served_by_make):

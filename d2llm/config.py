@@ -192,6 +192,9 @@ class TeacherFinetuneConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); None: epochs decide
     max_dev_pairs: int | None = Field(default=2000, ge=1)  # per dataset, for the before/after eval
+    # Score the dev sets before the first step too (the "before" of the report, and epoch 0 may
+    # be kept). A cross-encoder's fresh head scores at chance, so a preset may skip it.
+    eval_before: bool = True
 
 
 class PromptConfig(_Section):
@@ -241,6 +244,10 @@ class MiningConfig(_Section):
     chunk_size: int = Field(default=4096, ge=1)  # corpus rows scored at once
     batch_size: int = Field(default=64, ge=1)
     max_length: int = Field(default=128, ge=8)
+    # Up to this many of the K negatives are the anchor's own gold negatives from the train
+    # split (NLI: its neutral/contradicted hypotheses; QA: its wrong candidate answers), the rest
+    # mined. Paper: 0 (all mined). They are the confusers the task is judged on.
+    labelled_negatives: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _depth_range(self) -> MiningConfig:
@@ -248,6 +255,8 @@ class MiningConfig(_Section):
             raise ValueError("mining.depth_max must be greater than mining.depth_min")
         if self.depth_max - self.depth_min < self.num_negatives:
             raise ValueError("mining depth range is smaller than mining.num_negatives")
+        if self.labelled_negatives > self.num_negatives:
+            raise ValueError("mining.labelled_negatives cannot exceed mining.num_negatives")
         return self
 
 

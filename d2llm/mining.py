@@ -7,6 +7,9 @@ anchor itself are excluded; of the
 remaining ranking, ranks ``[depth_min, depth_max)`` are taken: the very top ranks are skipped
 because they are often unlabelled positives. ``method: both`` interleaves the BM25 and the
 bi-encoder picks (deduplicated), so each negative list mixes lexical and semantic confusers.
+With ``mining.labelled_negatives: L`` (paper: 0) the first L negatives are the anchor's own
+gold negatives of the train split (NLI: neutral or contradicted hypotheses; QA: wrong candidate
+answers), the confusers the task is judged on; mined ones fill the rest of the K.
 
 The bi-encoder is the student's backbone with mean pooling and cosine similarity (the
 baseline of the paper). Its search runs over CHUNKS of ``mining.chunk_size`` corpus rows with a
@@ -145,6 +148,20 @@ def _positives(df: pd.DataFrame) -> dict[str, set[str]]:
     return known
 
 
+def _labelled_negatives(train: pd.DataFrame, known: dict[str, set[str]]) -> dict[str, list[str]]:
+    """Each train anchor's gold negatives (``is_positive`` false), in data order, deduplicated.
+
+    A text that is a known positive of the anchor elsewhere (duplicated pairs with different
+    labels) is left out: it must not be pushed down as a negative.
+    """
+    out: dict[str, dict[str, None]] = defaultdict(dict)
+    rows = train[~train["is_positive"]]
+    for a, b in zip(rows["text_a"], rows["text_b"], strict=True):
+        if b != a and b not in known[a]:
+            out[a].setdefault(b, None)
+    return {a: list(bs) for a, bs in out.items()}
+
+
 def _pool(prepared_dir: Path, name: str, train: pd.DataFrame) -> tuple[list[str], bool]:
     """Candidate texts, and whether they are whole IR documents (title + body)."""
     import pandas as pd
@@ -196,15 +213,21 @@ def mine_dataset(
         assert encoder is not None
         picks["biencoder"] = biencoder_rankings(encoder, anchors, pool, depth, cfg.chunk_size)
 
+    gold = _labelled_negatives(train, known) if cfg.labelled_negatives else {}
     negatives: dict[str, list[str]] = {}
     short = 0
     for i, anchor in enumerate(anchors):
         windows = [window(r[i], excluded[i], cfg.depth_min, cfg.depth_max) for r in picks.values()]
-        chosen = interleave(*windows)[: cfg.num_negatives]
+        chosen = gold.get(anchor, [])[: cfg.labelled_negatives]
+        for j in interleave(*windows):
+            if len(chosen) == cfg.num_negatives:
+                break
+            if pool[j] not in chosen:
+                chosen.append(pool[j])
         if len(chosen) < cfg.num_negatives:
             short += 1  # too few candidates: the anchor cannot fill a [K+1] row
             continue
-        negatives[anchor] = [pool[j] for j in chosen]
+        negatives[anchor] = chosen
     if short:
         log.warning("%s: %d of %d anchors dropped, fewer than %d negatives in the depth window",
                     name, short, len(anchors), cfg.num_negatives)  # fmt: skip

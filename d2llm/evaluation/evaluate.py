@@ -264,13 +264,21 @@ def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
 
 
 def evaluate_pair_dataset(
-    name: str, pairs: pd.DataFrame, systems: dict[str, Any], max_pairs: int | None = None, seed: int = 0
+    name: str,
+    pairs: pd.DataFrame,
+    systems: dict[str, Any],
+    max_pairs: int | None = None,
+    seed: int = 0,
+    memo: dict[Any, np.ndarray] | None = None,
 ) -> dict[str, Any]:
     """Test-split metrics of every pair-scoring system on one dataset.
 
     Class datasets (a non-empty ``label_name``): AP and best-threshold accuracy of
     ``is_positive`` (entailment vs the rest); asym class datasets (answer selection, TREC-QA):
     MAP and MRR per question, and pooled AP. Score datasets: Spearman and Pearson with ``label``.
+    ``memo`` (shared across datasets) reuses the scores of a system that saw the same pairs
+    before: SICK and SICK-R are one set of pairs under two labels. The teacher keeps its own
+    memo, since its fused score depends on the dataset.
     """
     test = _sample(pairs[pairs["split"] == "test"], max_pairs, seed)
     if test.empty:
@@ -301,7 +309,13 @@ def evaluate_pair_dataset(
             system = system.for_dataset(name)
         log.info("%s: scoring %d test pairs with %s", name, len(test), sys_name)
         start = time.perf_counter()
-        scores = system.score_pairs(a, b, tasks[0])
+        key = (sys_name, tasks[0], tuple(a), tuple(b))
+        if memo is not None and not isinstance(system, TeacherScorer) and key in memo:
+            scores = memo[key]
+        else:
+            scores = system.score_pairs(a, b, tasks[0])
+            if memo is not None:
+                memo[key] = scores
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
         if kind == "pair_classification":
             entry["metrics"][sys_name] = M.pair_classification_metrics(scores, test["is_positive"].to_numpy())
@@ -478,9 +492,10 @@ def evaluate_systems(
     if systems is None:
         systems, notes = load_systems(params, teacher_dir, student_dir)
     datasets: dict[str, dict[str, Any]] = {}
+    memo: dict[Any, np.ndarray] = {}
     for name in ev.pair_datasets:
         pairs = _read_table(prepared_dir / "pairs" / f"{name}.parquet", f"pair dataset {name!r}")
-        datasets[name] = evaluate_pair_dataset(name, pairs, systems, ev.max_pairs, params.seed)
+        datasets[name] = evaluate_pair_dataset(name, pairs, systems, ev.max_pairs, params.seed, memo)
     for name in ev.ir_datasets:
         base = prepared_dir / "ir" / name
         tables = {t: _read_table(base / f"{t}.parquet", f"IR table {name}/{t}") for t in IR_TABLE_NAMES}

@@ -272,8 +272,12 @@ def train_teacher(
     target_t = torch.tensor(targets, dtype=torch.float32)
 
     scores: dict[str, np.ndarray] = {}
-    history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets, scores)}]
-    best = (history[0]["main"], 0, [p.detach().clone() for p in trainable], scores)
+    if ft.eval_before:
+        history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets, scores)}]
+        best = (history[0]["main"], 0, [p.detach().clone() for p in trainable], scores)
+    else:  # no "before": the first epoch is kept unless a later one beats it
+        history = [{"epoch": 0, "step": 0}]
+        best = (math.nan, 0, None, scores)
     losses: list[float] = []
     step, epoch = 0, 0
     bar = tqdm(total=total, desc="teacher fine-tune", leave=False)
@@ -310,7 +314,7 @@ def train_teacher(
     if best_log_odds is not None:
         best_log_odds.update(best[3])
     with torch.no_grad():
-        for p, saved in zip(trainable, best[2], strict=True):
+        for p, saved in zip(trainable, best[2] or [], strict=best[2] is not None):
             p.copy_(saved)
     teacher.eval()
     return history, losses, step, best[1]
@@ -353,7 +357,7 @@ def finetune_teacher(
         "train_pairs": len(train),
         "steps": steps,
         "best_epoch": best_epoch,
-        "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")},
+        "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")} or None,
         "dev_after": dev_after,
         "dev_baseline": dev_baseline,
         "dev_fused": dev_report.get("dev_fused"),

@@ -17,6 +17,7 @@ from d2llm.evaluation.evaluate import (
     Bm25System,
     StudentScorer,
     TeacherScorer,
+    evaluate_pair_dataset,
     evaluate_systems,
     format_table,
     load_systems,
@@ -376,3 +377,31 @@ def test_cli_evaluate_reports_a_missing_dataset_without_traceback(tiny_bert_dir,
     rc = main(["--params", str(params_file), "evaluate", "--prepared-dir", str(tmp_path / "empty")])
     assert rc == 1
     assert "error: pair dataset 'nli' not found" in capsys.readouterr().err
+
+
+class _CountingScorer:
+    """Scores a pair by the length of its second text and counts its scoring calls."""
+
+    name = "counting"
+
+    def __init__(self):
+        self.calls = 0
+
+    def score_pairs(self, text_a, text_b, task):
+        self.calls += 1
+        return np.array([float(len(b)) for b in text_b])
+
+
+def test_a_shared_memo_scores_the_same_pairs_once_under_each_datasets_labels():
+    rows = [("a man", "a man walks far", 5.0, "test"), ("a dog", "a cat", 1.0, "test"),
+            ("the sun", "the sun is up", 4.0, "test")]  # fmt: skip
+    sts = _pairs_frame(rows, "score")
+    flipped = sts.assign(label=-sts["label"])  # the same pairs under other labels (SICK / SICK-R)
+    scorer, memo = _CountingScorer(), {}
+    first = evaluate_pair_dataset("a", sts, {"counting": scorer}, memo=memo)
+    second = evaluate_pair_dataset("b", flipped, {"counting": scorer}, memo=memo)
+    assert scorer.calls == 1
+    assert first["metrics"]["counting"]["spearman"] == pytest.approx(100.0)
+    assert second["metrics"]["counting"]["spearman"] == pytest.approx(-100.0)
+    evaluate_pair_dataset("c", sts, {"counting": scorer})  # no memo: scored again
+    assert scorer.calls == 2

@@ -117,3 +117,32 @@ def test_dataset_without_positives_is_a_data_error(tmp_path):
     _write_pairs(tmp_path, positives=False)
     with pytest.raises(DataError, match="dataset 'toy' has no positive train pairs"):
         mine_negatives(_params("bm25"), tmp_path, tmp_path / "neg.parquet")
+
+
+def test_labelled_negatives_come_first_then_mined_ones_fill_k(tmp_path):
+    _write_pairs(tmp_path)
+    df = pd.read_parquet(tmp_path / "pairs" / "toy.parquet")
+    anchor = "a dog runs on the grass"
+    gold = [  # two gold negatives of one anchor, one of them also a dev-split row (never used)
+        (anchor, "a dog sleeps in the house", "train", False),
+        (anchor, "a cat runs on the grass", "train", False),
+        (anchor, "a dog flies", "dev", False),
+        (anchor, "a dog is running on grass", "train", False),  # its positive, also labelled 0: never a negative
+    ]
+    extra = pd.DataFrame(gold, columns=["text_a", "text_b", "split", "is_positive"])
+    extra["label"], extra["label_name"], extra["task"], extra["source"] = 0.0, "neutral", "sym", "toy"
+    pd.concat([df, extra], ignore_index=True).to_parquet(tmp_path / "pairs" / "toy.parquet")
+
+    params = _params("bm25", num_negatives=3, depth_max=6, labelled_negatives=2)
+    out = mine_negatives(params, tmp_path, tmp_path / "neg.parquet").set_index("anchor")
+    negatives = list(out.loc[anchor, "negatives"])
+    assert negatives[:2] == ["a dog sleeps in the house", "a cat runs on the grass"]
+    assert len(negatives) == 3 and negatives[2] not in {"a dog flies", "a dog is running on grass", anchor}
+    # The paper's default (0) mines every negative: the gold ones are not forced in front.
+    plain = mine_negatives(_params("bm25", num_negatives=3, depth_max=6), tmp_path, tmp_path / "n2.parquet")
+    assert list(plain.set_index("anchor").loc[anchor, "negatives"]) != negatives
+
+
+def test_labelled_negatives_cannot_exceed_k():
+    with pytest.raises(ValueError, match="labelled_negatives"):
+        _params("bm25", num_negatives=2, labelled_negatives=3)

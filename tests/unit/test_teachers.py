@@ -256,6 +256,25 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
     )
 
 
+def test_finetune_without_the_before_evaluation_keeps_its_first_epoch(tiny_bert_dir, tmp_path):
+    """``eval_before: false`` skips the chance-level scoring of a fresh head; epoch 1 is kept."""
+    prepared = tmp_path / "prepared"
+    (prepared / "pairs").mkdir(parents=True)
+    train, dev = pair_table(rule_pairs(64, seed=3), "train"), pair_table(rule_pairs(16, seed=4), "dev")
+    pd.concat([train, dev]).to_parquet(prepared / "pairs" / "rule.parquet")
+    params = _params(tiny_bert_dir, "cross_encoder", datasets=["rule"], epochs=1.0, eval_before=False)
+    result = finetune_teacher(params, prepared, tmp_path / "teacher")
+
+    assert result["dev_before"] is None and result["history"][0] == {"epoch": 0, "step": 0}
+    assert result["best_epoch"] == 1 and set(result["dev_after"]) == {"rule/ap", "main"}
+    restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
+    pairs = list(zip(dev["text_a"], dev["text_b"], strict=True))
+    scores = probabilities(restored.score(pairs, "sym").logits)
+    assert 100 * average_precision(scores.tolist(), dev["is_positive"].tolist()) == pytest.approx(
+        result["dev_after"]["rule/ap"], abs=1e-3
+    )
+
+
 def test_causal_lora_finetune_saves_adapter_only(tiny_qwen2_dir, tmp_path):
     _gold_tables(tmp_path / "prepared", n_train=16)
     params = _params(tiny_qwen2_dir, "causal_lm", epochs=3.0, lora={"enabled": True, "r": 4, "alpha": 8})

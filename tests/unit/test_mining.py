@@ -127,7 +127,7 @@ def test_labelled_negatives_come_first_then_mined_ones_fill_k(tmp_path):
         (anchor, "a dog sleeps in the house", "train", False),
         (anchor, "a cat runs on the grass", "train", False),
         (anchor, "a dog flies", "dev", False),
-        (anchor, "a dog is running on grass", "train", False),  # its positive, also labelled 0: never a negative
+        (anchor, "a dog is running on grass", "train", False),  # its positive labelled 0: never a negative
     ]
     extra = pd.DataFrame(gold, columns=["text_a", "text_b", "split", "is_positive"])
     extra["label"], extra["label_name"], extra["task"], extra["source"] = 0.0, "neutral", "sym", "toy"

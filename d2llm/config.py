@@ -260,6 +260,52 @@ class MiningConfig(_Section):
         return self
 
 
+class RayExecutorConfig(_Section):
+    """The Ray executor of labelling (``labelling.executor: ray``); docs/distributed.md.
+
+    One actor per worker loads the teacher once and scores whole shards. Where the cluster is:
+    ``address`` when set, else the ``RAY_ADDRESS`` environment variable, else a local cluster
+    started for the run (``local_cpus`` CPUs, session folders under ``temp_dir``).
+    """
+
+    address: str | None = None  # "auto", "host:6379" or "ray://host:10001"
+    num_workers: int = Field(default=2, ge=1)  # actors; on GPUs one per GPU
+    # Fractional on CPU: two actors asking a whole CPU each leave a 2-core machine none for
+    # anything else (Ray then waits forever); on GPUs set gpus_per_worker: 1.
+    cpus_per_worker: float = Field(default=0.5, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    torch_threads: int = Field(default=1, ge=1)  # intra-op threads of each CPU actor
+    local_cpus: int | None = Field(default=None, ge=1)  # a local cluster's CPUs (None: all)
+    temp_dir: str | None = None  # a local cluster's session folders (None: Ray's, /tmp/ray)
+    max_attempts: int = Field(default=3, ge=1)  # tries of one shard (on live actors) before failing
+
+
+class VLLMEngineConfig(_Section):
+    """vLLM as the scoring engine of a causal-LM teacher (``labelling.engine: vllm``, GPU only)."""
+
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "bfloat16"
+    # Share of the GPU memory each of the two engines (yes/no logits, last hidden state) takes.
+    gpu_memory_utilization: float = Field(default=0.4, gt=0, lt=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    max_model_len: int | None = Field(default=None, ge=8)  # None: teacher.max_length + 8
+    enforce_eager: bool = False  # skip CUDA graph capture (faster start, slower scoring)
+
+
+class LabellingJobConfig(_Section):
+    """Labelling as a Ray job in its own environment (vLLM cannot share Prefect's); see
+    d2llm.labelling_job. The job runs ``d2llm label`` on the cluster, which must see the same
+    absolute paths (negatives, teacher, labels) as the submitter, e.g. on a shared file system.
+    """
+
+    enabled: bool = False
+    # The cluster's dashboard (job API), e.g. "http://head:8265"; None: the RAY_ADDRESS variable.
+    address: str | None = None
+    pip: list[str] = Field(default_factory=list)  # the job environment's packages, e.g. ["vllm==0.33.0"]
+    env_vars: dict[str, str] = Field(default_factory=dict)
+    entrypoint_num_gpus: float = Field(default=0.0, ge=0)  # GPUs reserved for the job's driver
+    timeout_s: float = Field(default=24 * 3600.0, gt=0)  # the job is stopped after this long
+
+
 class LabellingConfig(_Section):
     group_size: int = Field(default=16, ge=2)  # B anchors per group
     shard_groups: int = Field(default=16, ge=1)  # groups per resumable shard file
@@ -269,6 +315,15 @@ class LabellingConfig(_Section):
     # Distil a dataset only where the fine-tuned teacher beats the bi-encoder by this many points
     # on its dev split (the teacher's dev report); null: distil every dataset listed.
     min_teacher_gain: float | None = None
+    # What scores the shards: "hf" (transformers, any teacher) or "vllm" (causal-LM teachers on
+    # GPU, in an environment of its own: see ``job``). The engine is recorded in labels.json.
+    engine: Literal["hf", "vllm"] = "hf"
+    vllm: VLLMEngineConfig = VLLMEngineConfig()
+    # Who runs the shards: this process ("local") or actors on a Ray cluster ("ray"). Both write
+    # the same shard files, so either can resume the other's run.
+    executor: Literal["local", "ray"] = "local"
+    ray: RayExecutorConfig = RayExecutorConfig()
+    job: LabellingJobConfig = LabellingJobConfig()
 
 
 class PMAConfig(_Section):

@@ -47,6 +47,7 @@ GROUPS_FILE = "groups.parquet"
 MANIFEST_FILE = "labels.json"
 SHARD_PATTERN = "scores-{:05d}.safetensors"
 FORMAT_VERSION = 1
+_LEGACY_DEFAULTS = {"engine": "hf"}
 
 
 # --------------------------------------------------------------------------- groups
@@ -251,7 +252,10 @@ def _prepare_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -
     """The existing manifest when ``out_dir`` holds this same labelling; clears or refuses otherwise."""
     existing_file = out_dir / MANIFEST_FILE
     existing = json.loads(existing_file.read_text(encoding="utf-8")) if existing_file.is_file() else None
-    same = existing is not None and all(existing.get(k) == v for k, v in manifest.items() if k != "complete")
+    # Manifests written before the engine was recorded were all made by transformers ("hf").
+    same = existing is not None and all(
+        existing.get(k, _LEGACY_DEFAULTS.get(k)) == v for k, v in manifest.items() if k != "complete"
+    )
     if same:
         return existing
     has_content = out_dir.is_dir() and any(out_dir.iterdir())
@@ -307,19 +311,41 @@ def select_distilled(
     return negatives[negatives["dataset"].isin(kept)].reset_index(drop=True), decisions
 
 
-def label_groups(
+# --------------------------------------------------------------------------- plan / score / finalise
+#
+# Labelling runs in three steps so that any executor can do the middle one: ``plan_labelling``
+# builds the groups, writes them with the manifest and lists the shards still to score;
+# executors score shard ids (``ShardScorer`` in this process, d2llm.labelling_ray on Ray actors)
+# and write each shard atomically with ``write_shard``; ``finalise_labelling`` checks every shard
+# and marks the labels complete. The shard files are the unit of work and the checkpoint, so
+# resumption and the output layout do not depend on the executor.
+
+
+@dataclass
+class LabellingPlan:
+    """What ``plan_labelling`` decided: the groups, their shards, and which shards need scoring."""
+
+    out_dir: Path
+    manifest: dict[str, Any]  # identity of these labels (``complete`` false)
+    groups: pd.DataFrame
+    shards: list[range]  # group ids of each shard
+    missing: list[int]  # shard ids without a valid file
+    summary: dict[str, Any]
+    complete: bool = False  # the labels were complete and current before this run
+
+    def shard_groups(self, shard_id: int) -> pd.DataFrame:
+        ids = self.shards[shard_id]
+        return self.groups.iloc[ids.start : ids.stop]
+
+
+def plan_labelling(
     params: Params,
     negatives_path: str | Path,
     teacher_dir: str | Path,
     out_dir: str | Path,
     overwrite: bool = False,
-    teacher: Teacher | None = None,
-) -> dict[str, Any]:
-    """Build the groups from mined negatives and score them with the teacher, shard by shard.
-
-    ``teacher`` may be passed already loaded (it must be the one saved in ``teacher_dir``,
-    whose files identify the labels). Returns counts and what was scored or skipped.
-    """
+) -> LabellingPlan:
+    """Build the groups, write them and the manifest to ``out_dir``, and list the shards to score."""
     import pandas as pd
 
     cfg = params.labelling
@@ -338,6 +364,7 @@ def label_groups(
         "groups_sha256": _hash_groups(groups),
         "teacher": teacher_identity(teacher_dir),
         "fusion": params.teacher.fusion,
+        "engine": cfg.engine,
         "group_size": cfg.group_size,
         "num_candidates": k1,
         "shard_groups": cfg.shard_groups,
@@ -345,6 +372,7 @@ def label_groups(
         "complete": False,
     }
     existing = _prepare_out_dir(out_dir, manifest, overwrite)
+    shards = _shard_ranges(len(groups), cfg.shard_groups)
     summary = {
         "distilled": distilled,
         "groups": len(groups),
@@ -352,39 +380,144 @@ def label_groups(
         "out_dir": str(out_dir),
     }
     if existing and existing.get("complete"):
-        log.info("labels in %s are complete and current; nothing to do", out_dir)
-        return {
-            **summary,
-            "scored_shards": 0,
-            "skipped_shards": len(_shard_ranges(len(groups), cfg.shard_groups)),
-        }
+        return LabellingPlan(out_dir, manifest, groups, shards, [], summary, complete=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(manifest, out_dir / MANIFEST_FILE)
     tmp = out_dir / (GROUPS_FILE + ".tmp")
     groups.to_parquet(tmp, index=False)
     tmp.replace(out_dir / GROUPS_FILE)
+    missing = [
+        s
+        for s, ids in enumerate(shards)
+        if not _shard_is_valid(out_dir / SHARD_PATTERN.format(s), ids, cfg.group_size, k1)
+    ]
+    return LabellingPlan(out_dir, manifest, groups, shards, missing, summary)
 
-    if teacher is None:
-        from d2llm.teachers.base import load_teacher
 
-        teacher = load_teacher(params.teacher, teacher_dir, params.device)
-    from d2llm.teachers.fusion import load_fused
+def load_scoring_teacher(params: Params, teacher_dir: str | Path) -> Teacher:
+    """The saved teacher on the configured engine: transformers ("hf") or vLLM (GPU, own environment)."""
+    if params.labelling.engine == "vllm":
+        from d2llm.teachers.vllm_engine import load_vllm_teacher
 
-    fused = load_fused(params, teacher_dir)
-    scored = skipped = 0
-    shards = _shard_ranges(len(groups), cfg.shard_groups)
-    for s, ids in enumerate(tqdm(shards, desc="labelling shards", leave=False)):
-        path = out_dir / SHARD_PATTERN.format(s)
-        if _shard_is_valid(path, ids, cfg.group_size, k1):
-            skipped += 1
-            continue
-        _write_atomic(score_groups(teacher, groups.iloc[ids.start : ids.stop], fused), path)
-        scored += 1
-    _write_json({**manifest, "complete": True, "num_shards": len(shards)}, out_dir / MANIFEST_FILE)
+        return load_vllm_teacher(params, teacher_dir)
+    from d2llm.teachers.base import load_teacher
+
+    return load_teacher(params.teacher, teacher_dir, params.device)
+
+
+class ShardScorer:
+    """The teacher (and fusion), loaded once, scoring whole shards: the work of one executor worker."""
+
+    def __init__(self, params: Params, teacher_dir: str | Path, teacher: Teacher | None = None) -> None:
+        from d2llm.teachers.fusion import load_fused
+
+        self.teacher = teacher if teacher is not None else load_scoring_teacher(params, teacher_dir)
+        self.fused = load_fused(params, teacher_dir)
+
+    def score(self, groups: pd.DataFrame) -> dict[str, torch.Tensor]:
+        return score_groups(self.teacher, groups, self.fused)
+
+    def scoring_info(self) -> dict[str, str]:
+        """Engine, its version and the dtype it computes in, for the manifest."""
+        return self.teacher.scoring_info()
+
+
+def write_shard(plan: LabellingPlan, shard_id: int, tensors: dict[str, torch.Tensor]) -> None:
+    """Write one scored shard atomically, after checking it holds the shard's groups."""
+    ids = plan.shards[shard_id]
+    if tensors["group_id"].tolist() != list(ids):
+        raise ArtifactError(f"scores for shard {shard_id} hold groups other than {ids.start}..{ids.stop - 1}")
+    _write_atomic(tensors, plan.out_dir / SHARD_PATTERN.format(shard_id))
+
+
+def score_locally(plan: LabellingPlan, scorer: ShardScorer) -> dict[str, Any]:
+    """The local executor: score the missing shards one after the other in this process."""
+    for s in tqdm(plan.missing, desc="labelling shards", leave=False):
+        write_shard(plan, s, scorer.score(plan.shard_groups(s)))
+    return {"executor": "local", "workers": 1}
+
+
+def finalise_labelling(
+    plan: LabellingPlan, scoring: dict[str, str] | None, run: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Check that every shard is whole and current, mark the labels complete, and summarise.
+
+    ``scoring`` (engine, version, dtype of the scorer) goes into the manifest; None keeps what an
+    earlier run recorded (a resumed run that had nothing left to score).
+    """
+    cfg = plan.manifest
+    bad = [
+        s
+        for s, ids in enumerate(plan.shards)
+        if not _shard_is_valid(
+            plan.out_dir / SHARD_PATTERN.format(s), ids, cfg["group_size"], cfg["num_candidates"]
+        )
+    ]
+    if bad:
+        raise ArtifactError(
+            f"labelling of {plan.out_dir} is not finished: shards {bad[:10]} are missing or damaged; "
+            "run `d2llm label` again to score them"
+        )
+    if scoring is None:
+        previous = plan.out_dir / MANIFEST_FILE
+        recorded = json.loads(previous.read_text(encoding="utf-8")).get("scoring") if previous.is_file() else None
+        scoring = recorded or {"engine": cfg["engine"]}
+    complete = {**cfg, "complete": True, "num_shards": len(plan.shards), "scoring": scoring}
+    _write_json(complete, plan.out_dir / MANIFEST_FILE)
+    scored = len(plan.missing)
     log.info(
-        "labelled %d groups in %d shards (%d scored, %d reused)", len(groups), len(shards), scored, skipped
+        "labelled %d groups in %d shards (%d scored, %d reused)",
+        len(plan.groups),
+        len(plan.shards),
+        scored,
+        len(plan.shards) - scored,
     )
-    return {**summary, "shards": len(shards), "scored_shards": scored, "skipped_shards": skipped}
+    return {
+        **plan.summary,
+        **(run or {}),
+        "shards": len(plan.shards),
+        "scored_shards": scored,
+        "skipped_shards": len(plan.shards) - scored,
+    }
+
+
+def label_groups(
+    params: Params,
+    negatives_path: str | Path,
+    teacher_dir: str | Path,
+    out_dir: str | Path,
+    overwrite: bool = False,
+    teacher: Teacher | None = None,
+) -> dict[str, Any]:
+    """Build the groups from mined negatives and score them with the teacher, shard by shard.
+
+    ``labelling.job.enabled`` runs all of it as a Ray job in its own environment
+    (d2llm.labelling_job); otherwise the shards are scored by ``labelling.executor``: this
+    process ("local") or Ray actors ("ray", d2llm.labelling_ray). ``teacher`` may be passed
+    already loaded to the local executor (it must be the one saved in ``teacher_dir``, whose
+    files identify the labels). Returns counts and what was scored or skipped.
+    """
+    cfg = params.labelling
+    if cfg.job.enabled:
+        from d2llm.labelling_job import run_labelling_job
+
+        return run_labelling_job(params, negatives_path, teacher_dir, out_dir, overwrite=overwrite)
+    plan = plan_labelling(params, negatives_path, teacher_dir, out_dir, overwrite)
+    if plan.complete:
+        log.info("labels in %s are complete and current; nothing to do", plan.out_dir)
+        return {**plan.summary, "scored_shards": 0, "skipped_shards": len(plan.shards)}
+    scoring: dict[str, str] | None = None
+    run: dict[str, Any] = {"executor": cfg.executor}
+    if plan.missing and cfg.executor == "ray":
+        if teacher is not None:
+            raise ValueError("a loaded teacher can only be used by the local executor")
+        from d2llm.labelling_ray import score_on_ray
+
+        run, scoring = score_on_ray(plan, params, teacher_dir)
+    elif plan.missing:
+        scorer = ShardScorer(params, teacher_dir, teacher)
+        run, scoring = score_locally(plan, scorer), scorer.scoring_info()
+    return finalise_labelling(plan, scoring, run)
 
 
 @dataclass

@@ -44,6 +44,17 @@ _BACKBONE_AS_BIENCODER = (
     "student.trust_remote_code",
 )
 
+# The labelling settings that decide the labels' content (the engine and its precision included).
+_LABELS_CONTENT = (
+    "labelling.group_size",
+    "labelling.shard_groups",
+    "labelling.max_groups_per_dataset",
+    "labelling.datasets",
+    "labelling.min_teacher_gain",
+    "labelling.engine",
+    "labelling.vllm",
+)
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -93,8 +104,9 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "label",
-            # teacher.fusion mixes in the student's backbone read as a bi-encoder.
-            params=("labelling", "teacher", "seed", *_BACKBONE_AS_BIENCODER),
+            # teacher.fusion mixes in the student's backbone read as a bi-encoder. Where the shards
+            # are scored (labelling.executor, .ray, .job) does not change them, so it is not listed.
+            params=(*_LABELS_CONTENT, "teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(NEGATIVES, TEACHER),
             code=("d2llm/labelling.py", "d2llm/teachers", "d2llm/biencoder.py"),
         ),

@@ -130,6 +130,18 @@ class Teacher(ABC):
             )
         return TeacherOutput(outputs[0], outputs[1] if with_features else None)
 
+    def scoring_info(self) -> dict[str, str]:
+        """The engine that computes the scores, its version and dtype (recorded in labels.json)."""
+        import torch
+        import transformers
+
+        return {
+            "engine": "hf",
+            "version": f"transformers {transformers.__version__}, torch {torch.__version__}",
+            # score() autocasts to bf16 on CUDA only; elsewhere it computes in fp32.
+            "dtype": "bfloat16 (autocast)" if self.device.type == "cuda" else "float32",
+        }
+
     def describe(self) -> dict[str, Any]:
         """What ``teacher.json`` records besides the weights kind."""
         return {

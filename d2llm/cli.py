@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -298,6 +299,12 @@ def _label_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR)
     p.add_argument("--out-dir", type=Path, default=layout.LABELS_DIR)
     p.add_argument("--overwrite", action="store_true", help="replace labels made from other groups/teacher")
+    p.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="who scores the shards: this process or Ray actors (default: labelling.executor)",
+    )
+    p.add_argument("--ray-address", help="Ray cluster to join (default: labelling.ray.address, RAY_ADDRESS)")
 
 
 @command("label", "build training groups and score them with the teacher (resumable shards)")
@@ -305,9 +312,27 @@ def _label_args(p: argparse.ArgumentParser) -> None:
 def cmd_label(args: argparse.Namespace, params: Params) -> int:
     from d2llm.labelling import label_groups
 
+    changes: dict[str, Any] = {}
+    if args.executor:
+        changes["labelling.executor"] = args.executor
+    if args.ray_address:
+        changes["labelling.ray.address"] = args.ray_address
+    params = _with_settings(params, changes)
     summary = label_groups(params, args.negatives, args.teacher_dir, args.out_dir, overwrite=args.overwrite)
     print(summary)
     return 0
+
+
+def _with_settings(params: Params, changes: dict[str, Any]) -> Params:
+    """``params`` with dotted settings replaced, validated again like params.yaml."""
+    if not changes:
+        return params
+    from d2llm.config import _set_dotted, params_from_dict
+
+    raw = params.model_dump(mode="json")
+    for dotted, value in changes.items():
+        _set_dotted(raw, dotted, value)
+    return params_from_dict(raw, "command-line options")
 
 
 def _register_args(p: argparse.ArgumentParser) -> None:
@@ -384,9 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, dict(args.overrides))
         run = _COMMANDS[args.command][0]
-        if args.command in _READ_ONLY:
+        from d2llm.lock import LOCK_HELD_ENV, pipeline_lock
+
+        if args.command in _READ_ONLY or os.environ.get(LOCK_HELD_ENV) == "1":
             return run(args, params) or 0
-        from d2llm.lock import pipeline_lock
 
         with pipeline_lock(wait=args.wait):
             return run(args, params) or 0

@@ -300,6 +300,7 @@ class LabellingJobConfig(_Section):
     enabled: bool = False
     # The cluster's dashboard (job API), e.g. "http://head:8265"; None: the RAY_ADDRESS variable.
     address: str | None = None
+    python: str = "python"  # the interpreter of the job's entrypoint (``python -m d2llm.cli label``)
     pip: list[str] = Field(default_factory=list)  # the job environment's packages, e.g. ["vllm==0.33.0"]
     env_vars: dict[str, str] = Field(default_factory=dict)
     entrypoint_num_gpus: float = Field(default=0.0, ge=0)  # GPUs reserved for the job's driver

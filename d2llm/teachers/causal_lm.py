@@ -101,6 +101,11 @@ class CausalLMTeacher(Teacher):
         super().__init__(cfg, tokenizer, device)
         self.lm = lm.to(device)
         self.peft_model: Any = None
+        self._set_up_prompts()
+
+    def _set_up_prompts(self) -> None:
+        """Chat template or plain prompt, and the single-token ids of the two answers."""
+        cfg, tokenizer = self.cfg, self.tokenizer
         self.use_chat = bool(cfg.prompts.use_chat_template and getattr(tokenizer, "chat_template", None))
         prefer_space = not self.use_chat
         self.yes_id = resolve_answer_id(tokenizer, cfg.prompts.yes_word, prefer_space)

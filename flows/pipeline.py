@@ -131,10 +131,20 @@ def teacher_finetune(params: Params, key: dict[str, Any]) -> str:
     tags=["gpu"],
 )
 def label(params: Params, key: dict[str, Any]) -> str:
-    # Labelling is resumable: a retry continues from the last complete shard.
+    """One task for the whole labelling, whatever scores the shards (never one task per shard:
+    each would load the teacher again).
+
+    ``labelling.executor: ray`` scores the shards on Ray actors that load the teacher once each;
+    ``labelling.job.enabled`` submits the labelling as a Ray job in its own environment (the
+    vLLM engine) and waits for it. Labelling is resumable: a retry continues from the shards
+    already written, on any executor.
+    """
     from d2llm.labelling import label_groups
     from d2llm.tracking import log_metrics_dict, stage_run
 
+    cfg = params.labelling
+    where = "a Ray job" if cfg.job.enabled else f"the {cfg.executor} executor"
+    get_run_logger().info("labelling with the %s engine on %s", cfg.engine, where)
     with stage_run("label"), _gpu_slot():
         report = label_groups(params, layout.NEGATIVES, layout.TEACHER_DIR, layout.LABELS_DIR)
         log_metrics_dict(report, prefix="labelling")

@@ -153,3 +153,32 @@ def test_a_second_run_in_the_same_working_copy_refuses_before_touching_anything(
     assert not (project.root / "data" / "prepared").exists()
     assert not (project.root / "models").exists()
     assert _registry(project.root)[0] == []
+
+
+def test_the_flow_labels_on_a_ray_cluster(prefect_harness: None, project, ray_cluster) -> None:
+    """labelling.executor: ray: the flow's label task scores the shards on the session's local Ray
+    cluster (2 actors); the labels are those the local executor (`d2llm label`) writes."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from flows.pipeline import training_pipeline
+
+    result = training_pipeline(
+        params_file="params.yaml", overrides={"labelling.executor": "ray"}, promote=False
+    )
+    root = project.root
+    manifest = json.loads((root / "data" / "labels" / "labels.json").read_text())
+    assert manifest["complete"] and manifest["num_shards"] == 2 and manifest["scoring"]["engine"] == "hf"
+    client = MlflowClient()
+    parent = client.get_run(result["run_id"])
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{result['run_id']}'"
+    )
+    [label_run] = [run for run in children if run.data.tags.get("d2llm.stage") == "label"]
+    workers = {k: v for k, v in label_run.data.metrics.items() if k.endswith("workers")}
+    assert sorted(workers.values()) == [0, 2], workers  # 2 actors, none lost
+
+    project.run("d2llm", "label", "--executor", "local", "--out-dir", "data/labels-local")
+    for shard in sorted((root / "data" / "labels-local").glob("scores-*.safetensors")):
+        assert (root / "data" / "labels" / shard.name).read_bytes() == shard.read_bytes(), shard.name

@@ -24,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections import Counter, deque
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,7 +157,9 @@ class _WorkerPool:
         from ray.exceptions import RayActorError, RayTaskError
 
         workers = min(self.cfg.num_workers, len(plan.missing))
+        started_at = time.perf_counter()
         idle = self._start_all(workers)
+        scoring_from = time.perf_counter()
         queue = deque(plan.missing)
         attempts: Counter[int] = Counter()
         in_flight: dict[Any, tuple[Any, int]] = {}
@@ -196,7 +199,14 @@ class _WorkerPool:
             progress.update()
             idle.append(actor)
         progress.close()
-        return {"executor": "ray", "workers": workers, "lost_workers": lost, "retried_shards": retried}
+        return {
+            "executor": "ray",
+            "workers": workers,
+            "lost_workers": lost,
+            "retried_shards": retried,
+            "startup_seconds": scoring_from - started_at,  # actors started, teacher loaded
+            "scoring_seconds": time.perf_counter() - scoring_from,
+        }
 
     def _forget(self, actor: Any) -> None:
         if actor in self.actors:

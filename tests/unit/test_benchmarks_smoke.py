@@ -209,6 +209,24 @@ def test_labelling_throughput(tiny_bert_dir, prepared_dir, tmp_path):
     assert report["max_abs_logit_difference"] < 1e-4
 
 
+def test_labelling_scaling(tiny_bert_dir, prepared_dir, tmp_path, ray_cluster):
+    from benchmarks import labelling_scaling
+
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--workers", "1", "2", "--groups", "2", "--group-size", "2", "--negatives", "1"]
+    args += ["--shard-groups", "1", "--repeats", "1", "--teacher-dir", str(tmp_path / "none")]
+    labelling_scaling.main(args)
+    report = _read_json(tmp_path / "labelling_scaling.json")
+    assert report["pairs"] == 2 * (2 * 2 + 2 * 1) and report["shards"] == 2
+    rates, efficiency = report["pairs_per_second"], report["scaling_efficiency"]
+    assert set(rates) == {"1", "2"} and all(rate > 0 for rate in rates.values())
+    assert efficiency["1"] == pytest.approx(1.0)
+    assert efficiency["2"] == pytest.approx(rates["2"] / (2 * rates["1"]))
+    [one], [two] = report["raw_runs"]["1"], report["raw_runs"]["2"]
+    assert (one["workers"], two["workers"]) == (1, 2) and one["lost_workers"] == two["lost_workers"] == 0
+    assert rates["1"] == pytest.approx(report["pairs"] / one["scoring_seconds"])
+
+
 def test_computed_tokens_hand_worked():
     from benchmarks.labelling_throughput import computed_tokens
 

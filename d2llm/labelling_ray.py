@@ -55,6 +55,9 @@ class LabellingWorker:
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         import torch
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the weight-loading bar ignores TQDM_DISABLE
 
         from d2llm.labelling import ShardScorer
 

@@ -460,7 +460,9 @@ def finalise_labelling(
         )
     if scoring is None:
         previous = plan.out_dir / MANIFEST_FILE
-        recorded = json.loads(previous.read_text(encoding="utf-8")).get("scoring") if previous.is_file() else None
+        recorded = (
+            json.loads(previous.read_text(encoding="utf-8")).get("scoring") if previous.is_file() else None
+        )
         scoring = recorded or {"engine": cfg["engine"]}
     complete = {**cfg, "complete": True, "num_shards": len(plan.shards), "scoring": scoring}
     _write_json(complete, plan.out_dir / MANIFEST_FILE)

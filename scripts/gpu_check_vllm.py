@@ -133,7 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         **compare(hf_logits, hf_feats, out.logits, out.features),
     }
     print(json.dumps(report, indent=2, default=str))
-    ok = report["max_abs_logit_diff"] <= args.logit_tol and 1 - report["min_feature_cosine"] <= args.feature_tol
+    ok = (
+        report["max_abs_logit_diff"] <= args.logit_tol
+        and 1 - report["min_feature_cosine"] <= args.feature_tol
+    )
     print("vLLM matches the HF path" if ok else "vLLM DIFFERS from the HF path beyond the tolerances")
     return 0 if ok else 1
 

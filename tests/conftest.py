@@ -15,7 +15,7 @@ os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[Any]:
-    """A local Ray cluster (2 CPUs, dashboard for the job API) for the whole session (tests/ray_cluster.py)."""
+    """A local Ray cluster (2 CPUs, dashboard for the job API) for the session (tests/ray_cluster.py)."""
     from ray_cluster import start_ray_cluster
 
     with start_ray_cluster() as context:

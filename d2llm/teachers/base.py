@@ -171,7 +171,7 @@ def read_teacher_json(path: str | Path) -> dict[str, Any]:
 
 
 def saved_config(cfg: TeacherConfig, path: str | Path) -> tuple[TeacherConfig, WeightsKind]:
-    """``cfg`` with what the saved teacher at ``path`` fixes (kind, model, prompts...), and its weights kind."""
+    """``cfg`` with what the saved teacher at ``path`` fixes (kind, model, prompts...); its weights kind."""
     meta = read_teacher_json(path)
     updated = cfg.model_copy(
         update={

@@ -332,6 +332,7 @@ class LabellingPlan:
     missing: list[int]  # shard ids without a valid file
     summary: dict[str, Any]
     complete: bool = False  # the labels were complete and current before this run
+    previous_scoring: dict[str, str] | None = None  # what scored the labels an earlier run began
 
     def shard_groups(self, shard_id: int) -> pd.DataFrame:
         ids = self.shards[shard_id]
@@ -381,6 +382,7 @@ def plan_labelling(
     }
     if existing and existing.get("complete"):
         return LabellingPlan(out_dir, manifest, groups, shards, [], summary, complete=True)
+    previous_scoring = existing.get("scoring") if existing else None
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_json(manifest, out_dir / MANIFEST_FILE)
     tmp = out_dir / (GROUPS_FILE + ".tmp")
@@ -391,7 +393,9 @@ def plan_labelling(
         for s, ids in enumerate(shards)
         if not _shard_is_valid(out_dir / SHARD_PATTERN.format(s), ids, cfg.group_size, k1)
     ]
-    return LabellingPlan(out_dir, manifest, groups, shards, missing, summary)
+    return LabellingPlan(
+        out_dir, manifest, groups, shards, missing, summary, previous_scoring=previous_scoring
+    )
 
 
 def load_scoring_teacher(params: Params, teacher_dir: str | Path) -> Teacher:
@@ -459,11 +463,7 @@ def finalise_labelling(
             "run `d2llm label` again to score them"
         )
     if scoring is None:
-        previous = plan.out_dir / MANIFEST_FILE
-        recorded = (
-            json.loads(previous.read_text(encoding="utf-8")).get("scoring") if previous.is_file() else None
-        )
-        scoring = recorded or {"engine": cfg["engine"]}
+        scoring = plan.previous_scoring or {"engine": cfg["engine"]}
     complete = {**cfg, "complete": True, "num_shards": len(plan.shards), "scoring": scoring}
     _write_json(complete, plan.out_dir / MANIFEST_FILE)
     scored = len(plan.missing)

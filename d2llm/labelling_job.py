@@ -106,6 +106,9 @@ def run_labelling_job(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Submit the labelling as a Ray job, wait for it, and summarise its labels (labels.json)."""
+    from d2llm.labelling_ray import require_ray
+
+    require_ray("labelling.job.enabled")
     from ray.job_submission import JobSubmissionClient
 
     cfg = params.labelling.job

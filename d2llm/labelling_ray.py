@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from d2llm.errors import ArtifactError, ModelError
+from d2llm.errors import ArtifactError, ConfigError, ModelError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -85,12 +85,21 @@ def score_on_ray(
     cfg = params.labelling.ray
     if not plan.missing:
         return {"executor": "ray", "workers": 0}, None
+    require_ray("labelling.executor: ray")
     with ray_cluster(cfg):
         pool = _WorkerPool(worker_class, params, str(Path(teacher_dir).resolve()), cfg)
         try:
             return pool.run(plan), pool.scoring
         finally:
             pool.close()
+
+
+def require_ray(what: str) -> None:
+    """A clear error when Ray (the ``distributed`` extra) is not installed."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"{what} needs Ray: pip install -e '.[distributed]'") from None
 
 
 @contextmanager
@@ -110,7 +119,12 @@ def ray_cluster(cfg: RayExecutorConfig) -> Iterator[None]:
         log.info("starting a local Ray cluster for labelling (no labelling.ray.address or RAY_ADDRESS)")
     else:
         log.info("connecting to the Ray cluster at %s", address)
-    ray.init(address=address, **settings)
+    try:
+        ray.init(address=address, **settings)
+    except ConnectionError as err:
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address!r} (labelling.ray.address): {err}"
+        ) from None
     try:
         yield
     finally:

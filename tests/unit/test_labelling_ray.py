@@ -141,9 +141,11 @@ def test_a_worker_killed_mid_run_loses_no_shard(ray_cluster, inputs, local_label
         deadline = time.monotonic() + 60
         while not any(out.glob("scores-*.safetensors")) and time.monotonic() < deadline:
             time.sleep(0.01)
-        names = sorted(n for n in ray.util.list_named_actors() if n.startswith(WORKER_NAME))
-        ray.kill(ray.get_actor(names[0]), no_restart=True)
-        killed.append(names[0])
+        # Names are WORKER_NAME-<pid>-<run>-<n>: the newest run is this one (earlier ones may linger).
+        names = [n for n in ray.util.list_named_actors() if n.startswith(WORKER_NAME)]
+        newest = max(names, key=lambda n: [int(part) for part in n.rsplit("-", 3)[1:]])
+        ray.kill(ray.get_actor(newest), no_restart=True)
+        killed.append(newest)
 
     killer = threading.Thread(target=kill_one_worker_after_the_first_shard)
     killer.start()

@@ -9,12 +9,13 @@ Layout of ``out_dir`` (docs/architecture.md, "Training groups"):
 - ``scores-00000.safetensors`` ...: per shard of ``labelling.shard_groups`` groups,
   ``group_id [G]``, ``in_batch [G, B, B, 2]``, ``hard [G, B, K+1, 2]`` (column 0: the positive),
   ``feature_cos [G, B, K+1, K+1]``;
-- ``labels.json``: the manifest (hash of the groups, teacher identity, layout, ``complete``).
+- ``labels.json``: the manifest (hash of the groups, teacher identity, scoring engine, layout,
+  ``complete``; once complete also ``num_shards`` and ``scoring``: engine, version, dtype).
 
 Each shard is written to a temporary file and renamed, so a shard file is either whole or
 absent. A rerun skips shards that exist and validate (group ids, shapes) and scores the rest;
 shards depend only on their own groups, so an interrupted and resumed run gives the same
-tensors as one uninterrupted run.
+tensors as one uninterrupted run, whichever executor (this process, Ray actors) scored them.
 """
 
 from __future__ import annotations

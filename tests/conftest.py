@@ -11,6 +11,8 @@ import pytest
 # Ray reads this when it is imported: on a loaded 2-core machine its dashboard (the job API) can
 # take longer than the default 60 s to come up.
 os.environ.setdefault("RAY_DASHBOARD_STARTUP_TIMEOUT_S", "240")
+# Likewise a worker process may take longer than the default 60 s to register with its raylet.
+os.environ.setdefault("RAY_worker_register_timeout_seconds", "300")
 
 
 @pytest.fixture(scope="session")

@@ -170,6 +170,7 @@ def test_the_flow_labels_on_a_ray_cluster(prefect_harness: None, project, ray_cl
     root = project.root
     manifest = json.loads((root / "data" / "labels" / "labels.json").read_text())
     assert manifest["complete"] and manifest["num_shards"] == 2 and manifest["scoring"]["engine"] == "hf"
+    _registry(root)  # points MLflow at this project's store, whatever an earlier test left set
     client = MlflowClient()
     parent = client.get_run(result["run_id"])
     children = client.search_runs(

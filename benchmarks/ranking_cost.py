@@ -16,6 +16,10 @@ extrapolated linearly to N (its cost is N independent forward passes; the JSON m
 sizes are extrapolated). Candidates are drawn from a pool of real Cranfield + CISI passages,
 repeated when N exceeds the pool.
 
+``--bf16-iem`` adds a fifth system, ``student-bf16``: the same student with its IEM branch layer
+in bfloat16 (``student.iem.inference_dtype: bfloat16``), timed in the same interleaved run, and
+reports how far its logits and top 10 move from the float32 student's.
+
 Optionally (on by default) the same run measures what the two-stage shortcut costs in
 quality: nDCG@10 of full IEM scoring vs two-stage on Cranfield, and the first stage's recall
 of the full top 10 (meaningful for a trained student; an untrained one is labelled as such).
@@ -39,6 +43,7 @@ from d2llm import layout
 
 NAME = "ranking_cost"
 SYSTEMS = ("teacher", "student", "two-stage", "bi-encoder")
+BF16 = "student-bf16"  # optional: the student with its IEM branch layer in bfloat16
 TOP_K = 10
 
 log = logging.getLogger(__name__)
@@ -59,6 +64,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ndcg-queries", type=int, default=None, help="queries of that check (default all)")
     p.add_argument("--no-ndcg", action="store_true", help="skip the full vs two-stage quality check")
     p.add_argument("--batch-size", type=int, default=64, help="passage encoding batch size (untimed)")
+    p.add_argument("--bf16-iem", action="store_true", help="also time the student with a bfloat16 IEM branch")
     args = p.parse_args(argv)
     for name in ("queries", "rerank_depth", "teacher_max_pairs", "pool_size", "repeats"):
         common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -199,9 +205,16 @@ def make_teacher_ranker(teacher: Any, queries: Sequence[str], passages: Sequence
 
 
 def full_vs_two_stage(
-    student: Any, prepared_dir: Path, dataset: str, rerank_depth: int, max_queries: int | None, seed: int
+    student: Any,
+    prepared_dir: Path,
+    dataset: str,
+    rerank_depth: int,
+    max_queries: int | None,
+    seed: int,
+    student_bf16: Any = None,
 ) -> dict[str, Any]:
-    """nDCG@10 of full IEM scoring vs cosine-first-stage + IEM re-ranking on one IR collection."""
+    """nDCG@10 of full IEM scoring vs cosine-first-stage + IEM re-ranking on one IR collection
+    (and of full scoring with the bfloat16 IEM branch, when ``student_bf16`` is given)."""
     import torch
 
     from d2llm.data import load_ir
@@ -219,11 +232,14 @@ def full_vs_two_stage(
     qtexts = queries["text"].astype(str).tolist()
     with torch.inference_mode():
         e_q = student.encode(qtexts, batch_size=32)
-    full_run, two_run, kept_fraction = [], [], []
+    full_run, two_run, bf16_run, kept_fraction = [], [], [], []
     for i, text in enumerate(qtexts):
         full = iem_scores(student, e_q[i : i + 1], index.passage_cache, "asym")
         full_top = top_k_positions(full, 100)
         full_run.append([(int(p), float(full[p])) for p in full_top])
+        if student_bf16 is not None:
+            low = iem_scores(student_bf16, e_q[i : i + 1], index.passage_cache, "asym")
+            bf16_run.append([(int(p), float(low[p])) for p in top_k_positions(low, 100)])
         kept = np.sort(first_stage_candidates(index, text, e_q[i : i + 1], "cosine", rerank_depth))
         rescored = iem_scores(student, e_q[i : i + 1], index.passage_cache[kept], "asym")
         two_run.append([(int(kept[j]), float(rescored[j])) for j in top_k_positions(rescored, 100)])
@@ -232,6 +248,7 @@ def full_vs_two_stage(
     wanted = {q: qrels[q] for q in qids}
     full_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, full_run))["ndcg@10"]
     two_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, two_run))["ndcg@10"]
+    bf16_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, bf16_run))["ndcg@10"] if bf16_run else None
     return {
         "dataset": dataset,
         "n_queries": len(qids),
@@ -241,6 +258,7 @@ def full_vs_two_stage(
         "ndcg@10_two_stage": two_ndcg,
         "ndcg@10_difference": two_ndcg - full_ndcg,
         "first_stage_recall@10": float(np.mean(kept_fraction)),
+        "ndcg@10_full_bf16": bf16_ndcg,
     }
 
 
@@ -249,7 +267,13 @@ def full_vs_two_stage(
 
 def _ratios(end_to_end: dict, scoring: dict, n: str) -> dict[str, float | None]:
     t, c = end_to_end, scoring
-    return {
+    extra = {}
+    if BF16 in t:
+        extra = {
+            f"{BF16}/bi-encoder": common.ratio(t[BF16][n], t["bi-encoder"][n]),
+            f"scoring {BF16}/bi-encoder": common.ratio(c[BF16][n], c["bi-encoder"][n]),
+        }
+    return extra | {
         "teacher/student": common.ratio(t["teacher"][n], t["student"][n]),
         "teacher/two-stage": common.ratio(t["teacher"][n], t["two-stage"][n]),
         "student/bi-encoder": common.ratio(t["student"][n], t["bi-encoder"][n]),
@@ -267,10 +291,11 @@ def _summarise(
     n_queries: int,
 ) -> dict[str, Any]:
     """Seconds per query (end to end, scoring only, query encoding) and ratios, by one statistic."""
-    end_to_end: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS}
-    scoring: dict[str, dict[str, float]] = {s: {} for s in SYSTEMS[1:]}
+    systems = SYSTEMS[1:] + ((BF16,) if f"{BF16}@{sizes[0]}" in raw else ())
+    end_to_end: dict[str, dict[str, float]] = {s: {} for s in ("teacher", *systems)}
+    scoring: dict[str, dict[str, float]] = {s: {} for s in systems}
     for n in sizes:
-        for system in SYSTEMS[1:]:
+        for system in systems:
             end_to_end[system][str(n)] = stat(raw[f"{system}@{n}"]) / n_queries
             scoring[system][str(n)] = stat(raw[f"score:{system}@{n}"]) / n_queries
         # The teacher callable ranks one query per call; its cost scales linearly to N candidates.
@@ -281,6 +306,40 @@ def _summarise(
         "scoring": scoring,
         "encoding": {s: stat(raw[f"encode:{s}"]) / n_queries for s in ("student", "bi-encoder")},
         "ratios": {str(n): _ratios(end_to_end, scoring, str(n)) for n in sizes},
+    }
+
+
+def bf16_copy(student: Any) -> Any:
+    """The student with its IEM branch layer in bfloat16; shares the backbone and tokenizer."""
+    import copy
+
+    memo = {id(student.backbone): student.backbone, id(student.tokenizer): student.tokenizer}
+    clone = copy.deepcopy(student, memo)
+    clone.iem.set_branch_dtype("bfloat16")
+    return clone
+
+
+def score_change(student: Any, other: Any, e_q: Any, cache: Any) -> dict[str, float]:
+    """How far ``other``'s IEM logits move from ``student``'s: largest and mean absolute change,
+    the largest relative to the logits' spread, and the mean overlap of the two top 10s."""
+    from d2llm.search import iem_scores, top_k_positions
+
+    diffs, spreads, overlaps = [], [], []
+    for i in range(e_q.shape[0]):
+        ref = iem_scores(student, e_q[i : i + 1], cache, "asym")
+        low = iem_scores(other, e_q[i : i + 1], cache, "asym")
+        diffs.append(np.abs(low - ref))
+        spreads.append(float(ref.std()))
+        top_ref, top_low = (set(top_k_positions(x, TOP_K).tolist()) for x in (ref, low))
+        overlaps.append(len(top_ref & top_low) / len(top_ref))
+    diff = np.concatenate(diffs)
+    return {
+        "max_abs": float(diff.max()),
+        "mean_abs": float(diff.mean()),
+        "max_abs_over_std": float(diff.max() / max(min(spreads), 1e-12)),
+        "top10_overlap": float(np.mean(overlaps)),
+        "n_queries": int(e_q.shape[0]),
+        "n_candidates": int(cache.shape[0]),
     }
 
 
@@ -307,6 +366,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
 
     with torch.inference_mode():
         e_q, bi_q = student.encode(queries, batch_size=8), bi.encode(queries)
+    student_bf16 = bf16_copy(student) if args.bf16_iem else None
     timed: dict[str, Callable[[], Any]] = {}
     for system, fn in make_encoders(student, bi, queries).items():
         timed[f"encode:{system}"] = fn
@@ -322,6 +382,11 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         scorers = make_scorers(student, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
         for system, fn in scorers.items():
             timed[f"score:{system}@{n}"] = fn
+        if student_bf16 is not None:
+            rankers = make_rankers(student_bf16, bi, index, bi_pool[pos], queries, args.rerank_depth, chunk)
+            timed[f"{BF16}@{n}"] = rankers["student"]
+            scorers = make_scorers(student_bf16, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
+            timed[f"score:{BF16}@{n}"] = scorers["student"]
         teacher_pairs[n] = min(n, args.teacher_max_pairs)
         key = f"teacher@{teacher_pairs[n]}"
         if key not in timed:  # sizes above the cap share one teacher measurement
@@ -335,11 +400,16 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     tables = {
         stat: _summarise(raw, fn, args.sizes, teacher_pairs, len(queries)) for stat, fn in stats.items()
     }
+    bf16_change = None
+    if student_bf16 is not None:
+        pos = candidate_positions(max(args.sizes), len(pool), args.seed)
+        bf16_change = score_change(student, student_bf16, e_q, cache[pos])
     quality = None
     if not args.no_ndcg:
         quality = full_vs_two_stage(
-            student, prepared_dir, args.ndcg_dataset, args.rerank_depth, args.ndcg_queries, args.seed
-        )
+            student, prepared_dir, args.ndcg_dataset, args.rerank_depth, args.ndcg_queries, args.seed,
+            student_bf16,
+        )  # fmt: skip
         quality["student"] = student_desc
     return {
         "sizes": list(args.sizes),
@@ -361,6 +431,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         "best": tables["best"],
         "raw_seconds": raw,
         "full_vs_two_stage": quality,
+        "bf16_score_change": bf16_change,
     }
 
 
@@ -412,6 +483,7 @@ def print_report(results: dict[str, Any]) -> None:
     )
     header = ["N", "student IEM", "two-stage", "bi-encoder dot", "student/bi-enc", "two-stage/bi-enc"]
     print(common.format_table(header, score_rows))
+    _print_bf16(results)
     q = results["full_vs_two_stage"]
     if q:
         print(
@@ -421,6 +493,32 @@ def print_report(results: dict[str, Any]) -> None:
             f"first-stage recall@10 {q['first_stage_recall@10']:.3f}"
         )
     print(common.SHARED_MACHINE_NOTE)
+
+
+def _print_bf16(results: dict[str, Any]) -> None:
+    t, c, r = results["seconds_per_query"], results["scoring_seconds_per_query"], results["ratios"]
+    if BF16 not in t:
+        return
+    bt, bc, br = (results["best"][k] for k in ("end_to_end", "scoring", "ratios"))
+    rows = []
+    for n in map(str, results["sizes"]):
+        rows.append(
+            [n, _ms(t[BF16][n], bt[BF16][n]), _ms(c[BF16][n], bc[BF16][n])]
+            + [_x(r[n][q], br[n][q]) for q in (f"{BF16}/bi-encoder", f"scoring {BF16}/bi-encoder")]
+        )
+    print("\nStudent with a bfloat16 IEM branch layer (iem.inference_dtype: bfloat16), ms: median (best)")
+    print(common.format_table(["N", "end to end", "scoring only", "/bi-enc", "scoring /bi-enc"], rows))
+    change = results.get("bf16_score_change")
+    if change:
+        print(
+            f"logit change vs float32, {change['n_queries']} queries x {change['n_candidates']} candidates: "
+            f"max {change['max_abs']:.3g} (= {change['max_abs_over_std']:.3g} x the logits' std), "
+            f"mean {change['mean_abs']:.3g}; top-10 overlap {change['top10_overlap']:.3f}"
+        )
+    q = results.get("full_vs_two_stage")
+    if q and q.get("ndcg@10_full_bf16") is not None:
+        full, low = q["ndcg@10_full"], q["ndcg@10_full_bf16"]
+        print(f"{q['dataset']} nDCG@10 full IEM: float32 {full:.2f}, bfloat16 {low:.2f}")
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:

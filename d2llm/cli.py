@@ -187,7 +187,12 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
             raise ArtifactError(f"no corpus for {dataset!r} at {corpus_path}: run `d2llm prepare` first")
         corpus = pd.read_parquet(corpus_path)
         name, out_dir = dataset, args.out_dir or layout.INDEX_ROOT / dataset
-    student = D2LLMStudent.from_pretrained(args.student_dir, device=pick_device(params.device), merged=True)
+    student = D2LLMStudent.from_pretrained(
+        args.student_dir,
+        device=pick_device(params.device),
+        merged=True,
+        iem_dtype=params.student.iem.inference_dtype,
+    )
     index = build_index(
         student,
         corpus,
@@ -240,7 +245,9 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     from d2llm.student.model import D2LLMStudent
 
     with _quiet_model_loading():
-        student = D2LLMStudent.from_pretrained(args.student_dir, device="cpu", merged=True)
+        student = D2LLMStudent.from_pretrained(
+            args.student_dir, device="cpu", merged=True, iem_dtype=params.student.iem.inference_dtype
+        )
     index = load_index(args.index_dir, student, ef_search=params.search.hnsw_ef_search)
     hits = search(
         student,

@@ -341,6 +341,10 @@ class IEMConfig(_Section):
     # Initial value of the learnable cosine multiple (residual="cosine"): scores start as
     # cosine_scale * cos(e_a, e_b), i.e. InfoNCE at temperature 1/cosine_scale.
     cosine_scale: float = Field(default=20.0, gt=0)
+    # Inference only (merged student: index, search, serving, evaluation): the dtype of the
+    # branch layer, the IEM's one big matrix product. bfloat16 halves its time on CPUs with
+    # AVX512-BF16 and rounds the branch activations (docs/benchmarks.md); training is float32.
+    inference_dtype: Literal["float32", "bfloat16"] = "float32"
 
 
 class StudentConfig(_Section):

@@ -130,9 +130,12 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         student_dir = context.artifacts[STUDENT_ARTIFACT]
         if BACKBONE_ARTIFACT in context.artifacts:
             student_dir = self._point_at_bundled_backbone(student_dir, context.artifacts[BACKBONE_ARTIFACT])
-        # LoRA merged into the backbone: inference runs the plain backbone (same scores, faster).
-        self.student = D2LLMStudent.from_pretrained(student_dir, merged=True)
         self.settings: Mapping[str, Any] = dict(context.model_config or {})
+        # LoRA merged into the backbone: inference runs the plain backbone (same scores, faster);
+        # the IEM's branch layer in the dtype logged with the model (default: the saved config's).
+        self.student = D2LLMStudent.from_pretrained(
+            student_dir, merged=True, iem_dtype=self.settings.get("iem_dtype")
+        )
         self.index = None
         if INDEX_ARTIFACT in context.artifacts:
             from d2llm.search import load_index

@@ -240,7 +240,12 @@ def load_systems(
         from d2llm.hub import pick_device
         from d2llm.student.model import D2LLMStudent
 
-        student = D2LLMStudent.from_pretrained(student_dir, device=pick_device(params.device), merged=True)
+        student = D2LLMStudent.from_pretrained(
+            student_dir,
+            device=pick_device(params.device),
+            merged=True,
+            iem_dtype=params.student.iem.inference_dtype,
+        )
         systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size)
     return systems, notes
 
@@ -454,7 +459,12 @@ def student_validation_metrics(
     from d2llm.hub import pick_device
     from d2llm.student.model import D2LLMStudent
 
-    student = D2LLMStudent.from_pretrained(student_dir, device=pick_device(params.device), merged=True)
+    student = D2LLMStudent.from_pretrained(
+        student_dir,
+        device=pick_device(params.device),
+        merged=True,
+        iem_dtype=params.student.iem.inference_dtype,
+    )
     scorer = StudentScorer(student, params.evaluation.batch_size, params.search.chunk_size)
     return evaluate_validation(params, Path(prepared_dir), {"student": scorer}).get("student", {})
 

@@ -11,6 +11,13 @@ cached passages then costs N additions, ReLUs and two small matrix products.
 ``residual="cosine"`` adds ``scale * cos(e_a, e_b)`` (``scale`` learnable) and zero-initialises
 the output layer, so the untrained student scores exactly like the bi-encoder it starts from.
 The cache then also stores the unit passage vector: ``cache = [W1b e_b ; e_b / |e_b|]``.
+
+Scoring N cached passages is bound by one matrix product: the branch layer ``W_t h`` over N rows
+(N x hidden x branch multiply-adds; everything else is element-wise or a vector product). For
+inference only, :meth:`IEM.set_branch_dtype` may run that layer in bfloat16 (half the time on a
+CPU with AVX512-BF16); the first layer, the output layer and the cosine residual stay float32,
+so logits keep float32 resolution and only the branch activations are rounded (an
+approximation, off by default: ``student.iem.inference_dtype``).
 """
 
 from __future__ import annotations
@@ -51,6 +58,25 @@ class IEM(nn.Module):
             self.register_parameter("cosine_scale", None)
 
     @property
+    def branch_dtype(self) -> torch.dtype:
+        """The dtype the branch layers compute in (float32 unless :meth:`set_branch_dtype` changed it)."""
+        return self.branches[TASKS[0]].weight.dtype
+
+    def set_branch_dtype(self, name: str) -> IEM:
+        """In place, for inference: keep the branch layers' weights (and compute them) in ``name``
+        (``"float32"`` or ``"bfloat16"``).
+
+        Only for an IEM that no longer trains (the merged student calls it): the rounded
+        weights replace the float32 ones. Returns self.
+        """
+        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+        if name not in dtypes:
+            raise ModelError(f"IEM branch dtype must be one of {sorted(dtypes)}, got {name!r}")
+        dtype = dtypes[name]
+        self.branches.to(dtype)
+        return self
+
+    @property
     def cache_size(self) -> int:
         """Width of one cached passage row."""
         return self.hidden_size + (self.dim if self.residual == "cosine" else 0)
@@ -79,9 +105,10 @@ class IEM(nn.Module):
 
     def _head(self, a_part: Tensor, b_part: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """``a_part`` + ``b_part`` (broadcast) -> (z, u): the layers after the split first layer."""
-        h = torch.relu(a_part + b_part)
-        u = torch.relu(self._branch(task)(h))
-        return self.out(u).squeeze(-1), u
+        branch = self._branch(task)
+        h = torch.relu(a_part + b_part).to(branch.weight.dtype)  # no-op unless set_branch_dtype
+        u = torch.relu(branch(h))
+        return self.out(u.to(self.out.weight.dtype)).squeeze(-1), u
 
     def forward_cached(self, e_a: Tensor, cache_b: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """Row-wise: ``e_a [N, d]`` against ``cache_b [N, cache_size]`` -> ``(z [N], u [N, branch])``."""

@@ -17,7 +17,9 @@ For inference (encode, index, search, serving, evaluation) the LoRA adapters are
 the backbone's weights (:meth:`D2LLMStudent.for_inference`, ``from_pretrained(merged=True)``):
 the backbone then runs as a plain model, without the adapters' extra matrix products per
 projection. A merged student scores like the unmerged one (to float rounding), keeps the
-unmerged weights' fingerprint for its indexes, and can neither train nor be saved.
+unmerged weights' fingerprint for its indexes, and can neither train nor be saved. Merging
+also sets the IEM's branch layer to ``student.iem.inference_dtype`` (float32 by default;
+bfloat16 is a faster approximation, see ``d2llm.student.iem``).
 """
 
 from __future__ import annotations
@@ -103,22 +105,24 @@ class D2LLMStudent(nn.Module):
         """True once the LoRA adapters are merged into the backbone (inference only)."""
         return self._merged_from is not None
 
-    def for_inference(self) -> D2LLMStudent:
+    def for_inference(self, iem_dtype: str | None = None) -> D2LLMStudent:
         """A copy of this student with LoRA merged into the backbone weights, in eval mode.
 
         This student is left as it is (it may keep training, and saves its adapter as before);
         the copy shares only the tokenizer. Use it wherever the student only encodes and scores.
+        ``iem_dtype``: as in :meth:`merge_lora`.
         """
         clone = copy.deepcopy(self, memo={id(self.tokenizer): self.tokenizer})
-        return clone.merge_lora()
+        return clone.merge_lora(iem_dtype)
 
-    def merge_lora(self) -> D2LLMStudent:
+    def merge_lora(self, iem_dtype: str | None = None) -> D2LLMStudent:
         """In place: merge the LoRA adapters into the backbone weights and freeze everything.
 
         For a student nothing else holds (``from_pretrained(merged=True)`` calls it on the one it
         just loaded); to keep a trainable student, use :meth:`for_inference`, which merges a copy.
         Records the fingerprint of the unmerged weights first (:meth:`fingerprint`), so indexes
-        built by either form fit both. Idempotent.
+        built by either form fit both. The IEM's branch layer then computes in ``iem_dtype``
+        (None: ``student.iem.inference_dtype`` of the config). Idempotent.
         """
         if self.merged:
             return self
@@ -129,6 +133,7 @@ class D2LLMStudent(nn.Module):
             self.backbone = self.backbone.merge_and_unload()  # the plain base model, adapters folded in
         for param in self.parameters():
             param.requires_grad_(False)
+        self.iem.set_branch_dtype(iem_dtype or self.cfg.iem.inference_dtype)
         self._merged_from = fingerprint
         return self.eval()
 
@@ -299,13 +304,19 @@ class D2LLMStudent(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | Path, *, device: str | torch.device | None = None, merged: bool = False
+        cls,
+        directory: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        merged: bool = False,
+        iem_dtype: str | None = None,
     ) -> D2LLMStudent:
         """Load a folder written by :meth:`save_pretrained`, without unpickling anything.
 
         The backbone comes from the saved model reference; remote code runs only if the saved
         config says ``trust_remote_code: true``. Returned in eval mode. ``merged=True``: for
-        inference only, the LoRA adapters merged into the backbone (:meth:`merge_lora`).
+        inference only, the LoRA adapters merged into the backbone (:meth:`merge_lora`), the IEM's
+        branch layer in ``iem_dtype`` (None: the saved ``student.iem.inference_dtype``).
         """
         directory = Path(directory)
         meta = _read_meta(directory)
@@ -324,7 +335,7 @@ class D2LLMStudent(nn.Module):
             )
         _load_heads(student, directory / HEADS_FILE)
         if merged:
-            student.merge_lora()
+            student.merge_lora(iem_dtype)
         if device is not None:
             student.to(device)
         return student.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -199,3 +200,30 @@ def test_iem_score_matrix_of_nothing_is_empty(residual: str) -> None:
     cache = iem.passage_cache(torch.randn(3, 8))
     assert iem.score_matrix(torch.randn(0, 8), cache, "sym").shape == (0, 3)
     assert iem.score_matrix(torch.randn(2, 8), cache[:0], "sym").shape == (2, 0)
+
+
+@pytest.mark.parametrize("residual", ["none", "cosine"])
+def test_iem_bfloat16_branch_scores_close_to_float32(residual: str) -> None:
+    """The inference-only bfloat16 branch layer: only the branch weights change dtype, the logits
+    stay float32 and within bf16 rounding of the float32 ones, in every scoring path."""
+    torch.manual_seed(1)
+    iem = IEM(32, hidden_size=64, branch_size=48, residual=residual, cosine_scale=3.0)
+    with torch.no_grad():
+        iem.out.weight.normal_(std=0.2)
+    queries, passages = torch.randn(4, 32), torch.randn(50, 32)
+    with torch.no_grad():
+        cache = iem.passage_cache(passages)
+        expected = iem.score_matrix(queries, cache, "asym")
+        rows = iem(queries[[0] * 50], passages, "sym")[0]
+        low = copy.deepcopy(iem).set_branch_dtype("bfloat16")
+        assert low.branch_dtype == torch.bfloat16 and iem.branch_dtype == torch.float32
+        assert low.first_a.weight.dtype == low.out.weight.dtype == torch.float32
+        torch.testing.assert_close(low.passage_cache(passages), cache)  # the index does not change
+        got = low.score_matrix(queries, cache, "asym")
+        got_rows = low(queries[[0] * 50], passages, "sym")[0]
+    assert got.dtype == got_rows.dtype == torch.float32
+    # Rounded (bf16 keeps 8 significant bits), but only slightly: within 1% of the largest logit.
+    assert 0 < (got - expected).abs().max().item() < 0.01 * expected.abs().max().item()
+    assert (got_rows - rows).abs().max().item() < 0.01 * rows.abs().max().item()
+    with pytest.raises(ModelError, match="branch dtype must be one of"):
+        iem.set_branch_dtype("float16")

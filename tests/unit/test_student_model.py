@@ -360,3 +360,29 @@ def test_an_index_built_merged_loads_for_the_unmerged_student(tiny_bert_dir: Pat
     merged_hits = search(merged, load_index(tmp_path / "index", merged), TEXTS[0], k=3, mode="full")
     assert [h.doc_id for h in hits] == [h.doc_id for h in merged_hits]
     assert [h.score for h in hits] == pytest.approx([h.score for h in merged_hits], abs=1e-5)
+
+
+def test_merged_student_takes_the_configured_iem_dtype(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """float32 by default (the exact path above); bfloat16 from the saved config or the caller."""
+    student = _student(tiny_bert_dir)
+    _perturb(student)
+    out = student.save_pretrained(tmp_path / "student")
+    exact = D2LLMStudent.from_pretrained(out, merged=True)
+    low = D2LLMStudent.from_pretrained(out, merged=True, iem_dtype="bfloat16")
+    assert exact.iem.branch_dtype == torch.float32 and low.iem.branch_dtype == torch.bfloat16
+    assert student.iem.branch_dtype == torch.float32  # training never sees the bf16 branch
+    assert low.fingerprint() == exact.fingerprint()  # same weights, same index
+    configured = _student(
+        tiny_bert_dir, iem={"hidden_size": 16, "branch_size": 8, "inference_dtype": "bfloat16"}
+    )
+    assert configured.for_inference().iem.branch_dtype == torch.bfloat16
+    assert configured.for_inference("float32").iem.branch_dtype == torch.float32
+
+    with torch.no_grad():
+        vectors = exact.encode(TEXTS)
+        cache = exact.passage_cache(vectors)
+        expected = exact.score_matrix(vectors, cache, "asym")
+        got = low.score_matrix(low.encode(TEXTS), low.passage_cache(low.encode(TEXTS)), "asym")
+    assert got.dtype == torch.float32
+    # A few bf16 roundings of 8 branch units: within 3% of the largest logit (float32: 1e-5).
+    torch.testing.assert_close(got, expected, atol=0.03 * expected.abs().max().item(), rtol=0)

@@ -214,17 +214,18 @@ def load_student(params: Params, student_dir: Path | None) -> tuple[Any, str]:
     An untrained student costs exactly what a trained one costs (same shapes, same operations),
     so timing benchmarks run before training too; quality figures then say "untrained". Either
     way the LoRA adapters are merged into the backbone, as every inference path runs it, and the
-    IEM's branch layer computes in ``student.iem.inference_dtype`` of ``params``.
+    inference settings of ``params`` apply (``student.iem.inference_dtype``,
+    ``student.inference_quantization``).
     """
     from d2llm.hub import pick_device
-    from d2llm.student.model import D2LLMStudent
+    from d2llm.student.model import D2LLMStudent, inference_options
 
     device = pick_device(params.device)
-    iem_dtype = params.student.iem.inference_dtype
+    options = inference_options(params.student)
     if student_dir is not None and (Path(student_dir) / "student.json").is_file():
-        student = D2LLMStudent.from_pretrained(student_dir, device=device, merged=True, iem_dtype=iem_dtype)
+        student = D2LLMStudent.from_pretrained(student_dir, device=device, merged=True, **options)
         return student, f"trained ({student_dir})"
-    student = D2LLMStudent.from_config(params.student, device=device).merge_lora(iem_dtype)
+    student = D2LLMStudent.from_config(params.student, device=device).merge_lora(**options)
     return student, f"untrained (from_config, backbone {params.student.backbone})"
 
 

@@ -175,7 +175,7 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
     from d2llm.errors import ArtifactError
     from d2llm.hub import pick_device
     from d2llm.search import build_index, read_corpus_file
-    from d2llm.student.model import D2LLMStudent
+    from d2llm.student.model import D2LLMStudent, inference_options
 
     if args.corpus is not None:
         corpus = read_corpus_file(args.corpus, args.id_column, args.text_column)
@@ -191,7 +191,7 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
         args.student_dir,
         device=pick_device(params.device),
         merged=True,
-        iem_dtype=params.student.iem.inference_dtype,
+        **inference_options(params.student),
     )
     index = build_index(
         student,
@@ -242,11 +242,11 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     import textwrap
 
     from d2llm.search import load_index, search
-    from d2llm.student.model import D2LLMStudent
+    from d2llm.student.model import D2LLMStudent, inference_options
 
     with _quiet_model_loading():
         student = D2LLMStudent.from_pretrained(
-            args.student_dir, device="cpu", merged=True, iem_dtype=params.student.iem.inference_dtype
+            args.student_dir, device="cpu", merged=True, **inference_options(params.student)
         )
     index = load_index(args.index_dir, student, ef_search=params.search.hnsw_ef_search)
     hits = search(

@@ -313,6 +313,9 @@ class LabellingConfig(_Section):
     max_groups_per_dataset: int | None = Field(default=None, ge=1)
     # Which prepared datasets to build training groups from (train split only).
     datasets: list[str] = Field(default_factory=lambda: ["sick", "snli"])
+    # "int8": the teacher labels with int8 dynamically quantised Linear layers (CPU only; faster,
+    # approximate: d2llm.quantization, docs/benchmarks.md); "none": float32 (the paper).
+    quantization: Literal["none", "int8"] = "none"
     # Distil a dataset only where the fine-tuned teacher beats the bi-encoder by this many points
     # on its dev split (the teacher's dev report); null: distil every dataset listed.
     min_teacher_gain: float | None = None
@@ -356,6 +359,9 @@ class StudentConfig(_Section):
     lora: LoraConfig = LoraConfig()
     pma: PMAConfig = PMAConfig()
     iem: IEMConfig = IEMConfig()
+    # Inference only (merged student): "int8" = the backbone's Linear layers dynamically
+    # quantised to int8 (CPU only; faster encoding, approximate: d2llm.quantization).
+    inference_quantization: Literal["none", "int8"] = "none"
 
 
 class LossConfig(_Section):

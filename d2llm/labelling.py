@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from d2llm.errors import ArtifactError, DataError
+from d2llm.errors import ArtifactError, ConfigError, DataError
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +48,8 @@ GROUPS_FILE = "groups.parquet"
 MANIFEST_FILE = "labels.json"
 SHARD_PATTERN = "scores-{:05d}.safetensors"
 FORMAT_VERSION = 1
-_LEGACY_DEFAULTS = {"engine": "hf"}
+# Manifest keys added after labels were first written, with the value older labels had.
+_LEGACY_DEFAULTS = {"engine": "hf", "teacher_quantization": "none"}
 
 
 # --------------------------------------------------------------------------- groups
@@ -371,6 +372,7 @@ def plan_labelling(
         "num_candidates": k1,
         "shard_groups": cfg.shard_groups,
         "num_groups": len(groups),
+        "teacher_quantization": cfg.quantization,  # labels of an int8 teacher are other labels
         "complete": False,
     }
     existing = _prepare_out_dir(out_dir, manifest, overwrite)
@@ -402,12 +404,17 @@ def plan_labelling(
 def load_scoring_teacher(params: Params, teacher_dir: str | Path) -> Teacher:
     """The saved teacher on the configured engine: transformers ("hf") or vLLM (GPU, own environment)."""
     if params.labelling.engine == "vllm":
+        if params.labelling.quantization != "none":
+            raise ConfigError(
+                "labelling.quantization: int8 quantises the transformers teacher on the CPU; "
+                "it does not apply to labelling.engine: vllm (set one of them back)"
+            )
         from d2llm.teachers.vllm_engine import load_vllm_teacher
 
         return load_vllm_teacher(params, teacher_dir)
     from d2llm.teachers.base import load_teacher
 
-    return load_teacher(params.teacher, teacher_dir, params.device)
+    return load_teacher(params.teacher, teacher_dir, params.device).quantize(params.labelling.quantization)
 
 
 class ShardScorer:

@@ -134,7 +134,10 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
         # LoRA merged into the backbone: inference runs the plain backbone (same scores, faster);
         # the IEM's branch layer in the dtype logged with the model (default: the saved config's).
         self.student = D2LLMStudent.from_pretrained(
-            student_dir, merged=True, iem_dtype=self.settings.get("iem_dtype")
+            student_dir,
+            merged=True,
+            iem_dtype=self.settings.get("iem_dtype"),
+            quantization=self.settings.get("quantization"),
         )
         self.index = None
         if INDEX_ARTIFACT in context.artifacts:

@@ -238,13 +238,13 @@ def load_systems(
         notes.append(f"student skipped: no saved student at {student_dir}")
     else:
         from d2llm.hub import pick_device
-        from d2llm.student.model import D2LLMStudent
+        from d2llm.student.model import D2LLMStudent, inference_options
 
         student = D2LLMStudent.from_pretrained(
             student_dir,
             device=pick_device(params.device),
             merged=True,
-            iem_dtype=params.student.iem.inference_dtype,
+            **inference_options(params.student),
         )
         systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size)
     return systems, notes
@@ -457,13 +457,13 @@ def student_validation_metrics(
 ) -> dict[str, float]:
     """The flat validation metrics promotion compares, for one saved student."""
     from d2llm.hub import pick_device
-    from d2llm.student.model import D2LLMStudent
+    from d2llm.student.model import D2LLMStudent, inference_options
 
     student = D2LLMStudent.from_pretrained(
         student_dir,
         device=pick_device(params.device),
         merged=True,
-        iem_dtype=params.student.iem.inference_dtype,
+        **inference_options(params.student),
     )
     scorer = StudentScorer(student, params.evaluation.batch_size, params.search.chunk_size)
     return evaluate_validation(params, Path(prepared_dir), {"student": scorer}).get("student", {})

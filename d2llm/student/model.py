@@ -19,7 +19,10 @@ the backbone then runs as a plain model, without the adapters' extra matrix prod
 projection. A merged student scores like the unmerged one (to float rounding), keeps the
 unmerged weights' fingerprint for its indexes, and can neither train nor be saved. Merging
 also sets the IEM's branch layer to ``student.iem.inference_dtype`` (float32 by default;
-bfloat16 is a faster approximation, see ``d2llm.student.iem``).
+bfloat16 is a faster approximation, see ``d2llm.student.iem``) and, with
+``student.inference_quantization: int8``, quantises the backbone's Linear layers
+(``d2llm.quantization``; CPU only, approximate). Callers that hold the current params pass
+:func:`inference_options` so that those settings, not the ones saved with the student, apply.
 """
 
 from __future__ import annotations
@@ -105,24 +108,26 @@ class D2LLMStudent(nn.Module):
         """True once the LoRA adapters are merged into the backbone (inference only)."""
         return self._merged_from is not None
 
-    def for_inference(self, iem_dtype: str | None = None) -> D2LLMStudent:
+    def for_inference(self, iem_dtype: str | None = None, quantization: str | None = None) -> D2LLMStudent:
         """A copy of this student with LoRA merged into the backbone weights, in eval mode.
 
         This student is left as it is (it may keep training, and saves its adapter as before);
         the copy shares only the tokenizer. Use it wherever the student only encodes and scores.
-        ``iem_dtype``: as in :meth:`merge_lora`.
+        ``iem_dtype``, ``quantization``: as in :meth:`merge_lora`.
         """
         clone = copy.deepcopy(self, memo={id(self.tokenizer): self.tokenizer})
-        return clone.merge_lora(iem_dtype)
+        return clone.merge_lora(iem_dtype, quantization)
 
-    def merge_lora(self, iem_dtype: str | None = None) -> D2LLMStudent:
+    def merge_lora(self, iem_dtype: str | None = None, quantization: str | None = None) -> D2LLMStudent:
         """In place: merge the LoRA adapters into the backbone weights and freeze everything.
 
         For a student nothing else holds (``from_pretrained(merged=True)`` calls it on the one it
         just loaded); to keep a trainable student, use :meth:`for_inference`, which merges a copy.
         Records the fingerprint of the unmerged weights first (:meth:`fingerprint`), so indexes
         built by either form fit both. The IEM's branch layer then computes in ``iem_dtype``
-        (None: ``student.iem.inference_dtype`` of the config). Idempotent.
+        (None: ``student.iem.inference_dtype`` of the config), and the backbone's Linear layers
+        are quantised as ``quantization`` says (None: ``student.inference_quantization``).
+        Idempotent.
         """
         if self.merged:
             return self
@@ -134,6 +139,9 @@ class D2LLMStudent(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         self.iem.set_branch_dtype(iem_dtype or self.cfg.iem.inference_dtype)
+        from d2llm.quantization import apply_quantization
+
+        self.backbone = apply_quantization(self.backbone, quantization or self.cfg.inference_quantization)
         self._merged_from = fingerprint
         return self.eval()
 
@@ -310,13 +318,15 @@ class D2LLMStudent(nn.Module):
         device: str | torch.device | None = None,
         merged: bool = False,
         iem_dtype: str | None = None,
+        quantization: str | None = None,
     ) -> D2LLMStudent:
         """Load a folder written by :meth:`save_pretrained`, without unpickling anything.
 
         The backbone comes from the saved model reference; remote code runs only if the saved
         config says ``trust_remote_code: true``. Returned in eval mode. ``merged=True``: for
         inference only, the LoRA adapters merged into the backbone (:meth:`merge_lora`), the IEM's
-        branch layer in ``iem_dtype`` (None: the saved ``student.iem.inference_dtype``).
+        branch layer in ``iem_dtype`` and the backbone quantised as ``quantization`` says (None:
+        the saved ``student.iem.inference_dtype`` / ``student.inference_quantization``).
         """
         directory = Path(directory)
         meta = _read_meta(directory)
@@ -334,11 +344,19 @@ class D2LLMStudent(nn.Module):
                 f"has {student.dim}: the backbone reference points at a different model"
             )
         _load_heads(student, directory / HEADS_FILE)
+        quantized = (quantization or cfg.inference_quantization) != "none"
+        if merged and quantized and device is not None and torch.device(device).type != "cpu":
+            raise ModelError(f"student.inference_quantization (int8) runs on the CPU only, not on {device}")
         if merged:
-            student.merge_lora(iem_dtype)
+            student.merge_lora(iem_dtype, quantization)
         if device is not None:
             student.to(device)
         return student.eval()
+
+
+def inference_options(cfg: StudentConfig) -> dict[str, str]:
+    """The inference settings of ``cfg`` as keyword arguments of ``from_pretrained``/``merge_lora``."""
+    return {"iem_dtype": cfg.iem.inference_dtype, "quantization": cfg.inference_quantization}
 
 
 def _read_meta(directory: Path) -> dict[str, Any]:

@@ -53,6 +53,7 @@ class Teacher(ABC):
 
     kind: str
     padding_side: Literal["left", "right"] = "right"
+    quantization: str = "none"  # "int8" after quantize()
 
     def __init__(self, cfg: TeacherConfig, tokenizer: Any, device: torch.device) -> None:
         self.cfg = cfg
@@ -140,7 +141,19 @@ class Teacher(ABC):
             "version": f"transformers {transformers.__version__}, torch {torch.__version__}",
             # score() autocasts to bf16 on CUDA only; elsewhere it computes in fp32.
             "dtype": "bfloat16 (autocast)" if self.device.type == "cuda" else "float32",
+            **({"quantization": "int8 dynamic (Linear layers)"} if self.quantization == "int8" else {}),
         }
+
+    def quantize(self, kind: str) -> Teacher:
+        """In place, for labelling only: every Linear layer of the teacher's modules dynamically
+        quantised (``"int8"``; ``"none"`` leaves it as it is). Returns self."""
+        from d2llm.quantization import apply_quantization
+
+        for module in self.modules():
+            apply_quantization(module, kind, inplace=True)
+        if kind != "none":
+            self.quantization = kind
+        return self
 
     def describe(self) -> dict[str, Any]:
         """What ``teacher.json`` records besides the weights kind."""

@@ -206,6 +206,7 @@ def register_student(
             "chunk_size": search.chunk_size,
             "hnsw_ef_search": search.hnsw_ef_search,
             "iem_dtype": params.student.iem.inference_dtype,
+            "quantization": params.student.inference_quantization,
         },
     )
 

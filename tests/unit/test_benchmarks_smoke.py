@@ -141,6 +141,7 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         str(tmp_path / "none"),
         "--teacher-dir",
         str(tmp_path / "none"),
+        "--bf16-iem",
     ]
     returned = ranking_cost.main(args)
     report = _read_json(tmp_path / "ranking_cost.json")
@@ -160,6 +161,11 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         report["query_encoding_seconds"]["student"] > 0 and report["query_encoding_seconds"]["bi-encoder"] > 0
     )
     assert all(len(v) == 2 for v in report["raw_seconds"].values())
+    # --bf16-iem: the bf16 student is timed alongside, and its logits stay near float32's.
+    assert all(per_query["student-bf16"][n] > 0 and scoring["student-bf16"][n] > 0 for n in ("8", "40"))
+    change = report["bf16_score_change"]
+    assert change["n_candidates"] == 40 and change["n_queries"] == 2
+    assert 0.0 <= change["max_abs"] < 0.05 and 0.0 <= change["top10_overlap"] <= 1.0
     # Derived numbers follow from the raw timings.
     raw = report["raw_seconds"]
     assert per_query["teacher"]["40"] == pytest.approx(np.median(raw["teacher@10"]) * 40 / 10)
@@ -385,3 +391,39 @@ def test_quality_freshness_rules(tmp_path):
     )
     (tmp_path / "bad.json").write_text("{not json")
     assert not freshness(tmp_path / "bad.json", student, None, params)[0]
+
+
+def test_cpu_efficiency(tiny_bert_dir, prepared_dir, tmp_path):
+    from benchmarks import cpu_efficiency
+
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--pairs", "8", "--dev-pairs", "6", "--gemm-tokens", "64", "--batch-size", "4"]
+    args += ["--teacher-dir", str(tmp_path / "none"), "--student-dir", str(tmp_path / "none")]
+    cpu_efficiency.main(args)
+    report = _read_json(tmp_path / "cpu_efficiency.json")
+    assert report["pairs"] == 8 and len(report["gemm_flops_per_second"]) == 3
+    assert report["gemm_peak_flops_per_second"] == max(report["gemm_flops_per_second"].values())
+    for key in ("teacher:float32", "teacher:int8", "student:float32", "student:int8"):
+        t = report["throughput"][key]
+        model = key.split(":")[0]
+        assert t["seconds_best"] == min(report["raw_seconds"][key])
+        assert t["flops_per_second"] == pytest.approx(
+            report["flops_per_repetition"][model] / t["seconds_best"]
+        )
+        assert t["share_of_gemm_peak"] == pytest.approx(
+            t["flops_per_second"] / report["gemm_peak_flops_per_second"]
+        )
+    q = report["quality"]
+    assert set(q["teacher"]["int8"]) == set(q["teacher"]["float32"]) == {"sick/ap", "stsb_en/spearman"}
+    assert set(q["student"]["int8"]) == {"sick/ap", "stsb_en/spearman"}
+    assert 0.0 < q["student_vectors"]["min_cosine"] <= 1.0 + 1e-6
+
+
+def test_encoder_flops_hand_worked():
+    from benchmarks.cpu_efficiency import encoder_flops, pma_flops
+
+    # 100 Linear weights, 2 layers of width 4; texts of 3 and 5 tokens:
+    # 2*100*(3+5) + 4*2*4*(9+25) = 1600 + 1088.
+    assert encoder_flops((100, 2, 4), [3, 5]) == 2688.0
+    # PMA of width 4 over the same texts: 4*16*(3+5) + 8*16*2 = 512 + 256.
+    assert pma_flops(4, [3, 5]) == 768.0

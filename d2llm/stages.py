@@ -43,6 +43,8 @@ _BACKBONE_AS_BIENCODER = (
     "student.max_length",
     "student.trust_remote_code",
 )
+# How a trained student runs at inference (the merged student of d2llm.student.model).
+_STUDENT_INFERENCE = ("student.iem.inference_dtype", "student.inference_quantization")
 
 # The labelling settings that decide the labels' content (the engine and its precision included).
 _LABELS_CONTENT = (
@@ -108,7 +110,7 @@ STAGES: dict[str, Stage] = {
             # are scored (labelling.executor, .ray, .job) does not change them, so it is not listed.
             params=(*_LABELS_CONTENT, "teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(NEGATIVES, TEACHER),
-            code=("d2llm/labelling.py", "d2llm/teachers", "d2llm/biencoder.py"),
+            code=("d2llm/labelling.py", "d2llm/teachers", "d2llm/biencoder.py", "d2llm/quantization.py"),
         ),
         Stage(
             "train",
@@ -133,13 +135,20 @@ STAGES: dict[str, Stage] = {
                 "teacher.temperature",
                 "teacher.fusion",
                 *_BACKBONE_AS_BIENCODER,
+                *_STUDENT_INFERENCE,
             ),
             inputs=(PREPARED, TEACHER, STUDENT),
-            code=("d2llm/evaluation", "d2llm/search.py", "d2llm/biencoder.py", "d2llm/teachers/fusion.py"),
+            code=(
+                "d2llm/evaluation",
+                "d2llm/search.py",
+                "d2llm/biencoder.py",
+                "d2llm/teachers/fusion.py",
+                "d2llm/quantization.py",
+            ),
         ),
         Stage(
             "register",
-            params=("tracking",),
+            params=("tracking", *_STUDENT_INFERENCE),  # logged with the model for serving
             inputs=(STUDENT, METRICS),
             code=("d2llm/tracking", "d2llm/serving.py"),
             in_dvc=False,

@@ -1,0 +1,85 @@
+"""int8 dynamic quantisation (d2llm.quantization): the teacher and student options.
+
+Quantised outputs are approximations: the tests check that the Linear layers really are
+quantised, that the float32 originals stay untouched, and that the outputs stay close to the
+float32 ones (the quality change on real data is measured by benchmarks/cpu_efficiency.py).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2llm.config import StudentConfig, TeacherConfig
+from d2llm.errors import ModelError
+from d2llm.quantization import apply_quantization, is_quantized, quantize_linear_int8
+from d2llm.student.model import D2LLMStudent
+from d2llm.teachers.base import load_teacher
+
+TEXTS = ["a man plays a guitar", "a woman is cooking in the kitchen", "the dog runs", "a cat sleeps"]
+
+
+def test_int8_replaces_every_linear_and_keeps_the_original() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 32))
+    x = torch.randn(16, 64)
+    expected = model(x)
+    quantized = quantize_linear_int8(model)
+    assert is_quantized(quantized) and not is_quantized(model)
+    assert not any(type(m) is nn.Linear for m in quantized.modules())
+    with torch.inference_mode():
+        got = quantized(x)
+    assert torch.equal(model(x), expected)  # the float32 model is untouched
+    assert F.cosine_similarity(got, expected, dim=-1).min() > 0.99
+    assert not torch.equal(got, expected)  # and int8 really rounds
+    assert apply_quantization(model, "none") is model
+    with pytest.raises(ModelError, match="unknown quantization 'int4'"):
+        apply_quantization(model, "int4")  # type: ignore[arg-type]
+
+
+def test_int8_student_encodes_close_to_float32(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    cfg = StudentConfig.model_validate(
+        {"backbone": str(tiny_bert_dir), "max_length": 16, "pma": {"num_heads": 4},
+         "iem": {"hidden_size": 16, "branch_size": 8}}
+    )  # fmt: skip
+    torch.manual_seed(0)
+    out = D2LLMStudent.from_config(cfg).save_pretrained(tmp_path / "student")
+    exact = D2LLMStudent.from_pretrained(out, merged=True)
+    low = D2LLMStudent.from_pretrained(out, merged=True, quantization="int8")
+    assert is_quantized(low.backbone) and not is_quantized(exact.backbone)
+    assert low.fingerprint() == exact.fingerprint()  # the saved weights are the same
+    cos = F.cosine_similarity(low.encode(TEXTS), exact.encode(TEXTS), dim=-1)
+    assert cos.min() > 0.95
+    with pytest.raises(ModelError, match="runs on the CPU only"):
+        D2LLMStudent.from_pretrained(out, merged=True, quantization="int8", device="meta")
+
+
+def test_int8_teacher_scores_close_to_float32(tiny_bert_dir: Path) -> None:
+    cfg = TeacherConfig(model=str(tiny_bert_dir), max_length=32, batch_size=4)
+    pairs = list(zip(TEXTS, TEXTS[1:] + TEXTS[:1], strict=True))
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg, None, "cpu")
+    expected = teacher.score(pairs, "sym", with_features=True)
+    assert teacher.quantize("none") is teacher and not is_quantized(teacher.encoder)
+    teacher.quantize("int8")
+    assert is_quantized(teacher.encoder)
+    got = teacher.score(pairs, "sym", with_features=True)
+    assert F.cosine_similarity(got.features, expected.features, dim=-1).min() > 0.95
+    assert (got.logits - expected.logits).abs().max() < 0.1 * expected.logits.abs().max() + 1e-3
+
+
+def test_labels_written_before_the_quantization_key_count_as_float32(tmp_path: Path) -> None:
+    from d2llm.labelling import MANIFEST_FILE, _prepare_out_dir
+
+    old = {"format": 1, "groups_sha256": "abc", "complete": True}  # no teacher_quantization
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(old), encoding="utf-8")
+    now = {"format": 1, "groups_sha256": "abc", "teacher_quantization": "none", "complete": False}
+    assert _prepare_out_dir(tmp_path, now, overwrite=False) == old  # reused, not relabelled
+    int8 = {**now, "teacher_quantization": "int8"}
+    with pytest.raises(Exception, match="holds other labels"):
+        _prepare_out_dir(tmp_path, int8, overwrite=False)

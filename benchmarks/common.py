@@ -98,14 +98,28 @@ def check_positive(name: str, value: int) -> None:
 # --------------------------------------------------------------------------- timing
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def add_clock_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed seconds; cpu: this process's CPU seconds (with --threads 1, the work "
+        "itself, whatever other jobs take the cores: the steady measure on a loaded machine)",
+    )
+
+
 def interleaved_timings(
-    systems: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1
+    systems: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1, clock: str = "wall"
 ) -> dict[str, list[float]]:
-    """Wall seconds of each callable per repetition, measured round-robin.
+    """Seconds of each callable per repetition (``clock``: see ``CLOCKS``), measured round-robin.
 
     Each repetition runs every system once; the order rotates by one place per repetition.
     ``warmup`` untimed rounds first (allocator, thread pools and caches settle).
     """
+    now = CLOCKS[clock]
     from tqdm.auto import tqdm
 
     names = list(systems)
@@ -116,9 +130,9 @@ def interleaved_timings(
     for rep in tqdm(range(repeats), desc="timed repetitions", unit="round"):
         shift = rep % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start = now()
             systems[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(now() - start)
     return times
 
 

@@ -58,6 +58,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--gemm-tokens", type=int, default=2048, help="rows of the reference GEMMs")
     p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher, if any")
     p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="trained student, if any")
+    common.add_clock_option(p)
     args = p.parse_args(argv)
     for name in ("pairs", "dev_pairs", "batch_size", "gemm_tokens", "repeats"):
         common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -197,7 +198,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         timed[f"student:{kind}"] = lambda s=students[kind]: s.encode(texts, batch_size=args.batch_size)
     log.info("timing %d measurements x %d repetitions, interleaved", len(timed), args.repeats)
     with torch.inference_mode():
-        raw = common.interleaved_timings(timed, args.repeats, warmup=1)
+        raw = common.interleaved_timings(timed, args.repeats, warmup=1, clock=args.clock)
 
     best = {name: min(times) for name, times in raw.items()}
     gemm = {
@@ -238,6 +239,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         "encoder_shape": {"teacher": t_shape, "student": s_shape},
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "clock": args.clock,  # wall or cpu seconds
         "gemm_flops_per_second": gemm,
         "gemm_peak_flops_per_second": peak,
         "throughput": throughput,

@@ -65,6 +65,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--no-ndcg", action="store_true", help="skip the full vs two-stage quality check")
     p.add_argument("--batch-size", type=int, default=64, help="passage encoding batch size (untimed)")
     p.add_argument("--bf16-iem", action="store_true", help="also time the student with a bfloat16 IEM branch")
+    common.add_clock_option(p)
     args = p.parse_args(argv)
     for name in ("queries", "rerank_depth", "teacher_max_pairs", "pool_size", "repeats"):
         common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -394,7 +395,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
 
     log.info("timing %d measurements x %d repetitions, interleaved", len(timed), args.repeats)
     with torch.inference_mode():
-        raw = common.interleaved_timings(timed, args.repeats, warmup=1)
+        raw = common.interleaved_timings(timed, args.repeats, warmup=1, clock=args.clock)
 
     stats = {"median": common.median, "best": min}
     tables = {
@@ -415,6 +416,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         "sizes": list(args.sizes),
         "queries_per_repetition": len(queries),
         "repeats": args.repeats,
+        "clock": args.clock,  # wall or cpu seconds
         "rerank_depth": args.rerank_depth,
         "top_k": TOP_K,
         "pool": {"datasets": list(args.pool_datasets), "distinct_passages": len(pool)},

@@ -398,10 +398,17 @@ def test_cpu_efficiency(tiny_bert_dir, prepared_dir, tmp_path):
 
     args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
     args += ["--pairs", "8", "--dev-pairs", "6", "--gemm-tokens", "64", "--batch-size", "4"]
-    args += ["--teacher-dir", str(tmp_path / "none"), "--student-dir", str(tmp_path / "none")]
+    args += [
+        "--teacher-dir",
+        str(tmp_path / "none"),
+        "--student-dir",
+        str(tmp_path / "none"),
+        "--clock",
+        "cpu",
+    ]
     cpu_efficiency.main(args)
     report = _read_json(tmp_path / "cpu_efficiency.json")
-    assert report["pairs"] == 8 and len(report["gemm_flops_per_second"]) == 3
+    assert report["pairs"] == 8 and len(report["gemm_flops_per_second"]) == 3 and report["clock"] == "cpu"
     assert report["gemm_peak_flops_per_second"] == max(report["gemm_flops_per_second"].values())
     for key in ("teacher:float32", "teacher:int8", "student:float32", "student:int8"):
         t = report["throughput"][key]
@@ -427,3 +434,14 @@ def test_encoder_flops_hand_worked():
     assert encoder_flops((100, 2, 4), [3, 5]) == 2688.0
     # PMA of width 4 over the same texts: 4*16*(3+5) + 8*16*2 = 512 + 256.
     assert pma_flops(4, [3, 5]) == 768.0
+
+
+def test_cpu_clock_counts_work_not_waiting():
+    import time
+
+    from benchmarks.common import interleaved_timings
+
+    systems = {"sleep": lambda: time.sleep(0.05)}
+    wall = interleaved_timings(systems, repeats=2, warmup=0, clock="wall")["sleep"]
+    cpu = interleaved_timings(systems, repeats=2, warmup=0, clock="cpu")["sleep"]
+    assert min(wall) >= 0.05 and max(cpu) < 0.025  # sleeping takes time but no CPU

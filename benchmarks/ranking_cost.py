@@ -16,9 +16,9 @@ extrapolated linearly to N (its cost is N independent forward passes; the JSON m
 sizes are extrapolated). Candidates are drawn from a pool of real Cranfield + CISI passages,
 repeated when N exceeds the pool.
 
-``--bf16-iem`` adds a fifth system, ``student-bf16``: the same student with its IEM branch layer
-in bfloat16 (``student.iem.inference_dtype: bfloat16``), timed in the same interleaved run, and
-reports how far its logits and top 10 move from the float32 student's.
+``--iem-formats bfloat16 int8`` adds one system per format, ``student-<format>``: the same student
+with its IEM branch layer in that format (``student.iem.inference_dtype``), timed in the same
+interleaved run, and reports how far its logits and top 10 move from the float32 student's.
 
 Optionally (on by default) the same run measures what the two-stage shortcut costs in
 quality: nDCG@10 of full IEM scoring vs two-stage on Cranfield, and the first stage's recall
@@ -43,7 +43,7 @@ from d2llm import layout
 
 NAME = "ranking_cost"
 SYSTEMS = ("teacher", "student", "two-stage", "bi-encoder")
-BF16 = "student-bf16"  # optional: the student with its IEM branch layer in bfloat16
+VARIANT = "student-{}"  # optional: the student with its IEM branch layer in another format
 TOP_K = 10
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--ndcg-queries", type=int, default=None, help="queries of that check (default all)")
     p.add_argument("--no-ndcg", action="store_true", help="skip the full vs two-stage quality check")
     p.add_argument("--batch-size", type=int, default=64, help="passage encoding batch size (untimed)")
-    p.add_argument("--bf16-iem", action="store_true", help="also time the student with a bfloat16 IEM branch")
+    p.add_argument(
+        "--iem-formats", nargs="*", default=[], choices=["bfloat16", "int8"],
+        help="also time the student with its IEM branch layer in these formats",
+    )  # fmt: skip
     common.add_clock_option(p)
     args = p.parse_args(argv)
     for name in ("queries", "rerank_depth", "teacher_max_pairs", "pool_size", "repeats"):
@@ -212,10 +215,10 @@ def full_vs_two_stage(
     rerank_depth: int,
     max_queries: int | None,
     seed: int,
-    student_bf16: Any = None,
+    variants: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """nDCG@10 of full IEM scoring vs cosine-first-stage + IEM re-ranking on one IR collection
-    (and of full scoring with the bfloat16 IEM branch, when ``student_bf16`` is given)."""
+    (and of full scoring by each student of ``variants``: format -> student)."""
     import torch
 
     from d2llm.data import load_ir
@@ -233,14 +236,16 @@ def full_vs_two_stage(
     qtexts = queries["text"].astype(str).tolist()
     with torch.inference_mode():
         e_q = student.encode(qtexts, batch_size=32)
-    full_run, two_run, bf16_run, kept_fraction = [], [], [], []
+    variants = variants or {}
+    full_run, two_run, kept_fraction = [], [], []
+    variant_runs: dict[str, list] = {name: [] for name in variants}
     for i, text in enumerate(qtexts):
         full = iem_scores(student, e_q[i : i + 1], index.passage_cache, "asym")
         full_top = top_k_positions(full, 100)
         full_run.append([(int(p), float(full[p])) for p in full_top])
-        if student_bf16 is not None:
-            low = iem_scores(student_bf16, e_q[i : i + 1], index.passage_cache, "asym")
-            bf16_run.append([(int(p), float(low[p])) for p in top_k_positions(low, 100)])
+        for name, other in variants.items():
+            low = iem_scores(other, e_q[i : i + 1], index.passage_cache, "asym")
+            variant_runs[name].append([(int(p), float(low[p])) for p in top_k_positions(low, 100)])
         kept = np.sort(first_stage_candidates(index, text, e_q[i : i + 1], "cosine", rerank_depth))
         rescored = iem_scores(student, e_q[i : i + 1], index.passage_cache[kept], "asym")
         two_run.append([(int(kept[j]), float(rescored[j])) for j in top_k_positions(rescored, 100)])
@@ -249,7 +254,10 @@ def full_vs_two_stage(
     wanted = {q: qrels[q] for q in qids}
     full_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, full_run))["ndcg@10"]
     two_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, two_run))["ndcg@10"]
-    bf16_ndcg = ir_metrics(wanted, ranking_to_run(qids, doc_ids, bf16_run))["ndcg@10"] if bf16_run else None
+    variant_ndcg = {
+        name: ir_metrics(wanted, ranking_to_run(qids, doc_ids, run))["ndcg@10"]
+        for name, run in variant_runs.items()
+    }
     return {
         "dataset": dataset,
         "n_queries": len(qids),
@@ -259,7 +267,7 @@ def full_vs_two_stage(
         "ndcg@10_two_stage": two_ndcg,
         "ndcg@10_difference": two_ndcg - full_ndcg,
         "first_stage_recall@10": float(np.mean(kept_fraction)),
-        "ndcg@10_full_bf16": bf16_ndcg,
+        "ndcg@10_full_by_iem_format": variant_ndcg,
     }
 
 
@@ -269,11 +277,9 @@ def full_vs_two_stage(
 def _ratios(end_to_end: dict, scoring: dict, n: str) -> dict[str, float | None]:
     t, c = end_to_end, scoring
     extra = {}
-    if BF16 in t:
-        extra = {
-            f"{BF16}/bi-encoder": common.ratio(t[BF16][n], t["bi-encoder"][n]),
-            f"scoring {BF16}/bi-encoder": common.ratio(c[BF16][n], c["bi-encoder"][n]),
-        }
+    for system in (s for s in t if s.startswith(VARIANT.format(""))):
+        extra[f"{system}/bi-encoder"] = common.ratio(t[system][n], t["bi-encoder"][n])
+        extra[f"scoring {system}/bi-encoder"] = common.ratio(c[system][n], c["bi-encoder"][n])
     return extra | {
         "teacher/student": common.ratio(t["teacher"][n], t["student"][n]),
         "teacher/two-stage": common.ratio(t["teacher"][n], t["two-stage"][n]),
@@ -292,7 +298,10 @@ def _summarise(
     n_queries: int,
 ) -> dict[str, Any]:
     """Seconds per query (end to end, scoring only, query encoding) and ratios, by one statistic."""
-    systems = SYSTEMS[1:] + ((BF16,) if f"{BF16}@{sizes[0]}" in raw else ())
+    variants = tuple(
+        k.split("@")[0] for k in raw if k.startswith(VARIANT.format("")) and k.endswith(f"@{sizes[0]}")
+    )
+    systems = SYSTEMS[1:] + variants
     end_to_end: dict[str, dict[str, float]] = {s: {} for s in ("teacher", *systems)}
     scoring: dict[str, dict[str, float]] = {s: {} for s in systems}
     for n in sizes:
@@ -310,13 +319,13 @@ def _summarise(
     }
 
 
-def bf16_copy(student: Any) -> Any:
-    """The student with its IEM branch layer in bfloat16; shares the backbone and tokenizer."""
+def iem_variant(student: Any, branch_format: str) -> Any:
+    """The student with its IEM branch layer in ``branch_format``; shares backbone and tokenizer."""
     import copy
 
     memo = {id(student.backbone): student.backbone, id(student.tokenizer): student.tokenizer}
     clone = copy.deepcopy(student, memo)
-    clone.iem.set_branch_dtype("bfloat16")
+    clone.iem.set_branch_format(branch_format)
     return clone
 
 
@@ -367,7 +376,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
 
     with torch.inference_mode():
         e_q, bi_q = student.encode(queries, batch_size=8), bi.encode(queries)
-    student_bf16 = bf16_copy(student) if args.bf16_iem else None
+    variants = {fmt: iem_variant(student, fmt) for fmt in args.iem_formats}
     timed: dict[str, Callable[[], Any]] = {}
     for system, fn in make_encoders(student, bi, queries).items():
         timed[f"encode:{system}"] = fn
@@ -383,11 +392,11 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         scorers = make_scorers(student, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
         for system, fn in scorers.items():
             timed[f"score:{system}@{n}"] = fn
-        if student_bf16 is not None:
-            rankers = make_rankers(student_bf16, bi, index, bi_pool[pos], queries, args.rerank_depth, chunk)
-            timed[f"{BF16}@{n}"] = rankers["student"]
-            scorers = make_scorers(student_bf16, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
-            timed[f"score:{BF16}@{n}"] = scorers["student"]
+        for fmt, other in variants.items():
+            rankers = make_rankers(other, bi, index, bi_pool[pos], queries, args.rerank_depth, chunk)
+            timed[f"{VARIANT.format(fmt)}@{n}"] = rankers["student"]
+            scorers = make_scorers(other, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
+            timed[f"score:{VARIANT.format(fmt)}@{n}"] = scorers["student"]
         teacher_pairs[n] = min(n, args.teacher_max_pairs)
         key = f"teacher@{teacher_pairs[n]}"
         if key not in timed:  # sizes above the cap share one teacher measurement
@@ -401,15 +410,13 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     tables = {
         stat: _summarise(raw, fn, args.sizes, teacher_pairs, len(queries)) for stat, fn in stats.items()
     }
-    bf16_change = None
-    if student_bf16 is not None:
-        pos = candidate_positions(max(args.sizes), len(pool), args.seed)
-        bf16_change = score_change(student, student_bf16, e_q, cache[pos])
+    pos = candidate_positions(max(args.sizes), len(pool), args.seed)
+    changes = {fmt: score_change(student, other, e_q, cache[pos]) for fmt, other in variants.items()}
     quality = None
     if not args.no_ndcg:
         quality = full_vs_two_stage(
             student, prepared_dir, args.ndcg_dataset, args.rerank_depth, args.ndcg_queries, args.seed,
-            student_bf16,
+            variants,
         )  # fmt: skip
         quality["student"] = student_desc
     return {
@@ -433,7 +440,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         "best": tables["best"],
         "raw_seconds": raw,
         "full_vs_two_stage": quality,
-        "bf16_score_change": bf16_change,
+        "iem_format_score_change": changes,
     }
 
 
@@ -485,7 +492,7 @@ def print_report(results: dict[str, Any]) -> None:
     )
     header = ["N", "student IEM", "two-stage", "bi-encoder dot", "student/bi-enc", "two-stage/bi-enc"]
     print(common.format_table(header, score_rows))
-    _print_bf16(results)
+    _print_variants(results)
     q = results["full_vs_two_stage"]
     if q:
         print(
@@ -497,30 +504,29 @@ def print_report(results: dict[str, Any]) -> None:
     print(common.SHARED_MACHINE_NOTE)
 
 
-def _print_bf16(results: dict[str, Any]) -> None:
+def _print_variants(results: dict[str, Any]) -> None:
     t, c, r = results["seconds_per_query"], results["scoring_seconds_per_query"], results["ratios"]
-    if BF16 not in t:
-        return
     bt, bc, br = (results["best"][k] for k in ("end_to_end", "scoring", "ratios"))
-    rows = []
-    for n in map(str, results["sizes"]):
-        rows.append(
-            [n, _ms(t[BF16][n], bt[BF16][n]), _ms(c[BF16][n], bc[BF16][n])]
-            + [_x(r[n][q], br[n][q]) for q in (f"{BF16}/bi-encoder", f"scoring {BF16}/bi-encoder")]
+    q = results.get("full_vs_two_stage") or {}
+    for fmt, change in results["iem_format_score_change"].items():
+        system = VARIANT.format(fmt)
+        rows = [
+            [n, _ms(t[system][n], bt[system][n]), _ms(c[system][n], bc[system][n])]
+            + [_x(r[n][k], br[n][k]) for k in (f"{system}/bi-encoder", f"scoring {system}/bi-encoder")]
+            for n in map(str, results["sizes"])
+        ]
+        print(
+            f"\nStudent with its IEM branch layer in {fmt} (student.iem.inference_dtype), ms: median (best)"
         )
-    print("\nStudent with a bfloat16 IEM branch layer (iem.inference_dtype: bfloat16), ms: median (best)")
-    print(common.format_table(["N", "end to end", "scoring only", "/bi-enc", "scoring /bi-enc"], rows))
-    change = results.get("bf16_score_change")
-    if change:
+        print(common.format_table(["N", "end to end", "scoring only", "/bi-enc", "scoring /bi-enc"], rows))
         print(
             f"logit change vs float32, {change['n_queries']} queries x {change['n_candidates']} candidates: "
             f"max {change['max_abs']:.3g} (= {change['max_abs_over_std']:.3g} x the logits' std), "
             f"mean {change['mean_abs']:.3g}; top-10 overlap {change['top10_overlap']:.3f}"
         )
-    q = results.get("full_vs_two_stage")
-    if q and q.get("ndcg@10_full_bf16") is not None:
-        full, low = q["ndcg@10_full"], q["ndcg@10_full_bf16"]
-        print(f"{q['dataset']} nDCG@10 full IEM: float32 {full:.2f}, bfloat16 {low:.2f}")
+        if fmt in q.get("ndcg@10_full_by_iem_format", {}):
+            low = q["ndcg@10_full_by_iem_format"][fmt]
+            print(f"{q['dataset']} nDCG@10 full IEM: float32 {q['ndcg@10_full']:.2f}, {fmt} {low:.2f}")
 
 
 def plot(results: dict[str, Any], path: Path) -> Path:

@@ -347,7 +347,8 @@ class IEMConfig(_Section):
     # Inference only (merged student: index, search, serving, evaluation): the dtype of the
     # branch layer, the IEM's one big matrix product. bfloat16 halves its time on CPUs with
     # AVX512-BF16 and rounds the branch activations (docs/benchmarks.md); training is float32.
-    inference_dtype: Literal["float32", "bfloat16"] = "float32"
+    # int8: the branch layer dynamically quantised (about a quarter of the float32 time, CPU only).
+    inference_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
 
 
 class StudentConfig(_Section):

@@ -14,10 +14,11 @@ The cache then also stores the unit passage vector: ``cache = [W1b e_b ; e_b / |
 
 Scoring N cached passages is bound by one matrix product: the branch layer ``W_t h`` over N rows
 (N x hidden x branch multiply-adds; everything else is element-wise or a vector product). For
-inference only, :meth:`IEM.set_branch_dtype` may run that layer in bfloat16 (half the time on a
-CPU with AVX512-BF16); the first layer, the output layer and the cosine residual stay float32,
-so logits keep float32 resolution and only the branch activations are rounded (an
-approximation, off by default: ``student.iem.inference_dtype``).
+inference only, :meth:`IEM.set_branch_format` may run that layer in bfloat16 (half the time on
+a CPU with AVX512-BF16) or as an int8 dynamically quantised layer (about a quarter); the first
+layer, the output layer and the cosine residual stay float32, so logits keep float32
+resolution and only the branch activations are rounded (approximations, off by default:
+``student.iem.inference_dtype``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from torch import Tensor, nn
 from d2llm.errors import ModelError
 
 TASKS = ("sym", "asym")
+BRANCH_FORMATS = ("float32", "bfloat16", "int8")  # student.iem.inference_dtype
 
 
 class IEM(nn.Module):
@@ -56,24 +58,29 @@ class IEM(nn.Module):
             nn.init.zeros_(self.out.bias)
         else:
             self.register_parameter("cosine_scale", None)
+        self.branch_format = "float32"  # see set_branch_format
 
-    @property
-    def branch_dtype(self) -> torch.dtype:
-        """The dtype the branch layers compute in (float32 unless :meth:`set_branch_dtype` changed it)."""
-        return self.branches[TASKS[0]].weight.dtype
-
-    def set_branch_dtype(self, name: str) -> IEM:
-        """In place, for inference: keep the branch layers' weights (and compute them) in ``name``
-        (``"float32"`` or ``"bfloat16"``).
+    def set_branch_format(self, name: str) -> IEM:
+        """In place, for inference: the number format of the branch layers, ``"float32"`` (as
+        trained), ``"bfloat16"`` (weights and products in bf16) or ``"int8"`` (dynamically
+        quantised: int8 weights per output row, activations quantised per call).
 
         Only for an IEM that no longer trains (the merged student calls it): the rounded
-        weights replace the float32 ones. Returns self.
+        weights replace the float32 ones, so the format can be set once. Returns self.
         """
-        dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-        if name not in dtypes:
-            raise ModelError(f"IEM branch dtype must be one of {sorted(dtypes)}, got {name!r}")
-        dtype = dtypes[name]
-        self.branches.to(dtype)
+        if name not in BRANCH_FORMATS:
+            raise ModelError(f"IEM branch format must be one of {list(BRANCH_FORMATS)}, got {name!r}")
+        if name == self.branch_format:
+            return self
+        if self.branch_format != "float32":
+            raise ModelError(f"the IEM branch is already {self.branch_format}; load the student again")
+        if name == "bfloat16":
+            self.branches.to(torch.bfloat16)
+        else:
+            from d2llm.quantization import quantize_linear_int8
+
+            quantize_linear_int8(self.branches, inplace=True)
+        self.branch_format = name
         return self
 
     @property
@@ -106,7 +113,9 @@ class IEM(nn.Module):
     def _head(self, a_part: Tensor, b_part: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """``a_part`` + ``b_part`` (broadcast) -> (z, u): the layers after the split first layer."""
         branch = self._branch(task)
-        h = torch.relu(a_part + b_part).to(branch.weight.dtype)  # no-op unless set_branch_dtype
+        h = torch.relu(a_part + b_part)
+        if self.branch_format == "bfloat16":
+            h = h.to(torch.bfloat16)
         u = torch.relu(branch(h))
         return self.out(u.to(self.out.weight.dtype)).squeeze(-1), u
 

@@ -138,7 +138,7 @@ class D2LLMStudent(nn.Module):
             self.backbone = self.backbone.merge_and_unload()  # the plain base model, adapters folded in
         for param in self.parameters():
             param.requires_grad_(False)
-        self.iem.set_branch_dtype(iem_dtype or self.cfg.iem.inference_dtype)
+        self.iem.set_branch_format(iem_dtype or self.cfg.iem.inference_dtype)
         from d2llm.quantization import apply_quantization
 
         self.backbone = apply_quantization(self.backbone, quantization or self.cfg.inference_quantization)
@@ -344,9 +344,14 @@ class D2LLMStudent(nn.Module):
                 f"has {student.dim}: the backbone reference points at a different model"
             )
         _load_heads(student, directory / HEADS_FILE)
-        quantized = (quantization or cfg.inference_quantization) != "none"
+        quantized = (quantization or cfg.inference_quantization) != "none" or (
+            iem_dtype or cfg.iem.inference_dtype
+        ) == "int8"
         if merged and quantized and device is not None and torch.device(device).type != "cpu":
-            raise ModelError(f"student.inference_quantization (int8) runs on the CPU only, not on {device}")
+            raise ModelError(
+                "int8 quantisation (student.inference_quantization, student.iem.inference_dtype) "
+                f"runs on the CPU only, not on {device}"
+            )
         if merged:
             student.merge_lora(iem_dtype, quantization)
         if device is not None:

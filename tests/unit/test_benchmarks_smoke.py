@@ -141,7 +141,9 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         str(tmp_path / "none"),
         "--teacher-dir",
         str(tmp_path / "none"),
-        "--bf16-iem",
+        "--iem-formats",
+        "bfloat16",
+        "int8",
     ]
     returned = ranking_cost.main(args)
     report = _read_json(tmp_path / "ranking_cost.json")
@@ -161,11 +163,16 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         report["query_encoding_seconds"]["student"] > 0 and report["query_encoding_seconds"]["bi-encoder"] > 0
     )
     assert all(len(v) == 2 for v in report["raw_seconds"].values())
-    # --bf16-iem: the bf16 student is timed alongside, and its logits stay near float32's.
-    assert all(per_query["student-bf16"][n] > 0 and scoring["student-bf16"][n] > 0 for n in ("8", "40"))
-    change = report["bf16_score_change"]
-    assert change["n_candidates"] == 40 and change["n_queries"] == 2
-    assert 0.0 <= change["max_abs"] < 0.05 and 0.0 <= change["top10_overlap"] <= 1.0
+    # --iem-formats: each variant is timed alongside, and its logits stay near float32's.
+    for fmt in ("bfloat16", "int8"):
+        system = f"student-{fmt}"
+        assert all(per_query[system][n] > 0 and scoring[system][n] > 0 for n in ("8", "40"))
+        assert report["ratios"]["40"][f"{system}/bi-encoder"] == pytest.approx(
+            per_query[system]["40"] / per_query["bi-encoder"]["40"]
+        )
+        change = report["iem_format_score_change"][fmt]
+        assert change["n_candidates"] == 40 and change["n_queries"] == 2
+        assert 0.0 <= change["max_abs"] < 0.05 and 0.0 <= change["top10_overlap"] <= 1.0
     # Derived numbers follow from the raw timings.
     raw = report["raw_seconds"]
     assert per_query["teacher"]["40"] == pytest.approx(np.median(raw["teacher@10"]) * 40 / 10)

@@ -369,14 +369,15 @@ def test_merged_student_takes_the_configured_iem_dtype(tiny_bert_dir: Path, tmp_
     out = student.save_pretrained(tmp_path / "student")
     exact = D2LLMStudent.from_pretrained(out, merged=True)
     low = D2LLMStudent.from_pretrained(out, merged=True, iem_dtype="bfloat16")
-    assert exact.iem.branch_dtype == torch.float32 and low.iem.branch_dtype == torch.bfloat16
-    assert student.iem.branch_dtype == torch.float32  # training never sees the bf16 branch
+    assert exact.iem.branch_format == "float32" and low.iem.branch_format == "bfloat16"
+    assert student.iem.branch_format == "float32"  # training never sees the bf16 branch
     assert low.fingerprint() == exact.fingerprint()  # same weights, same index
     configured = _student(
         tiny_bert_dir, iem={"hidden_size": 16, "branch_size": 8, "inference_dtype": "bfloat16"}
     )
-    assert configured.for_inference().iem.branch_dtype == torch.bfloat16
-    assert configured.for_inference("float32").iem.branch_dtype == torch.float32
+    assert configured.for_inference().iem.branch_format == "bfloat16"
+    assert configured.for_inference("float32").iem.branch_format == "float32"
+    assert configured.for_inference("int8").iem.branch_format == "int8"
 
     with torch.no_grad():
         vectors = exact.encode(TEXTS)

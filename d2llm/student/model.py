@@ -19,7 +19,7 @@ the backbone then runs as a plain model, without the adapters' extra matrix prod
 projection. A merged student scores like the unmerged one (to float rounding), keeps the
 unmerged weights' fingerprint for its indexes, and can neither train nor be saved. Merging
 also sets the IEM's branch layer to ``student.iem.inference_dtype`` (float32 by default;
-bfloat16 is a faster approximation, see ``d2llm.student.iem``) and, with
+bfloat16 and int8 are faster approximations, see ``d2llm.student.iem``) and, with
 ``student.inference_quantization: int8``, quantises the backbone's Linear layers
 (``d2llm.quantization``; CPU only, approximate). Callers that hold the current params pass
 :func:`inference_options` so that those settings, not the ones saved with the student, apply.

@@ -55,6 +55,7 @@ _LABELS_CONTENT = (
     "labelling.min_teacher_gain",
     "labelling.engine",
     "labelling.vllm",
+    "labelling.quantization",
 )
 
 

@@ -174,6 +174,10 @@ def test_changing_each_setting_changes_exactly_the_keys_of_the_stages_that_read_
         ("seed", 7, "label"),
         ("teacher.temperature", 2.0, "train"),
         ("teacher.temperature", 2.0, "evaluate"),
+        # int8 labels are other labels; the student's inference settings change its evaluation.
+        ("labelling.quantization", "int8", "label"),
+        ("student.iem.inference_dtype", "bfloat16", "evaluate"),
+        ("student.inference_quantization", "int8", "evaluate"),
     ],
 )
 def test_settings_once_missed_now_move_the_key(setting: str, value: Any, stage: str) -> None:

@@ -379,6 +379,25 @@ class LossConfig(_Section):
     tau_ri: float = Field(default=1.0, gt=0)
 
 
+class DistributedConfig(_Section):
+    """Training on several processes with torchrun (docs/distributed.md)."""
+
+    # How the ranks share an optimisation step. "groups": each rank takes whole labelled groups,
+    # so a step sees grad_accum x world size groups (the same as that grad_accum in one process).
+    # "global_batch": the paper's global in-batch negatives: every rank takes its slice of the
+    # anchors of the same group (labelled at the global batch size, labelling.group_size) and
+    # scores them against the positives of all ranks (gathered with their gradients).
+    mode: Literal["groups", "global_batch"] = "groups"
+    # Processes the pipeline (`d2llm train`, the DVC stage, the Prefect flow) starts with torchrun
+    # on this machine; 1: train in the calling process. A job already started by torchrun (one
+    # node or several) ignores it.
+    nproc_per_node: int = Field(default=1, ge=1)
+    # "auto": NCCL on CUDA, gloo on the CPU.
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    # How long a rank waits in a collective (e.g. while rank 0 evaluates the dev sets).
+    timeout_s: int = Field(default=1800, ge=10)
+
+
 class TrainingConfig(_Section):
     epochs: float = Field(default=5.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)
@@ -403,6 +422,7 @@ class TrainingConfig(_Section):
     # A step is kept as the best only if no dev set is more than this many points below its
     # value at step 0 (the starting student), so no family pays for another; null: mean only.
     dev_tolerance: float | None = Field(default=None, ge=0)
+    distributed: DistributedConfig = DistributedConfig()
 
 
 class EvaluationConfig(_Section):

@@ -15,10 +15,18 @@ returns a scalar: with ``reduction="mean"`` (the default) the mean over anchors;
 (docs/model.md, "Loss reductions"). :class:`D2LLMLoss` combines them with the weights of
 ``LossConfig`` and returns every part, so training can log them separately. Unlike the authors'
 code, the second rank-imitation term is part of the total, in both reductions.
+
+**A slice of a group** (distributed training with global in-batch negatives, d2llm.training):
+each rank holds b of the group's B anchors, rows ``offset .. offset+b-1``, scored against all B
+positives, so ``z_in``/``s_in`` are ``[b, B]`` with anchor i's positive in column ``offset + i``.
+Passing ``slice_of=GroupSlice(offset, B)`` makes every loss return that slice's share of the
+whole group's loss (per-anchor values summed and divided by the whole group's divisor), so the
+shares of all ranks add up to the loss of the group computed in one process.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -28,6 +36,14 @@ from torch import Tensor, nn
 from d2llm.config import LossConfig
 
 Reduction = Literal["mean", "authors"]
+
+
+@dataclass(frozen=True)
+class GroupSlice:
+    """Rows ``offset ..`` of a group of ``anchors`` anchors (see the module docstring)."""
+
+    offset: int
+    anchors: int
 
 
 def teacher_probabilities(logits: Tensor, temperature: float = 1.0) -> Tensor:
@@ -54,11 +70,17 @@ def _weighted_info_nce(pos: Tensor, neg: Tensor, s_pos: Tensor, s_neg: Tensor, t
     return torch.logsumexp(torch.cat([pos_logit, neg_logits], dim=1), dim=1) - pos_logit.squeeze(1)
 
 
-def _off_diagonal(matrix: Tensor) -> Tensor:
-    """Row i of a [B, B] matrix without its diagonal entry: [B, B-1]."""
-    b = matrix.shape[0]
-    keep = ~torch.eye(b, dtype=torch.bool, device=matrix.device)
-    return matrix[keep].view(b, b - 1)
+def _offset(part: GroupSlice | None) -> int:
+    return 0 if part is None else part.offset
+
+
+def _off_diagonal(matrix: Tensor, offset: int = 0) -> Tensor:
+    """Row i of a [b, N] matrix without its positive, entry (i, offset + i): [b, N-1]."""
+    b, n = matrix.shape
+    keep = torch.ones(b, n, dtype=torch.bool, device=matrix.device)
+    rows = torch.arange(b, device=matrix.device)
+    keep[rows, rows + offset] = False
+    return matrix[keep].view(b, n - 1)
 
 
 def _check_reduction(reduction: str) -> None:
@@ -66,17 +88,30 @@ def _check_reduction(reduction: str) -> None:
         raise ValueError(f"unknown loss reduction {reduction!r}: expected 'mean' or 'authors'")
 
 
-def _reduce(per_anchor: Tensor, reduction: Reduction, authors_divisor: int) -> Tensor:
-    """``"mean"``: the mean over anchors; ``"authors"``: the sum over anchors / ``authors_divisor``."""
+def _reduce(
+    per_anchor: Tensor, reduction: Reduction, authors_divisor: int, part: GroupSlice | None = None
+) -> Tensor:
+    """``"mean"``: the mean over anchors; ``"authors"``: the sum over anchors / ``authors_divisor``.
+
+    For a slice of a group (``part``) the mean is the slice's sum over all the group's anchors.
+    """
     if reduction == "mean":
-        return per_anchor.mean()
+        return per_anchor.mean() if part is None else per_anchor.sum() / part.anchors
     return per_anchor.sum() / authors_divisor
 
 
-def _check_group(z_in: Tensor, z_hn: Tensor, s_in: Tensor, s_hn: Tensor) -> None:
+def _group_size(z_hn: Tensor, part: GroupSlice | None) -> int:
+    """B: the anchors of the whole group (of which ``z_hn`` holds this slice's rows)."""
+    return z_hn.shape[0] if part is None else part.anchors
+
+
+def _check_group(
+    z_in: Tensor, z_hn: Tensor, s_in: Tensor, s_hn: Tensor, part: GroupSlice | None = None
+) -> None:
     b = z_in.shape[0]
-    if z_in.dim() != 2 or z_in.shape[1] != b:
-        raise ValueError(f"z_in must be [B, B], got {tuple(z_in.shape)}")
+    columns = b if part is None else part.anchors
+    if z_in.dim() != 2 or z_in.shape[1] != columns or _offset(part) + b > columns:
+        raise ValueError(f"z_in must be [B, B] (a slice: [b, B] within the group), got {tuple(z_in.shape)}")
     if s_in.shape != z_in.shape:
         raise ValueError(f"teacher in-batch scores {tuple(s_in.shape)} do not match z_in {tuple(z_in.shape)}")
     if z_hn.dim() != 2 or z_hn.shape[0] != b or z_hn.shape[1] < 2:
@@ -107,22 +142,28 @@ class ContrastiveImitationLoss(nn.Module):
         _check_reduction(reduction)
         self.alpha, self.tau, self.variant, self.reduction = alpha, tau, variant, reduction
 
-    def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
-        _check_group(z_in, z_hn, s_in, s_hn)
-        b, k = z_hn.shape[0], z_hn.shape[1] - 1
+    def forward(
+        self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor, part: GroupSlice | None = None
+    ) -> Tensor:
+        _check_group(z_in, z_hn, s_in, s_hn, part)
+        b, k, offset = _group_size(z_hn, part), z_hn.shape[1] - 1, _offset(part)
         if b < 2:
             in_batch = z_in.new_zeros(())  # a group of one anchor has no in-batch negative
         else:
             if self.variant == "paper":
                 per_anchor = _weighted_info_nce(
-                    z_in.diagonal(), _off_diagonal(z_in), s_in.diagonal(), _off_diagonal(s_in), self.tau
+                    z_in.diagonal(offset),
+                    _off_diagonal(z_in, offset),
+                    s_in.diagonal(offset),
+                    _off_diagonal(s_in, offset),
+                    self.tau,
                 )
             else:
-                targets = torch.arange(b, device=z_in.device)
+                targets = torch.arange(z_in.shape[0], device=z_in.device) + offset
                 per_anchor = F.cross_entropy(z_in / self.tau, targets, reduction="none")
-            in_batch = _reduce(per_anchor, self.reduction, authors_divisor=b * b)
+            in_batch = _reduce(per_anchor, self.reduction, authors_divisor=b * b, part=part)
         hard_per_anchor = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau)
-        hard = _reduce(hard_per_anchor, self.reduction, authors_divisor=b * k)
+        hard = _reduce(hard_per_anchor, self.reduction, authors_divisor=b * k, part=part)
         return in_batch + self.alpha * hard
 
 
@@ -139,14 +180,14 @@ class PearsonRankLoss(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, z_hn: Tensor, s_hn: Tensor) -> Tensor:
+    def forward(self, z_hn: Tensor, s_hn: Tensor, part: GroupSlice | None = None) -> Tensor:
         if z_hn.shape != s_hn.shape or z_hn.dim() != 2:
             raise ValueError(f"z_hn {tuple(z_hn.shape)} and s_hn {tuple(s_hn.shape)} must both be [B, K+1]")
         zc = z_hn - z_hn.mean(dim=1, keepdim=True)
         sc = s_hn - s_hn.mean(dim=1, keepdim=True)
         # eps keeps a constant row (teacher indifferent to all candidates) finite: r = 0 there.
         r = (zc * sc).sum(dim=1) / (zc.norm(dim=1) * sc.norm(dim=1) + self.eps)
-        return (1.0 - r).mean()
+        return _reduce(1.0 - r, "mean", authors_divisor=len(r), part=part)  # same in both reductions
 
 
 class HardEasyRankLoss(nn.Module):
@@ -166,16 +207,19 @@ class HardEasyRankLoss(nn.Module):
         _check_reduction(reduction)
         self.tau, self.reduction = tau, reduction
 
-    def forward(self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor) -> Tensor:
-        _check_group(z_in, z_hn, s_in, s_hn)
-        if z_in.shape[0] < 2:
+    def forward(
+        self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor, part: GroupSlice | None = None
+    ) -> Tensor:
+        _check_group(z_in, z_hn, s_in, s_hn, part)
+        b, k, offset = _group_size(z_hn, part), z_hn.shape[1] - 1, _offset(part)
+        if b < 2:
             return z_in.new_zeros(())
         z_hard, s_hard = z_hn[:, 1:].unsqueeze(2), s_hn[:, 1:].unsqueeze(2)  # [B, K, 1]
-        z_easy, s_easy = _off_diagonal(z_in).unsqueeze(1), _off_diagonal(s_in).unsqueeze(1)  # [B, 1, B-1]
+        z_easy = _off_diagonal(z_in, offset).unsqueeze(1)  # [B, 1, B-1]
+        s_easy = _off_diagonal(s_in, offset).unsqueeze(1)
         margin_weight = (s_hard - s_easy).clamp(min=0)  # [B, K, B-1]
         terms = -F.logsigmoid((z_hard - z_easy) / self.tau) * margin_weight
-        b, k = z_hn.shape[0], z_hn.shape[1] - 1
-        return _reduce(terms.sum(dim=(1, 2)), self.reduction, authors_divisor=b * k * (b - 1))
+        return _reduce(terms.sum(dim=(1, 2)), self.reduction, authors_divisor=b * k * (b - 1), part=part)
 
 
 def cosine_matrix(vectors: Tensor, eps: float = 1e-8) -> Tensor:
@@ -202,7 +246,7 @@ class FeatureImitationLoss(nn.Module):
         _check_reduction(reduction)
         self.reduction = reduction
 
-    def forward(self, u_hn: Tensor, c_teacher: Tensor) -> Tensor:
+    def forward(self, u_hn: Tensor, c_teacher: Tensor, part: GroupSlice | None = None) -> Tensor:
         if u_hn.dim() != 3:
             raise ValueError(f"u_hn must be [B, K+1, H], got {tuple(u_hn.shape)}")
         b, m, _ = u_hn.shape
@@ -210,7 +254,7 @@ class FeatureImitationLoss(nn.Module):
             raise ValueError(f"c_teacher must be [B, K+1, K+1] = {(b, m, m)}, got {tuple(c_teacher.shape)}")
         c_student = cosine_matrix(u_hn)
         per_anchor = ((c_teacher.to(c_student.dtype) - c_student) ** 2).sum(dim=(1, 2))
-        return _reduce(per_anchor, self.reduction, authors_divisor=m * m)
+        return _reduce(per_anchor, self.reduction, authors_divisor=m * m, part=part)
 
 
 class D2LLMLoss(nn.Module):
@@ -249,18 +293,20 @@ class D2LLMLoss(nn.Module):
         t_hn: Tensor,
         u_hn: Tensor | None = None,
         c_teacher: Tensor | None = None,
+        part: GroupSlice | None = None,
     ) -> dict[str, Tensor]:
+        """The parts of the group's loss; of a slice of the group, its share of them (``part``)."""
         s_in = teacher_probabilities(t_in, self.teacher_temperature).to(z_in.dtype)
         s_hn = teacher_probabilities(t_hn, self.teacher_temperature).to(z_hn.dtype)
         parts = {
-            "ci": self.ci(z_in, s_in, z_hn, s_hn),
-            "ri_pearson": self.ri_pearson(z_hn, s_hn),
-            "ri_hard_easy": self.ri_hard_easy(z_in, s_in, z_hn, s_hn),
+            "ci": self.ci(z_in, s_in, z_hn, s_hn, part),
+            "ri_pearson": self.ri_pearson(z_hn, s_hn, part),
+            "ri_hard_easy": self.ri_hard_easy(z_in, s_in, z_hn, s_hn, part),
         }
         if self.eta > 0:
             if u_hn is None or c_teacher is None:
                 raise ValueError("FI is on (eta > 0) but u_hn or c_teacher was not given")
-            parts["fi"] = self.fi(u_hn, c_teacher)
+            parts["fi"] = self.fi(u_hn, c_teacher, part)
         else:
             parts["fi"] = z_in.new_zeros(())
         parts["total"] = (

@@ -16,7 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +29,8 @@ from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric
 if TYPE_CHECKING:
     import pandas as pd
 
+    from d2llm.distributed import DistContext
+    from d2llm.losses import D2LLMLoss, GroupSlice
     from d2llm.student.model import D2LLMStudent
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,33 @@ class LabelledGroup:
     hard: torch.Tensor  # [B, K+1, 2]
     feature_cos: torch.Tensor  # [B, K+1, K+1]
 
+    def anchor_slice(self, rank: int, world_size: int) -> tuple[LabelledGroup, GroupSlice]:
+        """Rank ``rank``'s contiguous share of the anchors, with their rows of the teacher's tensors.
+
+        The in-batch rows keep all B columns: the positives of every rank, gathered in rank
+        order, are those columns, so anchor i's positive stays at column ``offset + i``.
+        """
+        from d2llm.losses import GroupSlice
+
+        size = len(self.anchors)
+        if size % world_size:
+            raise ArtifactError(
+                f"a group of {size} anchors does not split over {world_size} ranks: with "
+                "training.distributed.mode global_batch, label with labelling.group_size a multiple "
+                "of the number of processes"
+            )
+        rows = slice(rank * size // world_size, (rank + 1) * size // world_size)
+        share = LabelledGroup(
+            task=self.task,
+            anchors=self.anchors[rows],
+            positives=self.positives[rows],
+            negatives=self.negatives[rows],
+            in_batch=self.in_batch[rows],
+            hard=self.hard[rows],
+            feature_cos=self.feature_cos[rows],
+        )
+        return share, GroupSlice(offset=rows.start, anchors=size)
+
 
 def labelled_group(labels: Any, index: int) -> LabelledGroup:
     row = labels.groups.iloc[index]
@@ -121,23 +150,28 @@ def group_logits(
     positives: list[str],
     negatives: list[list[str]],
     task: TaskKind,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student logits for a group: in-batch [B, B], hard [B, K+1] and IEM branch vectors [B, K+1, H].
 
-    Each text is encoded once; the in-batch matrix reuses the positives' vectors.
+    Each text is encoded once; the in-batch matrix reuses the positives' vectors. ``gather``
+    (global in-batch negatives) turns this rank's positive vectors into the whole group's, with
+    gradient: the in-batch logits are then this rank's rows, [b, B].
     """
     batch, k = len(anchors), len(negatives[0])
     flat_negatives = [text for row in negatives for text in row]
     e_a = student.embed_texts(anchors)
     e_c = student.embed_texts(positives + flat_negatives)
     e_pos, e_neg = e_c[:batch], e_c[batch:].view(batch, k, -1)
+    e_in = e_pos if gather is None else gather(e_pos)  # the in-batch columns
+    columns = e_in.shape[0]
 
     dim = e_a.shape[-1]
     z_in = student.score_vectors(
-        e_a.unsqueeze(1).expand(batch, batch, dim).reshape(-1, dim),
-        e_pos.unsqueeze(0).expand(batch, batch, dim).reshape(-1, dim),
+        e_a.unsqueeze(1).expand(batch, columns, dim).reshape(-1, dim),
+        e_in.unsqueeze(0).expand(batch, columns, dim).reshape(-1, dim),
         task,
-    ).view(batch, batch)
+    ).view(batch, columns)
     candidates = torch.cat([e_pos.unsqueeze(1), e_neg], dim=1)  # [B, K+1, d], column 0 = positive
     z_hn, u_hn = student.iem_features(
         e_a.unsqueeze(1).expand(batch, k + 1, dim).reshape(-1, dim),
@@ -145,6 +179,39 @@ def group_logits(
         task,
     )
     return z_in, z_hn.view(batch, k + 1), u_hn.view(batch, k + 1, -1)
+
+
+def group_loss(
+    student: D2LLMStudent,
+    loss_fn: D2LLMLoss,
+    group: LabelledGroup,
+    ranks: DistContext | None = None,
+    use_bf16: bool = False,
+) -> dict[str, torch.Tensor]:
+    """The loss parts of one labelled group (FlagEmbedding's ``compute_loss``, for D2LLM).
+
+    ``ranks`` (global in-batch negatives): this rank scores its slice of the anchors against
+    every rank's positives and returns its share of the group's loss; the shares add up to the
+    loss of the whole group in one process.
+    """
+    device = student.device
+    part, gather = None, None
+    if ranks is not None and ranks.enabled:
+        group, part = group.anchor_slice(ranks.rank, ranks.world_size)
+        gather = ranks.gather_rows
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        z_in, z_hn, u_hn = group_logits(
+            student, group.anchors, group.positives, group.negatives, group.task, gather
+        )
+        return loss_fn(
+            z_in=z_in.float(),
+            z_hn=z_hn.float(),
+            t_in=group.in_batch.to(device),
+            t_hn=group.hard.to(device),
+            u_hn=u_hn.float(),
+            c_teacher=group.feature_cos.to(device),
+            part=part,
+        )
 
 
 # --------------------------------------------------------------------------- the loop
@@ -163,54 +230,255 @@ class TrainResult:
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
 
+    @classmethod
+    def read(cls, out_dir: Path) -> TrainResult:
+        """The result a finished run wrote to ``out_dir`` (how a launcher of torchrun gets it)."""
+        saved = json.loads((Path(out_dir) / HISTORY_FILE).read_text(encoding="utf-8"))
+        return cls(**saved["summary"], history=saved["history"])
 
-def training_inputs_fingerprint(params: Params, labels_dir: Path, dev_sets: list[DevSet]) -> str:
-    """What a training run depends on: its labels, its dev pairs and the config keys of stage "train"."""
+
+@dataclass
+class LoopState:
+    """Where the loop stands; every checkpoint saves it, so a resumed run continues from here."""
+
+    inputs: str  # fingerprint of what the run depends on: a checkpoint of other inputs is stale
+    step: int = 0
+    micro: int = 0  # groups consumed so far (by all ranks) in the seeded epoch order
+    best_metric: float | None = None
+    best_step: int = 0
+    initial_metric: float | None = None
+    initial_per_set: dict[str, float] = field(default_factory=dict)
+    bad_evals: int = 0
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def training_inputs_fingerprint(
+    params: Params, labels_dir: Path, dev_sets: list[DevSet], world_size: int = 1
+) -> str:
+    """What a training run depends on: its labels, its dev pairs, the config keys of stage "train"
+    and, on several processes, their number (it decides which groups make a step)."""
     from d2llm.fingerprint import path_fingerprint, value_fingerprint
     from d2llm.labelling import MANIFEST_FILE
     from d2llm.stages import param_values
 
-    return value_fingerprint(
-        {
-            "params": param_values("train", params),
-            "labels": path_fingerprint(Path(labels_dir) / MANIFEST_FILE),
-            "dev": [
-                {"name": d.name, "pairs": d.pairs, "gold": d.gold.tolist(), "task": d.task} for d in dev_sets
-            ],
-        }
-    )
-
-
-def _checkpoint_matches(checkpoint_dir: Path, inputs: str) -> bool:
-    from d2llm.checkpoint import read_loop_state
-
-    state = read_loop_state(checkpoint_dir)
-    return state is not None and state.get("inputs") == inputs
-
-
-def _param_groups(trainable: dict[str, torch.nn.Parameter], cfg: Any) -> list[dict[str, Any]]:
-    """The backbone's LoRA weights at ``lr``; the PMA and IEM heads at ``head_lr`` when it is set."""
-    heads = [p for n, p in trainable.items() if n.startswith(("pma.", "iem."))]
-    backbone = [p for n, p in trainable.items() if not n.startswith(("pma.", "iem."))]
-    groups = [{"params": heads, "lr": cfg.head_lr or cfg.lr}]
-    if backbone:
-        groups.append({"params": backbone, "lr": cfg.lr})
-    return groups
-
-
-def _linear_warmup_decay(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if warmup_steps and step < warmup_steps:
-            return (step + 1) / warmup_steps
-        remaining = max(total_steps - warmup_steps, 1)
-        return max(0.0, (total_steps - step) / remaining)
-
-    return factor
+    inputs: dict[str, Any] = {
+        "params": param_values("train", params),
+        "labels": path_fingerprint(Path(labels_dir) / MANIFEST_FILE),
+        "dev": [
+            {"name": d.name, "pairs": d.pairs, "gold": d.gold.tolist(), "task": d.task} for d in dev_sets
+        ],
+    }
+    if world_size > 1:
+        inputs["world_size"] = world_size
+    return value_fingerprint(inputs)
 
 
 def _epoch_order(num_groups: int, seed: int, epoch: int) -> list[int]:
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(num_groups, generator=generator).tolist()
+
+
+class Distiller:
+    """The student, its optimiser and the loop state of one distillation run.
+
+    One optimiser step takes ``grad_accum`` micro-steps on each rank, one labelled group each.
+    On several ranks (``training.distributed.mode``): "groups" gives each rank its own groups,
+    so a step sees ``grad_accum x world size`` groups; "global_batch" gives every rank its
+    slice of the same group. Either way each rank's loss is divided so that the gradients,
+    summed over the ranks, are those of one process accumulating the same groups.
+    """
+
+    def __init__(
+        self,
+        params: Params,
+        labels: Any,
+        dev_sets: list[DevSet],
+        out_dir: Path,
+        ranks: DistContext,
+        device: torch.device,
+        inputs: str,
+    ) -> None:
+        from d2llm.losses import D2LLMLoss
+        from d2llm.optim import warmup_decay_scheduler
+        from d2llm.student.model import D2LLMStudent
+
+        cfg = params.training
+        self.params, self.cfg, self.labels, self.dev_sets = params, cfg, labels, dev_sets
+        self.out_dir, self.ranks = out_dir, ranks
+        self.checkpoint_dir = out_dir / CHECKPOINT_DIR
+        self.student = D2LLMStudent.from_config(params.student).to(device)
+        if cfg.gradient_checkpointing:
+            self.student.enable_gradient_checkpointing()
+        self.loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
+        self.trainable = dict(self.student.trainable_parameters())
+        self.optimizer = self.student.configure_optimizers(cfg)
+
+        self.shard_groups = ranks.enabled and cfg.distributed.mode == "global_batch"
+        if self.shard_groups and labels.in_batch.shape[1] % ranks.world_size:
+            raise ArtifactError(
+                f"groups of {labels.in_batch.shape[1]} anchors do not split over {ranks.world_size} ranks: "
+                "with training.distributed.mode global_batch, label with labelling.group_size a multiple "
+                "of the number of processes"
+            )
+        # Groups one step consumes over all ranks, and where this rank's come in that sequence.
+        per_rank_stride = 1 if self.shard_groups else ranks.world_size
+        self.groups_per_step = cfg.grad_accum * per_rank_stride
+        self.stride, self.first = per_rank_stride, 0 if self.shard_groups else ranks.rank
+        steps_per_epoch = math.ceil(len(labels.groups) / self.groups_per_step)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.scheduler = warmup_decay_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio)
+        self.use_bf16 = cfg.bf16 and device.type == "cuda"
+        self.state = LoopState(inputs=inputs)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def resume(self) -> None:
+        """Continue from ``out_dir/checkpoint`` when it was made from the same inputs."""
+        from d2llm.checkpoint import load_checkpoint, read_loop_state
+
+        if not self.checkpoint_dir.exists():
+            return
+        saved = read_loop_state(self.checkpoint_dir)
+        if saved is None or saved.get("inputs") != self.state.inputs:
+            # A kept checkpoint of other labels or settings (e.g. after a param change under DVC,
+            # which keeps models/student to allow resumption) is stale: resuming it would hand
+            # back the old student. Train afresh; the new run overwrites it.
+            log.warning(
+                "checkpoint in %s was made from other labels or settings: training afresh", self.out_dir
+            )
+            return
+        weights, loop = load_checkpoint(self.checkpoint_dir, self.optimizer, self.scheduler)
+        mismatched = sorted(
+            name
+            for name, param in self.trainable.items()
+            if name not in weights or weights[name].shape != param.shape
+        )
+        if mismatched:
+            raise ArtifactError(
+                f"checkpoint {self.checkpoint_dir} does not match the student config "
+                f"({len(mismatched)} params missing or of another shape, e.g. {mismatched[0]}); "
+                "delete it or train into a new folder"
+            )
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                self.trainable[name].copy_(tensor.to(self.student.device))
+        self.state = LoopState(**loop)
+        log.info("resumed from step %d", self.state.step)
+
+    def save_state(self) -> None:
+        from d2llm.checkpoint import save_checkpoint
+
+        if self.ranks.is_main:
+            save_checkpoint(
+                self.checkpoint_dir, self.trainable, self.optimizer, self.scheduler, asdict(self.state)
+            )
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self) -> bool:
+        """Rank 0 measures the dev metric and keeps the best student; True (on every rank) = stop."""
+        stop = self._evaluate_and_keep_best() if self.ranks.is_main else False
+        return self.ranks.broadcast(stop)
+
+    def _evaluate_and_keep_best(self) -> bool:
+        state = self.state
+        per_set = evaluate_dev(self.student, self.dev_sets)
+        metric = per_set.pop("main")
+        record = {"step": state.step, "dev_metric": metric, "lr": self.scheduler.get_last_lr()[0]}
+        record.update({f"dev/{name}": value for name, value in per_set.items()})
+        state.history.append(record)
+        if state.initial_metric is None:
+            state.initial_metric, state.initial_per_set = metric, per_set
+        regressed = regressions(per_set, state.initial_per_set, self.cfg.dev_tolerance)
+        if regressed:
+            record["regressed"] = regressed
+        if state.best_metric is None or (metric > state.best_metric and not regressed):
+            state.best_metric, state.best_step, state.bad_evals = metric, state.step, 0
+            self.student.save_pretrained(self.out_dir)
+        else:
+            state.bad_evals += 1
+        log.info(
+            "step %d: dev mean %.2f %s%s (best %.2f at step %d)",
+            state.step,
+            metric,
+            {name: round(value, 2) for name, value in per_set.items()},
+            f"; not kept, below the start on {sorted(regressed)}" if regressed else "",
+            state.best_metric,
+            state.best_step,
+        )
+        return state.bad_evals >= self.cfg.patience
+
+    # ------------------------------------------------------------------ training
+
+    def next_group(self, micro: int) -> LabelledGroup:
+        """This rank's group for micro-step ``micro`` of the current step (seeded epoch order)."""
+        num_groups = len(self.labels.groups)
+        epoch, position = divmod(self.state.micro + micro * self.stride + self.first, num_groups)
+        return labelled_group(self.labels, _epoch_order(num_groups, self.params.seed, epoch)[position])
+
+    def optimizer_step(self) -> None:
+        params = list(self.trainable.values())
+        self.ranks.sum_gradients(params)
+        torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def record_losses(self, parts: dict[str, torch.Tensor]) -> dict[str, float]:
+        """The last micro-step's loss parts: of the whole group (global batch), or the ranks' mean."""
+        values = self.ranks.sum_(torch.stack([value.detach().float() for value in parts.values()]))
+        if self.ranks.enabled and not self.shard_groups:
+            values = values / self.ranks.world_size
+        record = {f"loss_{name}": value for name, value in zip(parts, values.tolist(), strict=True)}
+        self.state.history.append({"step": self.state.step, **record})
+        return record
+
+    def fit(self, stop_after_steps: int | None = None) -> None:
+        """Train until ``max_steps``/``epochs`` or early stopping; checkpoint as configured."""
+        from tqdm.auto import tqdm
+
+        cfg, state = self.cfg, self.state
+        self.student.train()
+        if state.initial_metric is None:
+            state.stopped_early = self.evaluate()
+            self.save_state()
+        progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc="distil",
+            unit="step",
+            disable=not self.ranks.is_main,
+        )
+        steps_this_run = 0
+        while state.step < self.total_steps and not state.stopped_early:
+            for micro in range(cfg.grad_accum):
+                parts = group_loss(
+                    self.student, self.loss_fn, self.next_group(micro), self._shards(), self.use_bf16
+                )
+                (parts["total"] / self.groups_per_step).backward()
+            state.micro += self.groups_per_step
+            self.optimizer_step()
+            state.step += 1
+            steps_this_run += 1
+            losses = self.record_losses(parts)
+            progress.update(1)
+            progress.set_postfix(loss=f"{losses['loss_total']:.3f}")
+            if state.step % cfg.eval_every == 0 or state.step == self.total_steps:
+                state.stopped_early = self.evaluate()
+                self.save_state()
+            elif state.step % cfg.checkpoint_every == 0:
+                self.save_state()
+            if stop_after_steps is not None and steps_this_run >= stop_after_steps:
+                self.save_state()
+                progress.close()
+                raise InterruptedError(f"stopped after {steps_this_run} steps on request")
+        progress.close()
+        # Rank 0 alone evaluated: every rank returns its account of the run.
+        self.state = self.ranks.broadcast(state)
+
+    def _shards(self) -> DistContext | None:
+        return self.ranks if self.shard_groups else None
 
 
 def train_student(
@@ -220,182 +488,50 @@ def train_student(
     out_dir: Path,
     resume: bool = True,
     stop_after_steps: int | None = None,
-    on_eval: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train a student on labelled groups; write the best student to ``out_dir``.
 
     ``out_dir/checkpoint`` holds the latest full training state and is picked up by a rerun
     (``resume``). ``stop_after_steps`` ends the run early without finishing it, as a kill would
-    (used to test resumption). ``on_eval`` receives each dev evaluation record (for tracking).
+    (used to test resumption). Started by torchrun, this process is one rank of a distributed run
+    (d2llm.distributed): rank 0 alone evaluates, saves the student and the checkpoint, and
+    writes the history; every rank returns the same result.
     """
+    from d2llm.distributed import distributed_context
     from d2llm.hub import pick_device, seed_everything
     from d2llm.labelling import load_labels
-    from d2llm.losses import D2LLMLoss
-    from d2llm.student.model import D2LLMStudent
 
     started = time.perf_counter()
-    cfg = params.training
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(params.seed)
-    device = pick_device(params.device)
-
-    labels = load_labels(labels_dir)
-    num_groups = len(labels.groups)
-    if num_groups == 0:
-        raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
-    dev_sets = load_training_dev_sets(params, prepared_dir)
-
-    student = D2LLMStudent.from_config(params.student).to(device)
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-    loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
-    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(_param_groups(trainable, cfg), weight_decay=cfg.weight_decay)
-
-    steps_per_epoch = math.ceil(num_groups / cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_warmup_decay(total_steps, int(cfg.warmup_ratio * total_steps))
-    )
-
-    loop: dict[str, Any] = {
-        "step": 0,
-        "micro": 0,
-        "best_metric": None,
-        "best_step": 0,
-        "initial_metric": None,
-        "initial_per_set": {},
-        "bad_evals": 0,
-        "stopped_early": False,
-        "inputs": training_inputs_fingerprint(params, labels_dir, dev_sets),
-        "history": [],
-    }
-    checkpoint_dir = out_dir / CHECKPOINT_DIR
-    if resume and checkpoint_dir.exists() and not _checkpoint_matches(checkpoint_dir, loop["inputs"]):
-        # A kept checkpoint of other labels or settings (e.g. after a param change under DVC,
-        # which keeps models/student to allow resumption) is stale: resuming it would hand back
-        # the old student. Train afresh; the new run overwrites it.
-        log.warning("checkpoint in %s was made from other labels or settings: training afresh", out_dir)
-        resume = False
-    if resume and checkpoint_dir.exists():
-        from d2llm.checkpoint import load_checkpoint
-
-        weights, loop = load_checkpoint(checkpoint_dir, optimizer, scheduler)
-        mismatched = sorted(
-            name
-            for name, param in trainable.items()
-            if name not in weights or weights[name].shape != param.shape
+    with distributed_context(params.training.distributed, pick_device(params.device)) as (ranks, device):
+        labels = load_labels(labels_dir)
+        if len(labels.groups) == 0:
+            raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
+        dev_sets = load_training_dev_sets(params, prepared_dir)
+        inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size)
+        trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs)
+        if resume:
+            trainer.resume()
+        ranks.broadcast_parameters(list(trainer.trainable.values()))
+        ranks.barrier()  # every rank has read the checkpoint before rank 0 writes the next one
+        trainer.fit(stop_after_steps)
+        state = trainer.state
+        result = TrainResult(
+            best_metric=state.best_metric,
+            best_step=state.best_step,
+            initial_metric=state.initial_metric,
+            steps=state.step,
+            stopped_early=state.stopped_early,
+            seconds=time.perf_counter() - started,
+            history=state.history,
         )
-        if mismatched:
-            raise ArtifactError(
-                f"checkpoint {checkpoint_dir} does not match the student config ({len(mismatched)} params "
-                f"missing or of another shape, e.g. {mismatched[0]}); delete it or train into a new folder"
+        if ranks.is_main:
+            (out_dir / HISTORY_FILE).write_text(
+                json.dumps({"summary": result.to_dict(), "history": result.history}, indent=1),
+                encoding="utf-8",
             )
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                trainable[name].copy_(tensor.to(device))
-        log.info("resumed from step %d", loop["step"])
-
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    student.train()
-
-    def evaluate_and_keep_best() -> bool:
-        """Measure the dev metric; save the student when it is the best so far. True = stop."""
-        per_set = evaluate_dev(student, dev_sets)
-        metric = per_set.pop("main")
-        record = {"step": loop["step"], "dev_metric": metric, "lr": scheduler.get_last_lr()[0]}
-        record.update({f"dev/{name}": value for name, value in per_set.items()})
-        loop["history"].append(record)
-        if on_eval:
-            on_eval(record)
-        if loop["initial_metric"] is None:
-            loop["initial_metric"] = metric
-            loop["initial_per_set"] = per_set
-        regressed = regressions(per_set, loop["initial_per_set"], cfg.dev_tolerance)
-        if regressed:
-            record["regressed"] = regressed
-        if loop["best_metric"] is None or (metric > loop["best_metric"] and not regressed):
-            loop.update(best_metric=metric, best_step=loop["step"], bad_evals=0)
-            student.save_pretrained(out_dir)
-        else:
-            loop["bad_evals"] += 1
-        log.info(
-            "step %d: dev mean %.2f %s%s (best %.2f at step %d)",
-            loop["step"],
-            metric,
-            {name: round(value, 2) for name, value in per_set.items()},
-            f"; not kept, below the start on {sorted(regressed)}" if regressed else "",
-            loop["best_metric"],
-            loop["best_step"],
-        )
-        return loop["bad_evals"] >= cfg.patience
-
-    def save_state() -> None:
-        from d2llm.checkpoint import save_checkpoint
-
-        save_checkpoint(checkpoint_dir, trainable, optimizer, scheduler, loop)
-
-    from tqdm.auto import tqdm
-
-    stopped_early = loop["stopped_early"]
-    if loop["initial_metric"] is None:
-        stopped_early = evaluate_and_keep_best()
-        save_state()
-    progress = tqdm(total=total_steps, initial=loop["step"], desc="distil", unit="step")
-    steps_this_run = 0
-    while loop["step"] < total_steps and not stopped_early:
-        epoch, position = divmod(loop["micro"], num_groups)
-        group_index = _epoch_order(num_groups, params.seed, epoch)[position]
-        group = labelled_group(labels, group_index)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            z_in, z_hn, u_hn = group_logits(
-                student, group.anchors, group.positives, group.negatives, group.task
-            )
-            parts = loss_fn(
-                z_in=z_in.float(),
-                z_hn=z_hn.float(),
-                t_in=group.in_batch.to(device),
-                t_hn=group.hard.to(device),
-                u_hn=u_hn.float(),
-                c_teacher=group.feature_cos.to(device),
-            )
-        (parts["total"] / cfg.grad_accum).backward()
-        loop["micro"] += 1
-        if loop["micro"] % cfg.grad_accum:
-            continue
-        torch.nn.utils.clip_grad_norm_(trainable.values(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        loop["step"] += 1
-        steps_this_run += 1
-        progress.update(1)
-        progress.set_postfix(loss=f"{parts['total'].item():.3f}")
-        loop["history"].append({"step": loop["step"], **{f"loss_{k}": v.item() for k, v in parts.items()}})
-        if loop["step"] % cfg.eval_every == 0 or loop["step"] == total_steps:
-            stopped_early = loop["stopped_early"] = evaluate_and_keep_best()
-            save_state()
-        elif loop["step"] % cfg.checkpoint_every == 0:
-            save_state()
-        if stop_after_steps is not None and steps_this_run >= stop_after_steps:
-            save_state()
-            progress.close()
-            raise InterruptedError(f"stopped after {steps_this_run} steps on request")
-    progress.close()
-
-    result = TrainResult(
-        best_metric=loop["best_metric"],
-        best_step=loop["best_step"],
-        initial_metric=loop["initial_metric"],
-        steps=loop["step"],
-        stopped_early=stopped_early,
-        seconds=time.perf_counter() - started,
-        history=loop["history"],
-    )
-    (out_dir / HISTORY_FILE).write_text(
-        json.dumps({"summary": result.to_dict(), "history": result.history}, indent=1), encoding="utf-8"
-    )
     return result
 
 

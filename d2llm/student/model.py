@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d2llm.config import StudentConfig, TaskKind
+from d2llm.config import StudentConfig, TaskKind, TrainingConfig
 from d2llm.errors import DataError, ModelError
 from d2llm.student.backbone import (
     apply_lora,
@@ -167,6 +167,21 @@ class D2LLMStudent(nn.Module):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         """The parameters an optimiser should update: LoRA, PMA and IEM (the backbone is frozen)."""
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
+
+    def configure_optimizers(self, cfg: TrainingConfig) -> torch.optim.AdamW:
+        """AdamW over the trainable weights: the PMA and IEM heads at ``training.head_lr`` (or
+        ``lr`` when unset) and the backbone's LoRA weights at ``training.lr``.
+
+        The heads start from scratch while LoRA nudges pretrained weights, so a small backbone
+        keeps its geometry better with a low LoRA rate and faster heads.
+        """
+        heads, backbone = [], []
+        for name, param in self.trainable_parameters():
+            (heads if name.startswith(("pma.", "iem.")) else backbone).append(param)
+        groups: list[dict[str, Any]] = [{"params": heads, "lr": cfg.head_lr or cfg.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": cfg.lr})
+        return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     # ------------------------------------------------------------------ encoding
 

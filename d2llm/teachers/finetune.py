@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from d2llm.batching import Encoding, iter_batches
 from d2llm.errors import DataError, ModelError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_set, mean_metric
+from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher, load_teacher
 from d2llm.teachers.fusion import FusionTable, fit_fusion
 
@@ -232,15 +233,6 @@ def _encode_training(
     return encodings, targets
 
 
-def _linear_schedule(warmup: int, total: int):
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def train_teacher(
     teacher: Teacher,
     params: Params,
@@ -266,9 +258,7 @@ def train_teacher(
     if ft.max_steps is not None:
         total = min(total, ft.max_steps)
     optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _linear_schedule(int(ft.warmup_ratio * total), total)
-    )
+    scheduler = warmup_decay_scheduler(optimizer, total, ft.warmup_ratio)
     target_t = torch.tensor(targets, dtype=torch.float32)
 
     scores: dict[str, np.ndarray] = {}

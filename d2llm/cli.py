@@ -112,17 +112,20 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 @command("train", "distil the teacher's labels into the student (resumes from a checkpoint)")
 @arguments(_train_args)
 def cmd_train(args: argparse.Namespace, params: Params) -> int:
+    """One process, or (``training.distributed.nproc_per_node`` > 1) this command under torchrun.
+
+    Started by torchrun (by hand, on one node or several, or by ``run_training``), this process
+    is one rank; rank 0 alone writes the summary and curves.
+    """
     import json
 
-    from d2llm.training import train_student, write_curves
+    from d2llm.distributed import env_rank
+    from d2llm.training import run_training, write_curves
 
-    result = train_student(
-        params,
-        labels_dir=args.labels_dir,
-        prepared_dir=args.prepared_dir or params.data.prepared_dir,
-        out_dir=args.out_dir,
-        resume=not args.no_resume,
-    )
+    prepared_dir = args.prepared_dir or params.data.prepared_dir
+    result = run_training(params, args.labels_dir, prepared_dir, args.out_dir, resume=not args.no_resume)
+    if env_rank() != 0:
+        return 0
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
     write_curves(result.history, args.plots_dir)
@@ -377,6 +380,19 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
 # --------------------------------------------------------------------------- entry point
 
 
+def _takes_the_lock() -> bool:
+    """Whether this process takes the working copy's pipeline lock (d2llm.lock).
+
+    Of the processes of one torchrun job, each node's local rank 0 takes it for its node; workers
+    that ``d2llm.distributed.launch_torchrun`` started run under their launcher's lock.
+    """
+    import os
+
+    from d2llm.distributed import LOCK_HELD_ENV
+
+    return not os.environ.get(LOCK_HELD_ENV) and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="d2llm", description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="config file")
@@ -416,9 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, dict(args.overrides))
         run = _COMMANDS[args.command][0]
-        from d2llm.lock import LOCK_HELD_ENV, pipeline_lock
+        from d2llm.lock import pipeline_lock
 
-        if args.command in _READ_ONLY or os.environ.get(LOCK_HELD_ENV) == "1":
+        if args.command in _READ_ONLY or not _takes_the_lock():
             return run(args, params) or 0
 
         with pipeline_lock(wait=args.wait):

@@ -103,7 +103,7 @@ STAGES: dict[str, Stage] = {
             params=("teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(PREPARED,),
             gates=(VALIDATED,),
-            code=("d2llm/teachers", "d2llm/biencoder.py", "d2llm/evaluation/dev.py"),
+            code=("d2llm/teachers", "d2llm/biencoder.py", "d2llm/evaluation/dev.py", "d2llm/optim.py"),
         ),
         Stage(
             "label",
@@ -123,6 +123,8 @@ STAGES: dict[str, Stage] = {
                 "d2llm/losses.py",
                 "d2llm/student",
                 "d2llm/evaluation/dev.py",
+                "d2llm/optim.py",
+                "d2llm/distributed.py",
             ),
         ),
         Stage(

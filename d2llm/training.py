@@ -535,6 +535,35 @@ def train_student(
     return result
 
 
+def run_training(
+    params: Params, labels_dir: Path, prepared_dir: Path, out_dir: Path, resume: bool = True
+) -> TrainResult:
+    """``train_student`` in this process, or on ``training.distributed.nproc_per_node`` torchrun
+    workers on this machine (the entry point of the CLI, the DVC stage and the Prefect flow).
+
+    The workers run ``d2llm train`` with this config under the caller's pipeline lock; their
+    rank 0 writes the student, its checkpoint and history to ``out_dir``, read back from there.
+    """
+    import tempfile
+
+    import yaml
+
+    from d2llm.distributed import launch_torchrun, launched_by_torchrun
+
+    nproc = params.training.distributed.nproc_per_node
+    if nproc == 1 or launched_by_torchrun():
+        return train_student(params, labels_dir, prepared_dir, out_dir, resume=resume)
+    with tempfile.TemporaryDirectory(prefix="d2llm-train-") as tmp:
+        config = Path(tmp) / "params.yaml"
+        config.write_text(yaml.safe_dump(params.model_dump(mode="json")), encoding="utf-8")
+        argv = ["--params", str(config), "train", "--labels-dir", str(labels_dir)]
+        argv += ["--prepared-dir", str(prepared_dir), "--out-dir", str(out_dir)]
+        # The workers' summary and curves are left in tmp: the caller writes its own.
+        argv += ["--metrics", f"{tmp}/metrics.json", "--plots-dir", f"{tmp}/plots"]
+        launch_torchrun(argv + ([] if resume else ["--no-resume"]), nproc)
+    return TrainResult.read(out_dir)
+
+
 def write_curves(history: list[dict[str, Any]], plots_dir: Path) -> None:
     """The dev metric and loss curves as flat JSON lists, one file each: the form `dvc plots` reads."""
     plots_dir = Path(plots_dir)

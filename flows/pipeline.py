@@ -162,10 +162,10 @@ def label(params: Params, key: dict[str, Any]) -> str:
 def train(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     # A retry resumes from the last checkpoint in models/student/checkpoint.
     from d2llm.tracking import log_metrics_dict, log_training_curve, stage_run
-    from d2llm.training import train_student, write_curves
+    from d2llm.training import run_training, write_curves
 
     with stage_run("train"), _gpu_slot():
-        result = train_student(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
+        result = run_training(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
         log_training_curve(result.history)
         log_metrics_dict(result.to_dict(), prefix="train")
     summary = result.to_dict()

@@ -383,14 +383,15 @@ def cmd_promote(args: argparse.Namespace, params: Params) -> int:
 def _takes_the_lock() -> bool:
     """Whether this process takes the working copy's pipeline lock (d2llm.lock).
 
-    Of the processes of one torchrun job, each node's local rank 0 takes it for its node; workers
-    that ``d2llm.distributed.launch_torchrun`` started run under their launcher's lock.
+    Of the processes of one torchrun job, rank 0 takes it for all (on several nodes the working
+    copy is shared, so one lock file serves every node); workers that
+    ``d2llm.distributed.launch_torchrun`` started run under their launcher's lock.
     """
     import os
 
-    from d2llm.distributed import LOCK_HELD_ENV
+    from d2llm.distributed import LOCK_HELD_ENV, env_rank
 
-    return not os.environ.get(LOCK_HELD_ENV) and os.environ.get("LOCAL_RANK", "0") == "0"
+    return not os.environ.get(LOCK_HELD_ENV) and env_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

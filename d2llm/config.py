@@ -495,6 +495,22 @@ class Params(_Section):
     tracking: TrackingConfig = TrackingConfig()
     promotion: PromotionConfig = PromotionConfig()
 
+    @model_validator(mode="after")
+    def _dev_datasets_have_a_dev_metric(self) -> Params:
+        # Early stopping and promotion score a pair dataset's dev split (d2llm.evaluation.dev):
+        # an IR collection, or the train-only pairs derived from one, has no such split.
+        ir = {"cranfield", "cisi"} | {c.name for c in self.data.custom if isinstance(c, CustomIRDataset)}
+        no_dev = {f"{name}_titles" for name in ("cranfield", "cisi")} | {f"{name}_train" for name in ir}
+        for key, names in (
+            ("training.dev_datasets", self.training.dev_datasets),
+            ("evaluation.validation_datasets", self.evaluation.validation_datasets),
+        ):
+            for name in names:
+                if name in ir or name in no_dev:
+                    kind = "an IR collection" if name in ir else "train-only pairs"
+                    raise ValueError(f"{key}: {name!r} is {kind}, with no dev metric; name a pair dataset")
+        return self
+
 
 def _format_errors(err: ValidationError, source: str) -> str:
     lines = [f"invalid config {source}:"]

@@ -37,3 +37,24 @@ def test_overrides_are_validated_like_the_file() -> None:
         load_params(ROOT / "params.yaml", {"training.lr": -1})
     with pytest.raises(ConfigError, match=r"unknown key 'training\.learning_rate'"):
         load_params(ROOT / "params.yaml", {"training.learning_rate": 1e-4})
+
+
+@pytest.mark.parametrize(
+    ("key", "name", "kind"),
+    [
+        ("training.dev_datasets", "cranfield", "an IR collection"),
+        ("training.dev_datasets", "cisi_titles", "train-only pairs"),
+        ("evaluation.validation_datasets", "cisi", "an IR collection"),
+    ],
+)
+def test_dev_datasets_without_a_dev_metric_are_refused_by_the_config(key: str, name: str, kind: str) -> None:
+    """What the config accepts as a dev set is one the training loop and promotion can score."""
+    with pytest.raises(ConfigError, match=f"{key}: '{name}' is {kind}, with no dev metric"):
+        load_params(ROOT / "params.yaml", {key: [name]})
+
+
+def test_cluster_preset_uses_global_in_batch_negatives_that_split_over_its_ranks() -> None:
+    params = load_params(ROOT / "configs" / "cluster-torchrun.yaml")
+    distributed = params.training.distributed
+    assert (distributed.mode, distributed.nproc_per_node) == ("global_batch", 8)
+    assert params.labelling.group_size % distributed.nproc_per_node == 0

@@ -138,28 +138,20 @@ class PeakRSS:
 
 
 def make_step(student: Any, params: Any, device: Any):
-    """One optimisation step on one group, as ``train_student`` runs it; returns the total loss."""
+    """One optimisation step on one group, as ``d2llm.training`` runs it; returns the total loss."""
     import torch
 
     from d2llm.losses import D2LLMLoss
-    from d2llm.training import group_logits
+    from d2llm.training import group_loss
 
     cfg = params.training
     loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
-    trainable = [p for p in student.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trainable = [p for _, p in student.trainable_parameters()]
+    optimizer = student.configure_optimizers(cfg)
     use_bf16 = cfg.bf16 and device.type == "cuda"
 
     def step(group: Any) -> float:
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            z_in, z_hn, u_hn = group_logits(
-                student, group.anchors, group.positives, group.negatives, group.task
-            )
-            parts = loss_fn(
-                z_in=z_in.float(), z_hn=z_hn.float(),
-                t_in=group.in_batch.to(device), t_hn=group.hard.to(device),
-                u_hn=u_hn.float(), c_teacher=group.feature_cos.to(device),
-            )  # fmt: skip
+        parts = group_loss(student, loss_fn, group, use_bf16=use_bf16)
         parts["total"].backward()
         torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
         optimizer.step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -310,3 +311,39 @@ def test_unknown_reduction_is_rejected() -> None:
     ):
         with pytest.raises(ValueError, match="unknown loss reduction 'sum'"):
             build()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "authors"])
+@pytest.mark.parametrize("variant", ["paper", "authors"])
+def test_the_shares_of_a_split_group_add_up_to_the_whole_groups_loss(reduction: str, variant: str) -> None:
+    """Global in-batch negatives: each rank scores rows of the [B, B] matrix; its share of every
+    part is the whole group's part restricted to its anchors, for each reduction and CI variant."""
+    from d2llm.losses import GroupSlice
+
+    generator = torch.Generator().manual_seed(3)
+    b, k, h = 6, 3, 5
+    z_in, z_hn = torch.randn(b, b, generator=generator), torch.randn(b, k + 1, generator=generator)
+    z_hn[:, 0] = z_in.diagonal()
+    t_in, t_hn = torch.randn(b, b, 2, generator=generator), torch.randn(b, k + 1, 2, generator=generator)
+    u_hn, c_t = (
+        torch.randn(b, k + 1, h, generator=generator),
+        torch.rand(b, k + 1, k + 1, generator=generator),
+    )
+    loss = D2LLMLoss(LossConfig(ci_variant=variant, reduction=reduction, eta=0.5, gamma=0.3))
+    whole = loss(z_in, z_hn, t_in, t_hn, u_hn, c_t)
+    for rows in ([0, 2, 4, 6], [0, 3, 6], [0, 1, 6]):  # even and uneven slices
+        shares = [
+            loss(
+                z_in[lo:hi], z_hn[lo:hi], t_in[lo:hi], t_hn[lo:hi], u_hn[lo:hi], c_t[lo:hi], GroupSlice(lo, b)
+            )
+            for lo, hi in itertools.pairwise(rows)
+        ]
+        for part, value in whole.items():
+            assert sum(share[part] for share in shares).item() == pytest.approx(value.item(), rel=1e-5), part
+
+
+def test_a_slice_must_lie_within_its_group() -> None:
+    from d2llm.losses import GroupSlice
+
+    with pytest.raises(ValueError, match="z_in must be"):
+        ContrastiveImitationLoss()(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN), GroupSlice(offset=1, anchors=2))

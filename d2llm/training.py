@@ -1,9 +1,11 @@
 """Distil the teacher into the student: the training loop.
 
-One optimisation step sees one labelled group (B anchors, their positives and K hard negatives
-each) and the teacher's scores for exactly those pairs, so the in-batch teacher matrix is always
-valid. Groups are shuffled between epochs (never their content), with an order derived from the
-seed and the epoch so that a resumed run replays the same sequence.
+Each micro-step sees one labelled group (B anchors, their positives and K hard negatives each)
+and the teacher's scores for exactly those pairs, so the in-batch teacher matrix is always
+valid; an optimisation step accumulates ``grad_accum`` of them. Groups are shuffled between
+epochs (never their content), with an order derived from the seed and the epoch so that a
+resumed run replays the same sequence. Under torchrun the same loop runs on every rank
+(``training.distributed``, docs/distributed.md); rank 0 alone evaluates and saves.
 
 The dev metric (not a training loss) is measured at step 0 and every ``eval_every`` steps; the best
 student is kept, so early stopping can never return a model worse than the one it started from.

@@ -384,14 +384,14 @@ def _takes_the_lock() -> bool:
     """Whether this process takes the working copy's pipeline lock (d2llm.lock).
 
     Of the processes of one torchrun job, rank 0 takes it for all (on several nodes the working
-    copy is shared, so one lock file serves every node); workers that
-    ``d2llm.distributed.launch_torchrun`` started run under their launcher's lock.
+    copy is shared, so one lock file serves every node); a step run for a process that holds the
+    lock (torchrun workers of ``d2llm.distributed.launch_torchrun``, a labelling Ray job) does
+    not take it again.
     """
-    import os
+    from d2llm.distributed import env_rank
+    from d2llm.lock import LOCK_HELD_ENV
 
-    from d2llm.distributed import LOCK_HELD_ENV, env_rank
-
-    return not os.environ.get(LOCK_HELD_ENV) and env_rank() == 0
+    return os.environ.get(LOCK_HELD_ENV) != "1" and env_rank() == 0
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,10 +37,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Set by ``launch_torchrun`` for its workers: the launching process holds the working copy's
-# pipeline lock (d2llm.lock) for them, so they must not try to take it again.
-LOCK_HELD_ENV = "D2LLM_PIPELINE_LOCK_HELD"
-
 
 def launched_by_torchrun() -> bool:
     """True in a process that torchrun (or another launcher of its kind) started."""
@@ -215,7 +211,9 @@ def launch_torchrun(cli_args: Sequence[str], nproc_per_node: int) -> None:
         *cli_args,
     ]
     log.info("starting %d training processes: %s", nproc_per_node, " ".join(command))
-    env = {**os.environ, LOCK_HELD_ENV: "1"}
+    from d2llm.lock import LOCK_HELD_ENV
+
+    env = {**os.environ, LOCK_HELD_ENV: "1"}  # the caller holds the pipeline lock for the workers
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun's own default, without its warning
     done = subprocess.run(command, env=env, check=False)
     if done.returncode != 0:

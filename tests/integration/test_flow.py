@@ -25,14 +25,23 @@ def prefect_harness() -> Iterator[None]:
         yield
 
 
-@pytest.fixture
-def project(tiny_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    clone = tiny_project.clone(tmp_path / "project")
+def _work_in_clone(template, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    clone = template.clone(tmp_path / "project")
     monkeypatch.chdir(clone.root)
     for key, value in clone.env.items():
         if key.startswith(("HF_", "TOKENIZERS", "GX_", "OMP_")):
             monkeypatch.setenv(key, value)
     return clone
+
+
+@pytest.fixture
+def project(tiny_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return _work_in_clone(tiny_project, tmp_path, monkeypatch)
+
+
+@pytest.fixture
+def decoder_project(tiny_decoder_project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    return _work_in_clone(tiny_decoder_project, tmp_path, monkeypatch)
 
 
 def _registry(root: Path) -> tuple[list[str], dict[str, str]]:
@@ -92,6 +101,47 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
     assert second["promotion"]["verdict"] == "promoted"
     versions, aliases = _registry(root)
     assert versions == ["1"] and aliases["champion"] == "1"
+
+
+def test_the_llm_path_runs_end_to_end_causal_teacher_and_decoder_student(
+    prefect_harness: None, decoder_project
+) -> None:
+    """The flow with a causal-LM teacher (LoRA fine-tuned) and a Llama student backbone."""
+    import json
+
+    import numpy as np
+
+    from d2llm.labelling import load_labels
+    from flows.pipeline import training_pipeline
+
+    result = training_pipeline(params_file="params.yaml")
+    root = decoder_project.root
+
+    teacher = json.loads((root / "models" / "teacher" / "teacher.json").read_text(encoding="utf-8"))
+    assert teacher["kind"] == "causal_lm" and teacher["weights"] == "lora"
+    assert (root / "models" / "teacher" / "adapter" / "adapter_config.json").is_file()
+    teacher_report = json.loads((root / "reports" / "teacher_metrics.json").read_text(encoding="utf-8"))
+    assert teacher_report["steps"] == 2 and np.isfinite(teacher_report["loss_last"])
+
+    # The causal teacher labelled every group: probabilities that differ from pair to pair.
+    labels = load_labels(root / "data" / "labels")
+    assert len(labels.groups) == 4
+    hard = labels.hard.numpy()
+    assert np.isfinite(hard).all() and hard.std() > 0
+
+    student = json.loads((root / "models" / "student" / "student.json").read_text(encoding="utf-8"))
+    assert student["backbone_model_type"] == "llama"
+    assert (root / "models" / "student" / "adapter").is_dir()
+
+    # Every system scored every test set, the decoder student included.
+    metrics = json.loads((root / "reports" / "metrics.json").read_text(encoding="utf-8"))
+    for name in ("sick", "sick_r"):
+        by_system = metrics["datasets"][name]["metrics"]
+        for system in ("bi-encoder", "teacher", "student"):
+            main = by_system[system][metrics["datasets"][name]["main_metric"]]
+            assert np.isfinite(main), (name, system, by_system)
+    assert np.isfinite(result["metrics"]["mean_main"])
+    assert result["version"] == "1" and result["promotion"]["verdict"] == "promoted"
 
 
 def test_a_training_param_change_reruns_only_downstream_stages(prefect_harness: None, project) -> None:

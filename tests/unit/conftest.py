@@ -23,7 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from tiny_models import save_tiny_bert
+from tiny_models import CHAT_TEMPLATE, check_yes_no, save_tiny_bert, save_tiny_causal_lm
 
 # Words the tiny tokenizers know: the test sentences plus the teacher prompts' wording.
 WORDS = (  # noqa: SIM905 - a word list is easier to read and edit as text
@@ -37,43 +37,6 @@ WORDS = (  # noqa: SIM905 - a word list is easier to read and edit as text
     "yes no true false not q p"
 ).split()
 
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
-    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
-
-
-def _training_corpus() -> list[str]:
-    """Sentences that make every word (with and without a leading space) one BPE token."""
-    lines = [" ".join(WORDS), " ".join(w.capitalize() for w in WORDS)]
-    lines += [f"{w} {w} {w}" for w in WORDS for _ in range(4)]
-    lines += ["#Q: a man plays a guitar.\n#P: a person plays music?\nAnswer yes or no. yes, no."] * 8
-    return lines
-
-
-def _build_bpe_tokenizer():
-    """Train a deterministic byte-level BPE (Qwen2/Llama-3 style) on the tiny corpus."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=1200,
-        min_frequency=1,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(_training_corpus(), trainer=trainer)
-    return tok
-
-
-def _check_yes_no(tokenizer, where: str) -> None:
-    for text in ("yes", "no", " yes", " no"):
-        ids = tokenizer.encode(text, add_special_tokens=False)
-        assert len(ids) == 1, f"{where}: {text!r} is not a single token: {ids}"
-
 
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -83,52 +46,15 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ",", "?", "!", "#", ":", *WORDS]
     vocab += ["##s", "##ing", "##ed"]
     folder = save_tiny_bert(tmp_path_factory.mktemp("tiny_bert"), vocab, max_positions=128)
-    _check_yes_no(BertTokenizer.from_pretrained(folder), "tiny BERT tokenizer")
+    check_yes_no(BertTokenizer.from_pretrained(folder), "tiny BERT tokenizer")
     return folder
 
 
 def _save_causal_lm(
     folder: Path, config_cls: type, model_cls: type, chat_template: str | None, **config_kw: object
 ) -> Path:
-    """A random 2-layer, 32-d ``model_cls`` with the BPE tokenizer; ``config_kw`` overrides the config."""
-    import torch
-    from transformers import PreTrainedTokenizerFast, Qwen2Tokenizer
-
-    bpe = _build_bpe_tokenizer()
-    special = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>", "unk_token": None}
-    if config_cls.model_type == "qwen2":
-        # transformers 5 always loads qwen2 folders with Qwen2Tokenizer, which rebuilds its BPE
-        # from the vocabulary and merges: give it exactly those of the trained tokenizer.
-        tokenizer = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=_merges_of(bpe), **special)
-    else:
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, **special)
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    _check_yes_no(tokenizer, f"tiny {config_cls.model_type} tokenizer")
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    settings: dict[str, object] = {
-        "vocab_size": len(tokenizer),
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 256,
-        "pad_token_id": tokenizer.pad_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "bos_token_id": None,
-    }
-    config = config_cls(**{**settings, **config_kw})
-    model_cls(config).save_pretrained(folder)
-    return folder
-
-
-def _merges_of(bpe) -> list[tuple[str, str]]:
-    import json
-
-    merges = json.loads(bpe.to_str())["model"]["merges"]
-    return [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in merges]
+    """A random 2-layer, 32-d ``model_cls`` with the BPE tokenizer over WORDS."""
+    return save_tiny_causal_lm(folder, config_cls, model_cls, WORDS, chat_template, **config_kw)
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ This module only composes d2llm library functions as tasks. What Prefect adds:
 - caching keyed on content: each task's cache key is the content fingerprint of its input
   artefacts, the config keys it reads (both from the one table of d2llm.stages, which dvc.yaml
   is tested against) and the library's source, so an unchanged stage (the teacher labelling
-  above all) is skipped on the next run; a cached stage whose output folder has gone missing is
-  recomputed;
+  above all) is skipped on the next run; a cached stage whose output has gone missing, or has
+  been replaced since (by a run of another config in the same working copy), is recomputed;
 - retries on transient failures (never on errors in the data or the config, which a retry
   cannot fix);
 - a "gpu" concurrency limit around the stages that use the accelerator
@@ -188,7 +188,8 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         log_metrics_dict(results["flat"], prefix="val")
         log_metrics_dict(results["test_flat"], prefix="test")
         _log_artifacts(run, params.evaluation.output, "evaluation")
-    return {"table": format_table(results), "flat": results["flat"]}
+    fingerprint = path_fingerprint(params.evaluation.output)
+    return {"fingerprint": fingerprint, "table": format_table(results), "flat": results["flat"]}
 
 
 @task(name="register", retries=0)
@@ -235,13 +236,24 @@ def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:
 
 
 def _run_cached(step: Any, output: Path, params: Params, done: dict[str, str], code: str) -> Any:
-    """Run a cached task keyed on its row of d2llm.stages (its name); recompute it if its output is gone.
+    """Run a cached task keyed on its row of d2llm.stages (its name); recompute it if its output is
+    gone, or is no longer the one the cached result describes.
 
     ``done`` holds the fingerprints of the artefacts made so far (keyed as in d2llm.stages),
-    ``code`` the library's.
+    ``code`` the library's. The second case happens when runs of two configurations share the
+    working copy's artefact folders (``make run``, then ``make run-llm``, then ``make run``):
+    the third run's cache entries are valid, but the files on disk are the second run's.
     """
     key = cache_key(step.name, params, done, code)
-    return step.with_options(refresh_cache=not Path(output).exists())(params, key)
+    result = step.with_options(refresh_cache=not Path(output).exists())(params, key)
+    if _fingerprint_of(result) != path_fingerprint(output):
+        get_run_logger().info("%s: %s was replaced since it was cached: recomputing", step.name, output)
+        result = step.with_options(refresh_cache=True)(params, key)
+    return result
+
+
+def _fingerprint_of(result: Any) -> str:
+    return result if isinstance(result, str) else result["fingerprint"]
 
 
 @flow(name="d2llm-training", log_prints=True)

@@ -158,6 +158,28 @@ def test_a_training_param_change_reruns_only_downstream_stages(prefect_harness: 
     assert _mtimes(root / "models" / "student") != student
 
 
+def test_a_stage_whose_output_was_replaced_since_it_was_cached_is_recomputed(
+    prefect_harness: None, project
+) -> None:
+    """Runs of two configs in one working copy share the artefact folders (`make run`, then
+    `make run-llm`, then `make run`): the third run's cache is valid, its files are not."""
+    import json
+
+    from flows.pipeline import training_pipeline
+
+    training_pipeline(params_file="params.yaml", promote=False)
+    teacher_json = project.root / "models" / "teacher" / "teacher.json"
+    ours = teacher_json.read_text(encoding="utf-8")
+    labels = _mtimes(project.root / "data" / "labels")
+    # Another config's teacher now sits in models/teacher.
+    teacher_json.write_text(json.dumps({**json.loads(ours), "max_length": 99}), encoding="utf-8")
+
+    training_pipeline(params_file="params.yaml", promote=False)
+    assert teacher_json.read_text(encoding="utf-8") == ours  # fine-tuned again, deterministically
+    # The same teacher again: the labelling made from it is still valid and is reused.
+    assert _mtimes(project.root / "data" / "labels") == labels
+
+
 def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
     prefect_harness: None, project
 ) -> None:

@@ -39,6 +39,19 @@ def test_index_scale_runs_and_reports(tmp_path):
         assert size["query_ms"][name] == pytest.approx(1000 * np.median(seconds) / 3)
 
 
+def test_index_scale_can_measure_the_exact_first_stage_alone(tmp_path):
+    from benchmarks import index_scale
+
+    args = ["--params", str(ROOT / "params.yaml"), "--out-dir", str(tmp_path), "--threads", "1"]
+    args += ["--sizes", "800", "--dim", "16", "--clusters", "10", "--queries", "2", "--repeats", "1"]
+    args += ["--first-stages", "exact", "-S", "search.rerank_depth=20"]
+    args += ["-S", "student.iem.hidden_size=8", "-S", "student.iem.branch_size=8"]
+    (size,) = index_scale.main(args)["sizes"]
+    assert size["exact"]["build_seconds"] > 0 and "hnsw" not in size
+    assert set(size["query_ms"]) == {"exact", "exact+iem", "full-iem"}
+    assert size["hnsw_recall@10"] is None
+
+
 def test_index_scale_rejects_bad_sizes():
     from benchmarks import index_scale
 

@@ -90,6 +90,22 @@ def start(
     return argv, args, params
 
 
+def run(
+    name: str,
+    argv: Sequence[str] | None,
+    parse_args: Callable[[list[str]], argparse.Namespace],
+    measure: Callable[[argparse.Namespace, Params], dict[str, Any]],
+    print_report: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """The whole of a benchmark's ``main``: start, measure, write the JSON report, print it."""
+    argv, args, params = start(argv, parse_args)
+    results = measure(args, params)
+    path = write_report(name, args.out_dir, argv, results)
+    print_report(results)
+    print(f"wrote {path}")
+    return results
+
+
 def check_positive(name: str, value: int) -> None:
     if value < 1:
         raise SystemExit(f"{name} must be >= 1, got {value}")

@@ -291,12 +291,7 @@ def print_report(results: dict[str, Any]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    argv, args, params = common.start(argv, parse_args)
-    results = measure(args, params)
-    path = common.write_report(NAME, args.out_dir, argv, results)
-    print_report(results)
-    print(f"wrote {path}")
-    return results
+    return common.run(NAME, argv, parse_args, measure, print_report)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def _labelled_negatives(train: pd.DataFrame, known: dict[str, set[str]]) -> dict
     out: dict[str, dict[str, None]] = defaultdict(dict)
     rows = train[~train["is_positive"]]
     for a, b in zip(rows["text_a"], rows["text_b"], strict=True):
-        if b != a and b not in known[a]:
+        if b != a and b not in known.get(a, ()):
             out[a].setdefault(b, None)
     return {a: list(bs) for a, bs in out.items()}
 

@@ -16,6 +16,11 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from d2llm.errors import ConfigError, clip
 
 TaskKind = Literal["sym", "asym"]
+# The kind of judgement a dataset asks for (d2llm.data.schema.dataset_family): "nli" (sym with
+# class labels: entailment, paraphrase), "sts" (sym with graded scores), "asym" (query -> passage).
+Family = Literal["nli", "sts", "asym"]
+# What a caller may ask the student's IEM to score with: a task kind or a family (d2llm.student.iem).
+ScoringKey = Literal["sym", "asym", "nli", "sts"]
 
 
 class _Section(BaseModel):
@@ -349,6 +354,10 @@ class IEMConfig(_Section):
     # AVX512-BF16 and rounds the branch activations (docs/benchmarks.md); training is float32.
     # int8: the branch layer dynamically quantised (about a quarter of the float32 time, CPU only).
     inference_dtype: Literal["float32", "bfloat16", "int8"] = "float32"
+    # One branch layer per task kind ("task": sym, asym; the paper) or per family ("family":
+    # nli, sts, asym), so that entailment (NLI) and graded relatedness (STS), which disagree on
+    # related-but-contradicting pairs, are not forced through one sym branch (docs/model.md).
+    branches: Literal["task", "family"] = "task"
 
 
 class StudentConfig(_Section):
@@ -422,6 +431,11 @@ class TrainingConfig(_Section):
     # A step is kept as the best only if no dev set is more than this many points below its
     # value at step 0 (the starting student), so no family pays for another; null: mean only.
     dev_tolerance: float | None = Field(default=None, ge=0)
+    # Order of the labelled groups in an epoch: "shuffle" (a seeded permutation, so datasets
+    # come in proportion to their group counts; the paper) or "balanced" (round-robin over the
+    # datasets in a seeded order, a small dataset's groups repeated, so each dataset gets an
+    # equal share of the steps; an epoch keeps its length).
+    group_sampling: Literal["shuffle", "balanced"] = "shuffle"
     distributed: DistributedConfig = DistributedConfig()
 
 

@@ -27,10 +27,11 @@ from d2llm.errors import ModelError
 if TYPE_CHECKING:
     import torch
 
-# mteb task type -> IEM branch.
+# mteb task type -> IEM scoring key (a per-family student has nli and sts branches; the
+# paper's two-branch IEM scores both with sym).
 TASK_KIND: dict[str, str] = {
-    "STS": "sym",
-    "PairClassification": "sym",
+    "STS": "sts",
+    "PairClassification": "nli",
     "Retrieval": "asym",
     "Reranking": "asym",
     "InstructionRetrieval": "asym",

@@ -6,7 +6,8 @@ but settings: the torch model is rebuilt from those artifacts in ``load_context`
 
 Two request kinds, told apart by their columns:
 
-- pairs: ``text_a, text_b, task`` (``sym``/``asym``) -> one ``score`` (the IEM logit) per row;
+- pairs: ``text_a, text_b, task`` (``sym``/``asym``; ``nli``/``sts`` pick a per-family student's
+  branch) -> one ``score`` (the IEM logit) per row;
 - search (only when logged with an index): ``query`` and optional ``k`` -> rows of
   ``query, rank, doc_id, score``.
 
@@ -39,7 +40,9 @@ if TYPE_CHECKING:
 
 PAIR_COLUMNS = ("text_a", "text_b", "task")
 SEARCH_COLUMNS = ("query", "k")
-TASKS = ("sym", "asym")
+# sym/asym are the paper's task kinds; nli/sts pick a per-family student's branch (and map to
+# sym on a two-branch one): d2llm.student.iem.SCORING_KEYS.
+TASKS = ("sym", "asym", "nli", "sts")
 STUDENT_ARTIFACT = "student"
 INDEX_ARTIFACT = "index"
 BACKBONE_ARTIFACT = "backbone"  # a bundled local backbone folder (see d2llm.tracking.registry)
@@ -206,7 +209,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
 
         text_a, text_b, tasks = validate_pairs(frame, *self._limits())
         scores = np.zeros(len(frame), dtype=np.float64)
-        for task in TASKS:  # the IEM has one branch per task kind: score each kind in one call
+        for task in TASKS:  # one IEM branch per key: score each key's rows in one call
             rows = [i for i, t in enumerate(tasks) if t == task]
             if rows:
                 z = self.student.score([(text_a[i], text_b[i]) for i in rows], task)

@@ -123,6 +123,7 @@ STAGES: dict[str, Stage] = {
                 "d2llm/losses.py",
                 "d2llm/student",
                 "d2llm/evaluation/dev.py",
+                "d2llm/data/tables.py",  # the groups' families (student.iem.branches)
                 "d2llm/optim.py",
                 "d2llm/distributed.py",
             ),
@@ -143,9 +144,11 @@ STAGES: dict[str, Stage] = {
             inputs=(PREPARED, TEACHER, STUDENT),
             code=(
                 "d2llm/evaluation",
+                "d2llm/data/tables.py",
                 "d2llm/search.py",
                 "d2llm/biencoder.py",
                 "d2llm/teachers/fusion.py",
+                "d2llm/teachers/finetune.py",  # pair_cosines: the bi-encoder and fusion scores
                 "d2llm/quantization.py",
             ),
         ),

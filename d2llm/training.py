@@ -17,14 +17,14 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from d2llm.config import Params, TaskKind
+from d2llm.config import Params, ScoringKey
 from d2llm.errors import ArtifactError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric
 
@@ -68,7 +68,7 @@ def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int 
         for dev in dev_sets:
             e_a = vectors[[row[a] for a, _ in dev.pairs]]
             e_b = vectors[[row[b] for _, b in dev.pairs]]
-            scores = student.score_vectors(e_a, e_b, dev.task).float().cpu().numpy()
+            scores = student.score_vectors(e_a, e_b, dev.family).float().cpu().numpy()
             out[dev.name] = dev_score(dev, scores)
     student.train(was_training)
     return {**out, "main": mean_metric(out)}
@@ -95,9 +95,13 @@ def regressions(
 
 @dataclass(frozen=True)
 class LabelledGroup:
-    """One training group: its texts and the teacher's logits and feature cosines for them."""
+    """One training group: its texts and the teacher's logits and feature cosines for them.
 
-    task: TaskKind
+    ``key`` is what the student's IEM scores the group with: its dataset's family (nli, sts,
+    asym), which the paper's two-branch IEM maps to sym/asym (d2llm.student.iem).
+    """
+
+    key: ScoringKey
     anchors: list[str]
     positives: list[str]
     negatives: list[list[str]]
@@ -122,7 +126,7 @@ class LabelledGroup:
             )
         rows = slice(rank * size // world_size, (rank + 1) * size // world_size)
         share = LabelledGroup(
-            task=self.task,
+            key=self.key,
             anchors=self.anchors[rows],
             positives=self.positives[rows],
             negatives=self.negatives[rows],
@@ -133,10 +137,32 @@ class LabelledGroup:
         return share, GroupSlice(offset=rows.start, anchors=size)
 
 
-def labelled_group(labels: Any, index: int) -> LabelledGroup:
+def group_families(groups: Any, families: dict[str, str], layout: str) -> dict[str, str]:
+    """``{dataset: scoring key}`` for the datasets of ``groups``: the family where it is known.
+
+    A per-family IEM (``layout == "family"``) cannot tell an NLI group from an STS one by its
+    task kind alone, so a sym dataset of unknown family is an error there.
+    """
+    out = {}
+    for dataset, task in dict.fromkeys(zip(groups["dataset"], groups["task"], strict=True)):
+        if dataset in families:
+            out[dataset] = families[dataset]
+        elif layout == "family" and task == "sym":
+            raise ArtifactError(
+                f"the labels' dataset {dataset!r} is not in the prepared data's manifest, so its family "
+                "(nli or sts) is unknown; student.iem.branches: family needs it (prepare it, or use 'task')"
+            )
+        else:
+            out[dataset] = task
+    return out
+
+
+def labelled_group(labels: Any, index: int, families: dict[str, str] | None = None) -> LabelledGroup:
+    """Group ``index`` of ``labels``; ``families`` ({dataset: family}) gives its scoring key
+    (default: the group's task kind, sym or asym)."""
     row = labels.groups.iloc[index]
     return LabelledGroup(
-        task=row["task"],
+        key=(families or {}).get(row["dataset"], row["task"]),
         anchors=list(row["anchors"]),
         positives=list(row["positives"]),
         negatives=[list(n) for n in row["negatives"]],
@@ -151,7 +177,7 @@ def group_logits(
     anchors: list[str],
     positives: list[str],
     negatives: list[list[str]],
-    task: TaskKind,
+    task: ScoringKey,
     gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Student logits for a group: in-batch [B, B], hard [B, K+1] and IEM branch vectors [B, K+1, H].
@@ -203,7 +229,7 @@ def group_loss(
         gather = ranks.gather_rows
     with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
         z_in, z_hn, u_hn = group_logits(
-            student, group.anchors, group.positives, group.negatives, group.task, gather
+            student, group.anchors, group.positives, group.negatives, group.key, gather
         )
         return loss_fn(
             z_in=z_in.float(),
@@ -276,9 +302,29 @@ def training_inputs_fingerprint(
     return value_fingerprint(inputs)
 
 
-def _epoch_order(num_groups: int, seed: int, epoch: int) -> list[int]:
+def epoch_order(datasets: Sequence[str], seed: int, epoch: int, sampling: str = "shuffle") -> list[int]:
+    """The group indices of one epoch (``len(datasets)`` of them; ``datasets[i]`` is group i's).
+
+    ``shuffle``: a seeded permutation. ``balanced``: rounds over the datasets, each round in a
+    seeded order, each dataset giving its next group (its groups shuffled, cycled when used up),
+    so every dataset gets an equal share of the epoch whatever its number of groups.
+    """
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_groups, generator=generator).tolist()
+    order = torch.randperm(len(datasets), generator=generator).tolist()
+    if sampling == "shuffle":
+        return order
+    queues: dict[str, list[int]] = {}
+    for index in order:
+        queues.setdefault(datasets[index], []).append(index)
+    names, taken, out = sorted(queues), dict.fromkeys(queues, 0), []
+    while len(out) < len(order):
+        for j in torch.randperm(len(names), generator=generator).tolist():
+            queue = queues[names[j]]
+            out.append(queue[taken[names[j]] % len(queue)])
+            taken[names[j]] += 1
+            if len(out) == len(order):
+                break
+    return out
 
 
 class Distiller:
@@ -300,6 +346,7 @@ class Distiller:
         ranks: DistContext,
         device: torch.device,
         inputs: str,
+        families: dict[str, str] | None = None,
     ) -> None:
         from d2llm.losses import D2LLMLoss
         from d2llm.optim import warmup_decay_scheduler
@@ -308,6 +355,7 @@ class Distiller:
         cfg = params.training
         self.params, self.cfg, self.labels, self.dev_sets = params, cfg, labels, dev_sets
         self.out_dir, self.ranks = out_dir, ranks
+        self.families = group_families(labels.groups, families or {}, params.student.iem.branches)
         self.checkpoint_dir = out_dir / CHECKPOINT_DIR
         self.student = D2LLMStudent.from_config(params.student).to(device)
         if cfg.gradient_checkpointing:
@@ -332,6 +380,7 @@ class Distiller:
         self.scheduler = warmup_decay_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio)
         self.use_bf16 = cfg.bf16 and device.type == "cuda"
         self.state = LoopState(inputs=inputs)
+        self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its group order), see next_group
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -417,7 +466,10 @@ class Distiller:
         """This rank's group for micro-step ``micro`` of the current step (seeded epoch order)."""
         num_groups = len(self.labels.groups)
         epoch, position = divmod(self.state.micro + micro * self.stride + self.first, num_groups)
-        return labelled_group(self.labels, _epoch_order(num_groups, self.params.seed, epoch)[position])
+        if self._order[0] != epoch:
+            datasets = self.labels.groups["dataset"].tolist()
+            self._order = (epoch, epoch_order(datasets, self.params.seed, epoch, self.cfg.group_sampling))
+        return labelled_group(self.labels, self._order[1][position], self.families)
 
     def optimizer_step(self) -> None:
         params = list(self.trainable.values())
@@ -499,6 +551,7 @@ def train_student(
     (d2llm.distributed): rank 0 alone evaluates, saves the student and the checkpoint, and
     writes the history; every rank returns the same result.
     """
+    from d2llm.data.tables import dataset_families
     from d2llm.distributed import distributed_context
     from d2llm.hub import pick_device, seed_everything
     from d2llm.labelling import load_labels
@@ -513,7 +566,8 @@ def train_student(
             raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
         dev_sets = load_training_dev_sets(params, prepared_dir)
         inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size)
-        trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs)
+        families = dataset_families(prepared_dir, set(labels.groups["dataset"]))
+        trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs, families)
         if resume:
             trainer.resume()
         ranks.broadcast_parameters(list(trainer.trainable.values()))

@@ -61,6 +61,18 @@ IR_TABLES: dict[str, tuple[tuple[str, ...], dict[str, str]]] = {
 NLI_CLASSES: tuple[str, ...] = ("entailment", "neutral", "contradiction")
 
 
+def dataset_family(task: str, label_kind: str) -> Literal["nli", "sts", "asym"]:
+    """``asym`` for query -> passage data; for sym data ``nli`` when labels are classes (entailment,
+    paraphrase: a yes/no judgement) and ``sts`` when they are graded scores (relatedness).
+
+    A per-family student (``student.iem.branches: family``) scores each family with its own IEM
+    branch: SICK and SICK-R are the same pairs, judged for entailment and for relatedness.
+    """
+    if task == "asym":
+        return "asym"
+    return "nli" if label_kind == "class" else "sts"
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What a pair dataset's labels mean, so that validation can check them."""
@@ -73,6 +85,11 @@ class DatasetSpec:
     label_set: tuple[str, ...] | None = None  # class datasets; label = index into this
     positive_rule: str = ""  # human-readable, for docs and the manifest
     splits: tuple[str, ...] = field(default=SPLITS)
+
+    @property
+    def family(self) -> Literal["nli", "sts", "asym"]:
+        """The kind of judgement: see :func:`dataset_family`."""
+        return dataset_family(self.task, self.label_kind)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)

@@ -7,9 +7,10 @@ usual cause is a config naming a dataset that was not prepared (or prepare not r
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from d2llm.errors import ArtifactError
 
@@ -40,6 +41,28 @@ def read_manifest(prepared_dir: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ArtifactError(f"{path} not found: run `d2llm prepare` first")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def dataset_families(prepared_dir: str | Path, datasets: Iterable[str]) -> dict[str, str]:
+    """``{dataset: family}`` (nli, sts, asym; d2llm.data.schema.dataset_family) for the prepared
+    pair datasets among ``datasets``; those not prepared in ``prepared_dir`` are left out."""
+    import pandas as pd
+
+    out = {}
+    for name in datasets:
+        path = Path(prepared_dir) / "pairs" / f"{name}.parquet"
+        if path.exists():
+            out[name] = table_family(pd.read_parquet(path, columns=["task", "label_name"]))
+    return out
+
+
+def table_family(df: pd.DataFrame) -> Literal["nli", "sts", "asym"]:
+    """The family of a pair table (its task kind, and class labels or scores): the IEM branch
+    key of a per-family student."""
+    from d2llm.data.schema import dataset_family
+
+    is_class = bool((df["label_name"].fillna("").astype(str) != "").any())
+    return dataset_family(str(df["task"].iloc[0]), "class" if is_class else "score")
 
 
 def pair_datasets(prepared_dir: str | Path) -> list[str]:

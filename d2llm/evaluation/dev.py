@@ -29,6 +29,8 @@ from d2llm.errors import DataError
 if TYPE_CHECKING:
     import pandas as pd
 
+    from d2llm.config import Family
+
 DevMetric = Literal["ap", "spearman", "map"]
 
 
@@ -41,6 +43,7 @@ class DevSet:
     pairs: list[tuple[str, str]]
     gold: np.ndarray  # is_positive (ap, map) or the gold score (spearman)
     metric: DevMetric
+    family: Family  # the student's scoring key (nli, sts, asym): see table_family
 
     @property
     def name(self) -> str:
@@ -75,7 +78,7 @@ def _sample_rows(df: pd.DataFrame, metric: DevMetric, limit: int | None, seed: i
 
 def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, seed: int) -> DevSet:
     """The dev split of a prepared pair dataset (a seeded sample of at most ``max_pairs``)."""
-    from d2llm.data.tables import load_pairs
+    from d2llm.data.tables import load_pairs, table_family
 
     table = load_pairs(prepared_dir, dataset)
     df = table[table["split"] == "dev"]
@@ -98,6 +101,7 @@ def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, 
         pairs=list(zip(df["text_a"], df["text_b"], strict=True)),
         gold=gold,
         metric=metric,
+        family=table_family(table),
     )
 
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 import numpy as np
 
 from d2llm.biencoder import MeanPoolEncoder
+from d2llm.data.tables import table_family
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation.dev import dataset_metric
@@ -75,9 +76,10 @@ class BiEncoderBaseline(MeanPoolEncoder):
     name = "bi-encoder"
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
+        from d2llm.teachers.finetune import pair_cosines
+
         # Cosine has no task branches: the same score serves sym and asym.
-        a, b = self.encode(text_a, show_progress=True), self.encode(text_b, show_progress=True)
-        return (a * b).sum(-1).numpy()
+        return pair_cosines(self, list(zip(text_a, text_b, strict=True)), show_progress=True)
 
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
         docs = self.encode(corpus, show_progress=True)
@@ -102,7 +104,12 @@ class StudentScorer:
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
         import torch
 
-        e_a, e_b = self._encode(text_a), self._encode(text_b)
+        # Each distinct text once: SICK's 9 854 sides are 5 007 sentences, a question repeats
+        # for each of its candidate answers.
+        texts = list(dict.fromkeys([*text_a, *text_b]))
+        row = {text: i for i, text in enumerate(texts)}
+        vectors = self._encode(texts)
+        e_a, e_b = vectors[[row[t] for t in text_a]], vectors[[row[t] for t in text_b]]
         with torch.inference_mode():
             return self.student.score_vectors(e_a, e_b, task).reshape(-1).float().cpu().numpy()
 
@@ -180,6 +187,12 @@ class TeacherScorer:
             start += len(cand)
             ranking.append([(int(cand[i]), float(s[i])) for i in top_k_positions(s, depth)])
         return ranking
+
+
+def scoring_key_for(system: Any, task: str, family: str) -> str:
+    """What ``system.score_pairs`` is asked to score with: the family for the student (its IEM may
+    have a branch per family, d2llm.student.iem), the task kind (prompt) for every other system."""
+    return family if isinstance(system, StudentScorer) else task
 
 
 class Bm25System:
@@ -307,6 +320,7 @@ def evaluate_pair_dataset(
     elif kind == "answer_selection":
         entry["protocol"] = "candidates ranked per question; MAP/MRR over questions with both labels"
     a, b = test["text_a"].tolist(), test["text_b"].tolist()
+    family = table_family(test)
     for sys_name, system in systems.items():
         if not isinstance(system, PairScorer):
             continue
@@ -314,11 +328,12 @@ def evaluate_pair_dataset(
             system = system.for_dataset(name)
         log.info("%s: scoring %d test pairs with %s", name, len(test), sys_name)
         start = time.perf_counter()
-        key = (sys_name, tasks[0], tuple(a), tuple(b))
+        scoring_key = scoring_key_for(system, tasks[0], family)
+        key = (sys_name, scoring_key, tuple(a), tuple(b))
         if memo is not None and not isinstance(system, TeacherScorer) and key in memo:
             scores = memo[key]
         else:
-            scores = system.score_pairs(a, b, tasks[0])
+            scores = system.score_pairs(a, b, scoring_key)
             if memo is not None:
                 memo[key] = scores
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
@@ -447,7 +462,8 @@ def evaluate_validation(
         values = {}
         for dev in dev_sets:
             a, b = [p[0] for p in dev.pairs], [p[1] for p in dev.pairs]
-            values[dev.name] = dev_score(dev, system.score_pairs(a, b, dev.task))
+            scores = system.score_pairs(a, b, scoring_key_for(system, dev.task, dev.family))
+            values[dev.name] = dev_score(dev, scores)
         out[sys_name] = {**values, "mean_main": mean_metric(values)}
     return out
 

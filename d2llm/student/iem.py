@@ -2,7 +2,14 @@
 
     h   = ReLU(W1a e_a + W1b e_b + b1)          shared first layer, split by side
     u_t = ReLU(W_t h + b_t)                      one branch per task kind t in {sym, asym}
-    z   = w . u_t + c                            output layer shared by both branches
+    z   = w . u_t + c                            output layer shared by the branches
+
+``branches="family"`` (``student.iem.branches``; the paper has one sym branch) splits the sym
+branch in two: ``nli`` for yes/no judgements (entailment, paraphrase) and ``sts`` for graded
+relatedness, which disagree on related pairs that contradict each other. Callers pass the
+finest key they know (:data:`SCORING_KEYS`); :meth:`IEM.branch_for` maps it onto this IEM's
+branches (``nli``/``sts`` -> ``sym`` for the paper's layout; ``sym`` -> ``sts`` for the
+per-family one, relatedness being the generic symmetric score).
 
 ``W1 [e_a; e_b] = W1a e_a + W1b e_b``, so the passage side ``W1b e_b`` is computed once per
 passage and stored with the index (:meth:`IEM.passage_cache`); scoring a query against N
@@ -32,6 +39,8 @@ from torch import Tensor, nn
 from d2llm.errors import ModelError
 
 TASKS = ("sym", "asym")
+BRANCH_LAYOUTS = {"task": TASKS, "family": ("nli", "sts", "asym")}  # student.iem.branches
+SCORING_KEYS = ("sym", "asym", "nli", "sts")  # what callers may pass as ``task``
 BRANCH_FORMATS = ("float32", "bfloat16", "int8")  # student.iem.inference_dtype
 
 
@@ -43,14 +52,19 @@ class IEM(nn.Module):
         branch_size: int = 512,
         residual: Literal["none", "cosine"] = "none",
         cosine_scale: float = 20.0,
+        branches: Literal["task", "family"] = "task",
     ) -> None:
         super().__init__()
         if residual not in ("none", "cosine"):
             raise ModelError(f"IEM: unknown residual {residual!r}; expected 'none' or 'cosine'")
+        if branches not in BRANCH_LAYOUTS:
+            raise ModelError(f"IEM: unknown branch layout {branches!r}; expected {list(BRANCH_LAYOUTS)}")
         self.dim, self.hidden_size, self.branch_size, self.residual = dim, hidden_size, branch_size, residual
         self.first_a = nn.Linear(dim, hidden_size)  # W1a, b1
         self.first_b = nn.Linear(dim, hidden_size, bias=False)  # W1b (the bias lives on the query side)
-        self.branches = nn.ModuleDict({t: nn.Linear(hidden_size, branch_size) for t in TASKS})
+        self.layout = branches
+        names = BRANCH_LAYOUTS[branches]
+        self.branches = nn.ModuleDict({t: nn.Linear(hidden_size, branch_size) for t in names})
         self.out = nn.Linear(branch_size, 1)
         if residual == "cosine":
             self.cosine_scale = nn.Parameter(torch.tensor(float(cosine_scale)))
@@ -105,10 +119,18 @@ class IEM(nn.Module):
             return cache_b[..., : self.hidden_size], cache_b[..., self.hidden_size :]
         return cache_b, None
 
+    def branch_for(self, key: str) -> str:
+        """The branch that scores ``key`` (a task kind or a family; see the module docstring)."""
+        if key in self.branches:
+            return key
+        if key in ("nli", "sts") and "sym" in self.branches:
+            return "sym"
+        if key == "sym" and "sts" in self.branches:
+            return "sts"
+        raise ModelError(f"unknown task kind {key!r}; expected one of {list(SCORING_KEYS)}")
+
     def _branch(self, task: str) -> nn.Linear:
-        if task not in self.branches:
-            raise ModelError(f"unknown task kind {task!r}; expected one of {TASKS}")
-        return self.branches[task]
+        return self.branches[self.branch_for(task)]
 
     def _head(self, a_part: Tensor, b_part: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """``a_part`` + ``b_part`` (broadcast) -> (z, u): the layers after the split first layer."""

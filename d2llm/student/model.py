@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d2llm.config import StudentConfig, TaskKind, TrainingConfig
+from d2llm.config import ScoringKey, StudentConfig, TrainingConfig
 from d2llm.errors import DataError, ModelError
 from d2llm.student.backbone import (
     apply_lora,
@@ -72,6 +72,7 @@ class D2LLMStudent(nn.Module):
             branch_size=cfg.iem.branch_size,
             residual=cfg.iem.residual,
             cosine_scale=cfg.iem.cosine_scale,
+            branches=cfg.iem.branches,
         )
         self._merged_from: str | None = None  # fingerprint of the unmerged weights, once merged
 
@@ -250,15 +251,17 @@ class D2LLMStudent(nn.Module):
         """``[N, d] -> [N, iem.cache_size]``: the passage half of the IEM, computed once per passage."""
         return self.iem.passage_cache(self._heads_input(e_b))
 
-    def iem_features(self, e_a: Tensor, e_b: Tensor, task: TaskKind) -> tuple[Tensor, Tensor]:
+    def iem_features(self, e_a: Tensor, e_b: Tensor, task: ScoringKey) -> tuple[Tensor, Tensor]:
         """Row-wise ``(z [N], u_t [N, branch_size])``; ``u_t`` feeds feature imitation."""
         return self.iem(self._heads_input(e_a), self._heads_input(e_b), task)
 
-    def score_vectors(self, e_a: Tensor, e_b: Tensor, task: TaskKind) -> Tensor:
+    def score_vectors(self, e_a: Tensor, e_b: Tensor, task: ScoringKey) -> Tensor:
         """Row-wise logits ``z [N]`` for the pairs ``(e_a[i], e_b[i])``."""
         return self.iem_features(e_a, e_b, task)[0]
 
-    def score_matrix(self, e_a: Tensor, cache_b: Tensor, task: TaskKind, chunk_size: int = 65_536) -> Tensor:
+    def score_matrix(
+        self, e_a: Tensor, cache_b: Tensor, task: ScoringKey, chunk_size: int = 65_536
+    ) -> Tensor:
         """``[Q, N]`` logits of every query against every cached passage, in bounded-memory blocks.
 
         Keeps gradients (training uses it for the in-batch matrix); wrap in ``torch.no_grad()``
@@ -270,7 +273,7 @@ class D2LLMStudent(nn.Module):
     def score(
         self,
         pairs: Sequence[tuple[str, str]],
-        task: TaskKind,
+        task: ScoringKey,
         batch_size: int = 32,
         show_progress: bool = False,
     ) -> Tensor:

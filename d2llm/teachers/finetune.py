@@ -105,11 +105,11 @@ def baseline_encoder(params: Params) -> MeanPoolEncoder:
     )
 
 
-def pair_cosines(encoder: MeanPoolEncoder, pairs: list[Pair]) -> np.ndarray:
+def pair_cosines(encoder: MeanPoolEncoder, pairs: list[Pair], show_progress: bool = False) -> np.ndarray:
     """Cosine of each pair's two texts; each distinct text is encoded once."""
     texts = list(dict.fromkeys([a for a, _ in pairs] + [b for _, b in pairs]))
     row = {t: i for i, t in enumerate(texts)}
-    vectors = encoder.encode(texts)
+    vectors = encoder.encode(texts, show_progress=show_progress)
     a = vectors[[row[x] for x, _ in pairs]]
     b = vectors[[row[y] for _, y in pairs]]
     return (a * b).sum(dim=1).double().numpy()

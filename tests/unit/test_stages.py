@@ -228,13 +228,13 @@ def test_the_training_checkpoint_fingerprint_covers_settings_labels_and_dev_data
 
     (tmp_path / MANIFEST_FILE).write_text('{"complete": true}', encoding="utf-8")
     params = params_from_dict(_shipped_raw())
-    dev = [DevSet("toy", "sym", [("a", "b"), ("c", "d")], np.array([1.0, 0.0]), "ap")]
+    dev = [DevSet("toy", "sym", [("a", "b"), ("c", "d")], np.array([1.0, 0.0]), "ap", "nli")]
     base = training_inputs_fingerprint(params, tmp_path, dev)
     assert training_inputs_fingerprint(params, tmp_path, dev) == base
 
-    other_dev = [DevSet("toy", "sym", [("a", "b"), ("c", "e")], dev[0].gold, "ap")]
+    other_dev = [DevSet("toy", "sym", [("a", "b"), ("c", "e")], dev[0].gold, "ap", "nli")]
     assert training_inputs_fingerprint(params, tmp_path, other_dev) != base
-    one_more = [*dev, DevSet("toy2", "sym", [("e", "f"), ("g", "h")], dev[0].gold, "ap")]
+    one_more = [*dev, DevSet("toy2", "sym", [("e", "f"), ("g", "h")], dev[0].gold, "ap", "nli")]
     assert training_inputs_fingerprint(params, tmp_path, one_more) != base
 
     hotter = params.model_copy(update={"teacher": params.teacher.model_copy(update={"temperature": 2.0})})

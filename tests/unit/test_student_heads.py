@@ -115,9 +115,9 @@ def test_pma_rejects_heads_that_do_not_divide_the_width() -> None:
 # --------------------------------------------------------------------------- IEM
 
 
-def _iem(residual: str = "none", seed: int = 0) -> IEM:
+def _iem(residual: str = "none", seed: int = 0, branches: str = "task") -> IEM:
     torch.manual_seed(seed)
-    iem = IEM(8, hidden_size=12, branch_size=6, residual=residual, cosine_scale=3.0)
+    iem = IEM(8, hidden_size=12, branch_size=6, residual=residual, cosine_scale=3.0, branches=branches)
     if residual == "cosine":  # give the zero-initialised output layer some weight
         with torch.no_grad():
             iem.out.weight.normal_()
@@ -149,12 +149,16 @@ def _iem_reference(
     return torch.stack(zs), torch.stack(us)
 
 
-@pytest.mark.parametrize("task", ["sym", "asym"])
+@pytest.mark.parametrize(
+    ("branches", "task"), [("task", "sym"), ("task", "asym"), ("family", "nli"), ("family", "sts")]
+)
 @pytest.mark.parametrize("residual", ["none", "cosine"])
-def test_iem_cached_scores_match_an_independent_concatenated_input_iem(residual: str, task: str) -> None:
+def test_iem_cached_scores_match_an_independent_concatenated_input_iem(
+    residual: str, branches: str, task: str
+) -> None:
     """Every way the IEM scores (uncached, cached row-wise, cached matrix in any chunking) equals
-    the reference above, for both residual modes and both task kinds."""
-    iem = _iem(residual)
+    the reference above, for both residual modes and the branches of both layouts."""
+    iem = _iem(residual, branches=branches)
     queries, passages = torch.randn(5, 8), torch.randn(7, 8)
     cache = iem.passage_cache(passages)
     assert cache.shape == (7, iem.cache_size)
@@ -170,9 +174,35 @@ def test_iem_cached_scores_match_an_independent_concatenated_input_iem(residual:
         for chunk in (1, 3, 7, 10, 35, 1000):
             got = iem.score_matrix(queries, cache, task, chunk_size=chunk)
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"chunk_size={chunk}")
-    # The two task branches are different functions: the reference does depend on the task.
-    other = "asym" if task == "sym" else "sym"
+    # The branches are different functions: the reference does depend on the branch.
+    other = "sym" if task == "asym" else "asym"
     assert not torch.allclose(_iem_reference(iem, rows_a, passages, other)[0], z_ref)
+
+
+def test_iem_branch_keys_map_onto_each_layout() -> None:
+    """Callers pass the finest key they know (a family); each layout maps it onto its branches."""
+    paper, family = IEM(8, branches="task"), IEM(8, branches="family")
+    assert sorted(paper.branches) == ["asym", "sym"]
+    assert sorted(family.branches) == ["asym", "nli", "sts"]
+    assert [paper.branch_for(k) for k in ("nli", "sts", "sym", "asym")] == ["sym", "sym", "sym", "asym"]
+    assert [family.branch_for(k) for k in ("nli", "sts", "sym", "asym")] == ["nli", "sts", "sts", "asym"]
+
+
+def test_iem_family_branches_score_nli_and_sts_differently() -> None:
+    """With a branch per family, the NLI and STS scores of one pair are different functions
+    (each equal to the concatenated-input reference of its own branch); the paper's layout
+    scores both with its one sym branch."""
+    torch.manual_seed(0)
+    iem = IEM(8, hidden_size=12, branch_size=6, branches="family")
+    e_a, e_b = torch.randn(5, 8), torch.randn(5, 8)
+    with torch.no_grad():
+        for key in ("nli", "sts", "asym"):
+            torch.testing.assert_close(iem(e_a, e_b, key)[0], _iem_reference(iem, e_a, e_b, key)[0])
+        assert not torch.allclose(iem(e_a, e_b, "nli")[0], iem(e_a, e_b, "sts")[0])
+        torch.testing.assert_close(iem(e_a, e_b, "sym")[0], iem(e_a, e_b, "sts")[0])
+    paper = _iem()
+    with torch.no_grad():
+        torch.testing.assert_close(paper(e_a, e_b, "nli")[0], paper(e_a, e_b, "sts")[0])
 
 
 def test_iem_cosine_residual_starts_as_scaled_cosine() -> None:
@@ -188,8 +218,10 @@ def test_iem_cosine_residual_starts_as_scaled_cosine() -> None:
 
 def test_iem_errors_name_the_problem() -> None:
     iem = _iem()
-    with pytest.raises(ModelError, match="unknown task kind 'nli'"):
-        iem(torch.randn(2, 8), torch.randn(2, 8), "nli")
+    with pytest.raises(ModelError, match="unknown task kind 'qa'"):
+        iem(torch.randn(2, 8), torch.randn(2, 8), "qa")
+    with pytest.raises(ModelError, match="unknown branch layout 'dataset'"):
+        IEM(8, branches="dataset")
     with pytest.raises(ModelError, match="cache rows have width 20, this IEM expects 12"):
         iem.score_matrix(torch.randn(2, 8), torch.randn(3, 20), "sym")
 

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from toy_tasks import NOUNS, mined_rows, noun_of, pair_table, rule_pairs
 
 from d2llm.config import Params, TeacherConfig, params_from_dict
+from d2llm.errors import ArtifactError
 from d2llm.teachers.base import Teacher, WeightsKind
 
 torch.set_num_threads(1)  # as in test_teachers.py: on a small shared CPU, extra threads slow tiny models 10x
@@ -154,6 +155,37 @@ def test_training_keeps_the_best_dev_model_and_never_one_below_the_start(
     dev_sets = load_training_dev_sets(params, workspace["prepared"])
     assert evaluate_dev(saved, dev_sets)["main"] == pytest.approx(result.best_metric, abs=1e-4)
     assert (tmp_path / "student" / "training_history.json").is_file()
+
+
+def test_a_per_family_student_trains_only_the_branch_of_the_groups_family(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """``student.iem.branches: family``: the toy groups are class-labelled sym data (family nli),
+    so training moves the nli branch and leaves the sts and asym branches at their initial
+    weights (no gradient reaches them); with the paper's layout the same groups train sym."""
+    from d2llm.data.tables import dataset_families
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.training import group_families, train_student
+
+    assert dataset_families(workspace["prepared"], ["toy", "absent"]) == {"toy": "nli"}
+    raw = _params(tiny_bert_dir, max_steps=3, eval_every=100).model_dump(mode="json")
+    raw["student"]["iem"]["branches"] = "family"
+    params = params_from_dict(raw)
+    train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "student")
+
+    seed_everything(params.seed)  # train_student's first draw: the fresh student it starts from
+    start = D2LLMStudent.from_config(params.student).state_dict()
+    trained = _final_weights(tmp_path / "student")
+    for branch, moved in (("nli", True), ("sts", False), ("asym", False)):
+        key = f"iem.branches.{branch}.weight"
+        assert torch.equal(trained[f"model.{key}"], start[key]) is not moved, branch
+
+    # A sym dataset of unknown family cannot be routed by a per-family student.
+    groups = pd.DataFrame({"dataset": ["mine"], "task": ["sym"]})
+    with pytest.raises(ArtifactError, match="'mine' is not in the prepared data"):
+        group_families(groups, {}, "family")
+    assert group_families(groups, {}, "task") == {"mine": "sym"}
 
 
 def test_a_stopped_run_resumes_to_the_same_weights(
@@ -332,3 +364,25 @@ def test_distilling_a_teacher_with_learnable_structure_raises_the_dev_metric(
     losses = [h["loss_total"] for h in result.history if "loss_total" in h]
     assert len(losses) == 60
     assert sum(losses[-10:]) < 0.25 * sum(losses[:10])
+
+
+def test_balanced_group_sampling_gives_every_dataset_an_equal_share() -> None:
+    """``training.group_sampling``: shuffle is a permutation (datasets in proportion to their
+    groups); balanced takes the datasets in turn, a small dataset's groups repeated."""
+    from collections import Counter
+
+    from d2llm.training import epoch_order
+
+    datasets = ["big"] * 12 + ["mid"] * 6 + ["small"] * 2
+    shuffled = epoch_order(datasets, seed=3, epoch=0)
+    assert sorted(shuffled) == list(range(20))
+    assert shuffled == epoch_order(datasets, seed=3, epoch=0) != epoch_order(datasets, seed=3, epoch=1)
+    balanced = epoch_order(datasets, seed=3, epoch=0, sampling="balanced")
+    assert len(balanced) == 20
+    shares = Counter(datasets[i] for i in balanced)
+    assert sorted(shares.values()) in ([6, 7, 7],)  # 6 full rounds of three, then two more
+    # Each round of three holds one group of each dataset, and a dataset's groups cycle in order.
+    for start in range(0, 18, 3):
+        assert {datasets[i] for i in balanced[start : start + 3]} == {"big", "mid", "small"}
+    small = [i for i in balanced if datasets[i] == "small"]
+    assert set(small) == {18, 19} and small[:2] == small[2:4] == small[4:6]

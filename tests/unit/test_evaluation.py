@@ -405,3 +405,36 @@ def test_a_shared_memo_scores_the_same_pairs_once_under_each_datasets_labels():
     assert second["metrics"]["counting"]["spearman"] == pytest.approx(-100.0)
     evaluate_pair_dataset("c", sts, {"counting": scorer})  # no memo: scored again
     assert scorer.calls == 2
+
+
+class _KeyRecordingStudent:
+    """A stand-in student: a text's vector is its length; records the keys it is asked to score with."""
+
+    def __init__(self):
+        self.keys = []
+
+    def encode(self, texts, batch_size=64):
+        return torch.tensor([[float(len(t)), 1.0] for t in texts])
+
+    def passage_cache(self, vectors):
+        return vectors
+
+    def score_vectors(self, e_a, e_b, task):
+        self.keys.append(task)
+        return (e_a * e_b).sum(-1)
+
+
+def test_the_student_is_scored_with_each_test_sets_family_and_others_with_the_task_kind():
+    """SICK (classes: nli) and SICK-R (scores: sts) are the same pairs: the student is scored
+    once per family (a per-family student has a branch for each), every other system once."""
+    from d2llm.evaluation.evaluate import StudentScorer
+
+    rows = [("a man", "a man walks", "entailment", "test"), ("a dog", "a cat", "contradiction", "test")]
+    nli = _pairs_frame(rows, "class")
+    sts = nli.assign(label=[4.5, 1.0], label_name="")
+    student, other, memo = _KeyRecordingStudent(), _CountingScorer(), {}
+    systems = {"counting": other, "student": StudentScorer(student)}
+    evaluate_pair_dataset("sick", nli, systems, memo=memo)
+    evaluate_pair_dataset("sick_r", sts, systems, memo=memo)
+    assert student.keys == ["nli", "sts"]
+    assert other.calls == 1  # the cosine-like scorer has no branches: its scores are reused

@@ -71,9 +71,28 @@ class Retriever(Protocol):
 
 
 class BiEncoderBaseline(MeanPoolEncoder):
-    """The backbone as a plain bi-encoder: mean pooling over the last hidden state, cosine."""
+    """The backbone as a plain bi-encoder: mean pooling over the last hidden state, cosine.
+
+    It remembers the vector of every text it encoded: the teacher's fusion mixes in this same
+    bi-encoder (``load_systems`` hands it over), so the pairs both score, and SICK's sentences
+    under SICK-R's labels, are encoded once per evaluation.
+    """
 
     name = "bi-encoder"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._vectors: dict[str, torch.Tensor] = {}
+
+    def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
+        import torch
+
+        new = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        if new:
+            self._vectors.update(zip(new, super().encode(new, show_progress=show_progress), strict=True))
+        if not texts:
+            return super().encode(texts)
+        return torch.stack([self._vectors[t] for t in texts])
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
         from d2llm.teachers.finetune import pair_cosines
@@ -190,9 +209,13 @@ class TeacherScorer:
 
 
 def scoring_key_for(system: Any, task: str, family: str) -> str:
-    """What ``system.score_pairs`` is asked to score with: the family for the student (its IEM may
-    have a branch per family, d2llm.student.iem), the task kind (prompt) for every other system."""
-    return family if isinstance(system, StudentScorer) else task
+    """What ``system.score_pairs`` is asked to score with: for the student the IEM branch of the
+    family (one per family with ``student.iem.branches: family``, else sym/asym), the task kind
+    (prompt) for every other system. Scores are reused for the same pairs under the same key."""
+    if isinstance(system, StudentScorer):
+        iem = getattr(system.student, "iem", None)
+        return iem.branch_for(family) if iem is not None else family
+    return task
 
 
 class Bm25System:
@@ -235,6 +258,8 @@ def load_systems(
 
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
         fused = load_fused(params, teacher_dir, required=False)
+        if fused is not None:
+            fused.encoder = systems["bi-encoder"]  # the same model: share its vectors
         scorer = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused)
         systems["teacher"] = scorer
         if fused is None and params.teacher.fusion != "none":

@@ -172,6 +172,13 @@ def test_bi_encoder_is_masked_mean_pooling_cosine(tiny_bert_dir):
     scores = bi.score_pairs(texts, [texts[0], texts[1], texts[0]], "sym")
     assert scores[0] == pytest.approx(1.0, abs=1e-5) and scores[1] == pytest.approx(1.0, abs=1e-5)
     assert scores[2] == pytest.approx(float(expected[2] @ expected[0]), abs=1e-5)
+    # Vectors are remembered per text: a later call in another order and with new texts gives
+    # the vectors of a one-text-at-a-time encoding, whatever was encoded before.
+    more = ["a bird sings", texts[2], texts[0]]
+    with torch.no_grad():
+        bird = model(**tok(more[0], return_tensors="pt")).last_hidden_state[0].mean(0)
+    again = torch.stack([torch.nn.functional.normalize(bird, dim=-1), expected[2], expected[0]])
+    torch.testing.assert_close(bi.encode(more), again, rtol=1e-4, atol=1e-5)
 
 
 def test_teacher_ranking_reranks_bm25_top_m(models):
@@ -438,3 +445,11 @@ def test_the_student_is_scored_with_each_test_sets_family_and_others_with_the_ta
     evaluate_pair_dataset("sick_r", sts, systems, memo=memo)
     assert student.keys == ["nli", "sts"]
     assert other.calls == 1  # the cosine-like scorer has no branches: its scores are reused
+
+    # The paper's two-branch IEM scores both with sym: the student's scores are reused too.
+    from d2llm.student.iem import IEM
+
+    student.keys, student.iem, memo = [], IEM(2, branches="task"), {}
+    evaluate_pair_dataset("sick", nli, systems, memo=memo)
+    evaluate_pair_dataset("sick_r", sts, systems, memo=memo)
+    assert student.keys == ["sym"]

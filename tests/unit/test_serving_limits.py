@@ -52,3 +52,10 @@ def test_a_huge_bad_value_is_not_echoed_whole() -> None:
     with pytest.raises(MlflowException, match="is not one of") as err:
         validate_pairs(frame)
     assert len(err.value.message) < 1_000 and "(200002 chars)" in err.value.message
+
+
+def test_pair_requests_take_task_kinds_and_families() -> None:
+    frame = pd.DataFrame({"text_a": ["a"] * 4, "text_b": ["b"] * 4, "task": ["sym", "asym", "nli", "sts"]})
+    assert validate_pairs(frame)[2] == ["sym", "asym", "nli", "sts"]
+    with pytest.raises(MlflowException, match="'qa' is not one of"):
+        validate_pairs(frame.assign(task=["qa"] * 4))

@@ -251,7 +251,9 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
         student = D2LLMStudent.from_pretrained(
             args.student_dir, device="cpu", merged=True, **inference_options(params.student)
         )
-    index = load_index(args.index_dir, student, ef_search=params.search.hnsw_ef_search)
+    index = load_index(
+        args.index_dir, student, ef_search=params.search.hnsw_ef_search, nprobe=params.search.ivf_nprobe
+    )
     hits = search(
         student,
         index,

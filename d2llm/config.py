@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+from d2llm.ann import MIN_TRAIN_POINTS_PER_LIST
 from d2llm.errors import ConfigError, clip
 
 TaskKind = Literal["sym", "asym"]
@@ -467,17 +468,36 @@ class SearchConfig(_Section):
     passage_window: int | None = Field(default=None, ge=8)
     passage_stride: int | None = Field(default=None, ge=1)
     encode_chunk: int = Field(default=4096, ge=1)  # passages encoded and written per step
-    # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, HNSW from there on.
+    # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, from there on the
+    # approximate index ann_index names (built by `d2llm index`, saved as ann.faiss).
     ann_min_size: int = Field(default=100_000, ge=1)
+    ann_index: Literal["hnsw", "ivf"] = "hnsw"
+    # HNSW graph: links per vector and build breadth (build time), search breadth (query time).
     hnsw_m: int = Field(default=32, ge=2)
     hnsw_ef_construction: int = Field(default=200, ge=1)
     hnsw_ef_search: int = Field(default=128, ge=1)
+    # IVF: k-means lists (None: ~4*sqrt(N), at most ivf_train_size / 39), lists scanned per
+    # query (more: better recall, slower; read at query time), vectors sampled to train k-means.
+    ivf_nlist: int | None = Field(default=None, ge=1)
+    ivf_nprobe: int = Field(default=32, ge=1)
+    ivf_train_size: int = Field(default=200_000, ge=MIN_TRAIN_POINTS_PER_LIST)
 
     @model_validator(mode="after")
     def _stride_within_window(self) -> SearchConfig:
         window, stride = self.passage_window, self.passage_stride
         if window is not None and stride is not None and stride > window:
             raise ValueError("search.passage_stride must not exceed search.passage_window (no gaps)")
+        return self
+
+    @model_validator(mode="after")
+    def _ivf_lists_trainable(self) -> SearchConfig:
+        nlist, needed = self.ivf_nlist, (self.ivf_nlist or 0) * MIN_TRAIN_POINTS_PER_LIST
+        if nlist is not None and self.ivf_train_size < needed:
+            raise ValueError(
+                f"search.ivf_nlist={nlist} needs search.ivf_train_size >= {needed} "
+                f"(k-means wants {MIN_TRAIN_POINTS_PER_LIST} training vectors per list); "
+                f"got {self.ivf_train_size}"
+            )
         return self
 
 

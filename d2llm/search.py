@@ -12,9 +12,9 @@ and search returns documents, each with that passage. Nothing is truncated.
   memory stays flat for any corpus size.
 - ``mode="two_stage"``: a first stage (cosine of PMA vectors on FAISS, or BM25) keeps the top
   ``rerank_depth`` (M) passages and only those get the IEM. The cosine first stage is exact
-  (FAISS flat) below ``search.ann_min_size`` passages and FAISS HNSW from there on
-  (``d2llm.ann``). ``first_stage_recall`` measures what the first stage costs: the fraction of
-  full-IEM top-k passages that survive it.
+  (FAISS flat) below ``search.ann_min_size`` passages and FAISS HNSW or IVF
+  (``search.ann_index``) from there on (``d2llm.ann``). ``first_stage_recall`` measures what
+  the first stage costs: the fraction of full-IEM top-k passages that survive it.
 
 An index is bound to one student and one corpus: the manifest records a fingerprint of the
 student's weights and a hash of the corpus, and ``load_index`` refuses a stale index.
@@ -22,8 +22,9 @@ student's weights and a hash of the corpus, and ``load_index`` refuses a stale i
 Index layout (``out_dir``): ``vectors.npy [P, d]`` and ``passage_cache.npy [P, h]`` (float32,
 written chunk by chunk while encoding and memory-mapped when loaded), ``passages.parquet``
 (``doc, start, end``: document position and character span of each passage),
-``corpus.parquet`` (``doc_id, text`` in index order), ``ann.faiss`` (only for an HNSW first
-stage), ``manifest.json`` (written last: an index without it is incomplete).
+``corpus.parquet`` (``doc_id, text`` in index order), ``ann.faiss`` (only for an HNSW or IVF
+first stage; the manifest records which and its build settings), ``manifest.json`` (written
+last: an index without it is incomplete).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
-from d2llm.ann import ANN_FILE, VectorIndex, ann_kind
+from d2llm.ann import ANN_FILE, AnnKind, VectorIndex, ann_kind
 from d2llm.errors import ArtifactError
 from d2llm.passages import PassageSpans, passage_window, split_passages
 
@@ -135,7 +136,7 @@ class SearchIndex:
     passage_cache: torch.Tensor  # [P, h] W1b e_b
     manifest: dict[str, Any]
     spans: PassageSpans | None = None  # None: one passage per document, the whole text
-    ann: VectorIndex | None = field(default=None, repr=False)  # saved HNSW; else exact, built on use
+    ann: VectorIndex | None = field(default=None, repr=False)  # saved HNSW/IVF; else exact, built on use
     _bm25: Bm25Ranker | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -164,7 +165,7 @@ class SearchIndex:
         return self._bm25
 
     def vector_index(self) -> VectorIndex:
-        """The cosine first stage: the saved HNSW index, or an exact flat one built on first use."""
+        """The cosine first stage: the saved HNSW/IVF index, or an exact flat one built on first use."""
         if self.ann is None:
             self.ann = VectorIndex.build(self.vectors, "flat")
         return self.ann
@@ -258,7 +259,8 @@ def build_index(
 
     Memory holds the document texts and one chunk (``search.encode_chunk`` passages) of
     vectors; the vectors themselves stream to disk. From ``search.ann_min_size`` passages on,
-    an HNSW first-stage index is built and saved as well. Returns the index, memory-mapped.
+    an approximate first-stage index (``search.ann_index``: HNSW or IVF) is built and saved as
+    well. Returns the index, memory-mapped.
     """
     from d2llm.config import SearchConfig
 
@@ -286,11 +288,14 @@ def build_index(
         batch_size,
         cfg.encode_chunk,
     )
-    kind = ann_kind(len(spans), cfg.ann_min_size)
-    if kind == "hnsw":
+    kind = ann_kind(len(spans), cfg.ann_min_size, cfg.ann_index)
+    ann_params = None
+    if kind != "flat":
         vectors = np.load(out_dir / VECTORS_FILE, mmap_mode="r")
-        VectorIndex.build(vectors, kind, cfg.hnsw_m, cfg.hnsw_ef_construction).save(out_dir / ANN_FILE)
-        del vectors
+        ann = build_vector_index(vectors, kind, cfg)
+        ann.save(out_dir / ANN_FILE)
+        ann_params = _ann_build_params(ann, cfg)
+        del vectors, ann
     _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
     _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
     manifest = {
@@ -302,12 +307,35 @@ def build_index(
         "n_passages": len(spans),
         "passages": split,
         "first_stage_ann": kind,
+        "first_stage_ann_params": ann_params,
         "vector_dim": dim,
         "cache_dim": cache_dim,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search)
+    return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search, cfg.ivf_nprobe)
+
+
+def build_vector_index(vectors: Any, kind: AnnKind, cfg: SearchConfig) -> VectorIndex:
+    """The first-stage index of ``kind`` over ``vectors`` with the ``search.*`` build settings."""
+    return VectorIndex.build(
+        vectors,
+        kind,
+        cfg.hnsw_m,
+        cfg.hnsw_ef_construction,
+        cfg.hnsw_ef_search,
+        ivf_nlist=cfg.ivf_nlist,
+        ivf_nprobe=cfg.ivf_nprobe,
+        ivf_train_size=cfg.ivf_train_size,
+    )
+
+
+def _ann_build_params(ann: VectorIndex, cfg: SearchConfig) -> dict[str, Any]:
+    """What the saved approximate index was built with, for the manifest (search-time knobs
+    such as efSearch and nprobe come from params at load time and are not recorded)."""
+    if ann.kind == "hnsw":
+        return {"hnsw_m": cfg.hnsw_m, "hnsw_ef_construction": cfg.hnsw_ef_construction}
+    return {"ivf_nlist": ann.nlist, "ivf_train_size": min(cfg.ivf_train_size, len(ann))}
 
 
 def _passage_frame(spans: PassageSpans) -> pd.DataFrame:
@@ -363,6 +391,7 @@ def _open_index(
     spans: PassageSpans,
     manifest: dict[str, Any],
     ef_search: int,
+    nprobe: int,
 ) -> SearchIndex:
     """The index with its tensors memory-mapped (copy-on-write: pages load on use, never written)."""
     import torch
@@ -376,7 +405,7 @@ def _open_index(
         )
     ann = None
     if (index_dir / ANN_FILE).exists():
-        ann = VectorIndex.load(index_dir / ANN_FILE, ef_search)
+        ann = VectorIndex.load(index_dir / ANN_FILE, ef_search, nprobe)
         if len(ann) != len(spans):
             raise ArtifactError(
                 f"index at {index_dir} is corrupt: {ANN_FILE} holds {len(ann)} vectors, not {len(spans)}"
@@ -389,13 +418,15 @@ def load_index(
     student: Any,
     expected_corpus_hash: str | None = None,
     ef_search: int = 128,
+    nprobe: int = 32,
 ) -> SearchIndex:
     """Load an index and refuse it if it was built by another student or for another corpus.
 
     Checks: the student's fingerprint equals the manifest's; the stored corpus still hashes to
     the manifest's hash; and, when given, ``expected_corpus_hash`` (the corpus the caller
     searches now) equals it too. Each refusal names both values. Vectors are memory-mapped;
-    ``ef_search`` is the HNSW search breadth (``search.hnsw_ef_search``) when there is one.
+    ``ef_search`` is the HNSW search breadth (``search.hnsw_ef_search``) and ``nprobe`` the IVF
+    lists scanned per query (``search.ivf_nprobe``), used by whichever approximate index it holds.
     """
     import pandas as pd
 
@@ -443,7 +474,7 @@ def load_index(
     bad = (spans.doc < 0) | (spans.doc >= len(texts))
     if bad.any() or (spans.end > lengths[np.clip(spans.doc, 0, len(texts) - 1)]).any():
         raise ArtifactError(f"index at {index_dir} is corrupt: {PASSAGES_FILE} points outside the corpus")
-    return _open_index(index_dir, doc_ids, texts, spans, manifest, ef_search)
+    return _open_index(index_dir, doc_ids, texts, spans, manifest, ef_search, nprobe)
 
 
 # --------------------------------------------------------------------------- scoring

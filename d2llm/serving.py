@@ -151,6 +151,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
                 context.artifacts[INDEX_ARTIFACT],
                 self.student,
                 ef_search=int(self.settings.get("hnsw_ef_search", 128)),
+                nprobe=int(self.settings.get("ivf_nprobe", 32)),
             )
 
     def _point_at_bundled_backbone(self, student_dir: str, backbone_dir: str) -> str:

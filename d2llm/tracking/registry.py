@@ -205,6 +205,7 @@ def register_student(
             "rerank_depth": search.rerank_depth,
             "chunk_size": search.chunk_size,
             "hnsw_ef_search": search.hnsw_ef_search,
+            "ivf_nprobe": search.ivf_nprobe,
             "iem_dtype": params.student.iem.inference_dtype,
             "quantization": params.student.inference_quantization,
         },

@@ -5,30 +5,36 @@ shape of real embeddings: dense, overlapping neighbourhoods), written to a memor
 file as ``d2llm index`` writes its vectors. Encoding the passages is the student's cost and is
 measured by the other benchmarks; this one measures only what grows with the corpus size.
 
-Per size N, both first stages of ``d2llm.ann`` (the code search uses):
+Per size N, the first stages of ``d2llm.ann`` (the code search uses) named by ``--first-stages``:
 
 - ``exact``: FAISS ``IndexFlatIP`` (what search uses below ``search.ann_min_size``);
 - ``hnsw``: FAISS ``IndexHNSWFlat`` with ``search.hnsw_m``, ``hnsw_ef_construction`` and
-  ``hnsw_ef_search`` from params (what search uses from ``ann_min_size`` on);
+  ``hnsw_ef_search`` from params (``search.ann_index: hnsw``, from ``ann_min_size`` on);
+- ``ivf``: FAISS ``IndexIVFFlat`` with ``search.ivf_nlist``, ``ivf_nprobe`` and
+  ``ivf_train_size`` from params (``search.ann_index: ivf``, from ``ann_min_size`` on);
 
-build seconds, peak RSS growth while building (psutil, sampled every 5 ms), index bytes, and
-milliseconds per query (one query at a time, median of interleaved repetitions) for the first
-stage alone and followed by the IEM re-ranking of its top M (``search.rerank_depth``) with a
-random IEM of ``student.iem`` sizes over synthetic cached projections; next to them the full
-IEM over all N cached projections (``search.mode: full``). Recall@10 of HNSW against the exact
-top 10 says what the approximation costs.
+build seconds (wall and CPU; IVF's split into k-means training and adding), peak RSS growth
+while building (psutil, sampled every 5 ms), index bytes, and milliseconds per query (one query
+at a time, median of interleaved repetitions) for the first stage alone and followed by the IEM
+re-ranking of its top M (``search.rerank_depth``) with a random IEM of ``student.iem`` sizes
+over synthetic cached projections; next to them the full IEM over all N cached projections
+(``search.mode: full``; ``--no-full-iem`` leaves it out). Recall@10 of each approximate index
+against the exact top 10, over ``--recall-queries`` queries, says what the approximation
+costs; for IVF also at each nprobe of ``--ivf-nprobes`` (the query-time trade-off). The load
+average is recorded at each step: the machine may be shared.
 
     python -m benchmarks.index_scale [--sizes 100000 1000000] [--dim 384] [--queries 50]
-        [--first-stages exact hnsw]
+        [--first-stages exact hnsw ivf] [--no-full-iem] [--ivf-nprobes 1 2 4 8 16 32 64]
 
-``--first-stages exact`` measures the exact index alone (and the full IEM): HNSW's build is the
-one part that takes long at 1M vectors on a few cores; its systems and recall are then left out.
+``--first-stages exact ivf`` leaves out HNSW, whose build is the one part that takes long at
+1M vectors on a few cores; recall needs ``exact`` among the first stages.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -40,8 +46,9 @@ import numpy as np
 from benchmarks import common
 
 NAME = "index_scale"
-SYSTEMS = ("exact", "hnsw", "exact+iem", "hnsw+iem", "full-iem")
-FIRST_STAGES = ("exact", "hnsw")
+FIRST_STAGES = ("exact", "hnsw", "ivf")
+SYSTEMS = (*FIRST_STAGES, *(f"{kind}+iem" for kind in FIRST_STAGES), "full-iem")
+APPROXIMATE = ("hnsw", "ivf")
 SYNTHETIC_NOTE = (
     "synthetic vectors (random unit vectors around random centres), not encoded text: "
     "encoding cost is excluded; build, memory and query figures are the index's own"
@@ -59,14 +66,27 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--work-dir", type=Path, help="where the .npy files go (default: a temporary folder)")
     p.add_argument(
         "--first-stages", nargs="+", choices=FIRST_STAGES, default=list(FIRST_STAGES),
-        help="first-stage indexes to build and time (default: both)",
+        help="first-stage indexes to build and time (default: all three)",
     )  # fmt: skip
+    p.add_argument("--recall-queries", type=int, default=200, help="queries recall@10 is measured on")
+    p.add_argument(
+        "--ivf-nprobes", type=int, nargs="*", default=[1, 2, 4, 8, 16, 32, 64],
+        help="nprobe values whose IVF recall@10 and latency are reported besides search.ivf_nprobe",
+    )  # fmt: skip
+    p.add_argument("--no-full-iem", action="store_true", help="leave out the full IEM over all N")
     args = p.parse_args(argv)
-    for name in ("dim", "clusters", "queries", "repeats"):
-        common.check_positive(f"--{name}", getattr(args, name))
+    for name in ("dim", "clusters", "queries", "repeats", "recall_queries"):
+        common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     for n in args.sizes:
         common.check_positive("--sizes", n)
+    for nprobe in args.ivf_nprobes:
+        common.check_positive("--ivf-nprobes", nprobe)
     return args
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15 minute load averages (as ``uptime`` prints them)."""
+    return [round(x, 2) for x in os.getloadavg()]
 
 
 def synthetic_vectors(
@@ -116,25 +136,78 @@ class _IEMScorer:
 
 
 def build(kind: str, vectors: np.ndarray, params: Any, work_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """Build one first-stage index; its seconds, peak RSS growth and size in bytes."""
+    """Build one first-stage index as ``d2llm.search.build_vector_index`` does, timing its two
+    steps (training: IVF's k-means, nothing for the others; adding); its peak RSS growth and size."""
     from benchmarks.training_throughput import PeakRSS
     from d2llm.ann import VectorIndex
 
     s = params.search
+    load_before = load_average()
     with PeakRSS() as memory:
         before = memory.current()
-        start = time.perf_counter()
-        index = VectorIndex.build(vectors, kind, s.hnsw_m, s.hnsw_ef_construction, s.hnsw_ef_search)
-        seconds = time.perf_counter() - start
+        wall, cpu = time.perf_counter(), time.process_time()
+        index = VectorIndex.trained(
+            vectors,
+            kind,
+            s.hnsw_m,
+            s.hnsw_ef_construction,
+            ivf_nlist=s.ivf_nlist,
+            ivf_train_size=s.ivf_train_size,
+        )
+        train_wall, train_cpu = time.perf_counter() - wall, time.process_time() - cpu
+        index.add(vectors)
+        seconds, cpu_seconds = time.perf_counter() - wall, time.process_time() - cpu
+    index.set_ef_search(s.hnsw_ef_search)
+    index.set_nprobe(s.ivf_nprobe)
     path = work_dir / f"{kind}.faiss"
     index.save(path)
     size = path.stat().st_size
     path.unlink()
     return index, {
         "build_seconds": seconds,
+        "build_cpu_seconds": cpu_seconds,
+        "train_seconds": train_wall,
+        "train_cpu_seconds": train_cpu,
+        "add_seconds": seconds - train_wall,
         "build_peak_rss_growth_mib": (memory.peak - before) / 2**20,
         "index_mib": size / 2**20,
+        "nlist": index.nlist,
+        "load_average_before": load_before,
+        "load_average_after": load_average(),
     }
+
+
+def noisy_queries(vectors: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """``count`` data vectors plus small noise (a query close to, not equal to, a passage)."""
+    picked = np.asarray(vectors[np.sort(rng.choice(vectors.shape[0], size=count, replace=False))])
+    return (picked + 0.5 * rng.normal(size=picked.shape) / np.sqrt(picked.shape[1])).astype(np.float32)
+
+
+def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each row of ``exact`` (top 10) found in the same row of ``found``."""
+    pairs = zip(found, exact, strict=True)
+    return float(np.mean([len(set(a.tolist()) & set(b.tolist()) - {-1}) / b.size for a, b in pairs]))
+
+
+def nprobe_sweep(
+    ivf: Any, queries: np.ndarray, exact_top: np.ndarray, nprobes: Sequence[int], repeats: int
+) -> list[dict[str, float]]:
+    """IVF recall@10 and ms per single query at each nprobe; the index's nprobe is restored."""
+    configured, rows = int(ivf.faiss_index.nprobe), []
+    try:
+        for nprobe in nprobes:
+            ivf.set_nprobe(nprobe)
+            seconds = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                found = np.stack([ivf.search(q, 10)[0][0] for q in queries])
+                seconds.append(time.perf_counter() - start)
+            ms = 1000 * common.median(seconds) / len(queries)
+            recall = recall_at_10(found, exact_top)
+            rows.append({"nprobe": int(ivf.faiss_index.nprobe), "recall@10": recall, "ms": ms})
+    finally:
+        ivf.set_nprobe(configured)
+    return rows
 
 
 def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) -> dict[str, Any]:
@@ -144,11 +217,11 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     from d2llm.student.iem import IEM
 
     s, k, depth = params.search, 10, params.search.rerank_depth
+    results: dict[str, Any] = {"n": n, "load_average_start": load_average()}
     log.info("N=%d: writing %d synthetic %d-d vectors", n, n, args.dim)
     vectors = synthetic_vectors(work_dir / f"vectors-{n}.npy", n, args.dim, args.clusters, args.seed)
     rng = np.random.default_rng(args.seed + 1)
-    queries = np.asarray(vectors[rng.choice(n, size=args.queries, replace=False)])
-    queries = (queries + 0.5 * rng.normal(size=queries.shape) / np.sqrt(args.dim)).astype(np.float32)
+    queries = noisy_queries(vectors, min(args.queries, n), rng)
     iem_cfg = params.student.iem
     iem = IEM(
         args.dim,
@@ -160,7 +233,6 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     scorer = _IEMScorer(iem)
     cache = passage_caches(iem, vectors, work_dir / f"cache-{n}.npy")
 
-    results: dict[str, Any] = {"n": n}
     indexes = {}
     for kind in args.first_stages:
         log.info("N=%d: building the %s index", n, kind)
@@ -168,39 +240,54 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
 
     q_tensors = [torch.from_numpy(q.reshape(1, -1)) for q in queries]
 
-    def first_stage(kind: str, depth_: int) -> list[np.ndarray]:
-        return [indexes[kind].search(q, depth_)[0][0] for q in queries]
+    def first_stage(kind: str) -> list[np.ndarray]:
+        return [indexes[kind].search(q, k)[0][0] for q in queries]
 
     def rerank(kind: str) -> None:
         for q, e_q in zip(queries, q_tensors, strict=True):
-            positions = np.sort(indexes[kind].search(q, depth)[0][0])
+            positions = indexes[kind].search(q, depth)[0][0]
+            positions = np.sort(positions[positions >= 0])  # as search does: -1 marks a missing hit
             top_k_positions(iem_scores(scorer, e_q, cache[positions], "asym", s.chunk_size), k)
 
     def full() -> None:
         for e_q in q_tensors:
             top_k_positions(iem_scores(scorer, e_q, cache, "asym", s.chunk_size), k)
 
-    systems = {
-        "exact": lambda: first_stage("exact", k),
-        "hnsw": lambda: first_stage("hnsw", k),
-        "exact+iem": lambda: rerank("exact"),
-        "hnsw+iem": lambda: rerank("hnsw"),
-        "full-iem": full,
-    }
-    systems = {name: run for name, run in systems.items() if name.split("+")[0] in (*indexes, "full-iem")}
+    systems: dict[str, Any] = {}
+    for kind in indexes:
+        systems[kind] = lambda kind=kind: first_stage(kind)
+        systems[f"{kind}+iem"] = lambda kind=kind: rerank(kind)
+    if not args.no_full_iem:
+        systems["full-iem"] = full
+    log.info("N=%d: timing %s", n, ", ".join(systems))
+    results["load_average_before_queries"] = load_average()
     with torch.inference_mode():
         raw = common.interleaved_timings(systems, args.repeats)
-    results["query_ms"] = {name: 1000 * common.median(t) / args.queries for name, t in raw.items()}
+    results["load_average_after_queries"] = load_average()
+    results["query_ms"] = {name: 1000 * common.median(t) / len(queries) for name, t in raw.items()}
     results["raw_seconds"] = raw
-    results["hnsw_recall@10"] = None
-    if len(indexes) == len(FIRST_STAGES):
-        exact_top, hnsw_top = first_stage("exact", k), first_stage("hnsw", k)
-        pairs = zip(hnsw_top, exact_top, strict=True)
-        overlaps = [len(set(a.tolist()) & set(b.tolist())) / k for a, b in pairs]
-        results["hnsw_recall@10"] = float(np.mean(overlaps))
+    results.update(measure_recall(indexes, vectors, args, rng))
     results["vectors_mib"] = n * args.dim * 4 / 2**20
     results["cache_mib"] = n * cache.shape[1] * 4 / 2**20
+    results["load_average_end"] = load_average()
     return results
+
+
+def measure_recall(
+    indexes: dict[str, Any], vectors: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
+) -> dict[str, Any]:
+    """Recall@10 of each approximate index against the exact one (None without ``exact``), and
+    the IVF nprobe sweep, on their own ``--recall-queries`` queries."""
+    recall: dict[str, float | None] = {kind: None for kind in APPROXIMATE if kind in indexes}
+    sweep: list[dict[str, float]] = []
+    if "exact" in indexes and recall:
+        queries = noisy_queries(vectors, min(args.recall_queries, vectors.shape[0]), rng)
+        exact_top = indexes["exact"].search(queries, 10)[0]  # one batched exact search
+        for kind in recall:
+            recall[kind] = recall_at_10(indexes[kind].search(queries, 10)[0], exact_top)
+        if "ivf" in indexes and args.ivf_nprobes:
+            sweep = nprobe_sweep(indexes["ivf"], queries, exact_top, args.ivf_nprobes, args.repeats)
+    return {"recall@10": recall, "ivf_nprobe_sweep": sweep}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -218,31 +305,48 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "dim": args.dim,
         "clusters": args.clusters,
         "n_queries": args.queries,
+        "n_recall_queries": args.recall_queries,
         "repeats": args.repeats,
+        "threads": args.threads,
         "rerank_depth": s.rerank_depth,
         "hnsw": {"m": s.hnsw_m, "ef_construction": s.hnsw_ef_construction, "ef_search": s.hnsw_ef_search},
+        "ivf": {"nlist": s.ivf_nlist, "nprobe": s.ivf_nprobe, "train_size": s.ivf_train_size},
         "iem": params.student.iem.model_dump(),
         "sizes": by_size,
     }
     path = common.write_report(NAME, args.out_dir, argv, results)
-    header = ["N", "build exact s", "build hnsw s", "hnsw RSS+ MiB", "hnsw MiB", "recall@10"]
-    header += [f"{name} ms" for name in SYSTEMS]
+    print(f"{SYNTHETIC_NOTE}\n")
+    print_tables(by_size)
+    print(f"\nwritten to {path}")
+    return results
+
+
+def print_tables(by_size: list[dict[str, Any]]) -> None:
+    """Builds (one row per size and index), query latencies, and the IVF nprobe sweep."""
+    header = ["N", "index", "build s", "build CPU s", "train s", "add s", "RSS+ MiB", "MiB", "nlist", "load"]
+    keys = ("build_seconds", "build_cpu_seconds", "train_seconds", "add_seconds")
+    keys += ("build_peak_rss_growth_mib", "index_mib", "nlist")
+    rows = [
+        [r["n"], kind, *(r[kind][key] for key in keys), r[kind]["load_average_before"][0]]
+        for r in by_size
+        for kind in FIRST_STAGES
+        if kind in r
+    ]
+    print(common.format_table(header, rows))
+    header = ["N", *(f"recall@10 {kind}" for kind in APPROXIMATE), *(f"{name} ms" for name in SYSTEMS)]
     rows = [
         [
             r["n"],
-            r.get("exact", {}).get("build_seconds"),
-            r.get("hnsw", {}).get("build_seconds"),
-            r.get("hnsw", {}).get("build_peak_rss_growth_mib"),
-            r.get("hnsw", {}).get("index_mib"),
-            r["hnsw_recall@10"],
+            *(r["recall@10"].get(kind) for kind in APPROXIMATE),
             *(r["query_ms"].get(name) for name in SYSTEMS),
+            r["load_average_before_queries"][0],
         ]
         for r in by_size
     ]
-    print(f"{SYNTHETIC_NOTE}\n")
-    print(common.format_table(header, rows))
-    print(f"\nwritten to {path}")
-    return results
+    print("\n" + common.format_table([*header, "load"], rows))
+    sweep = [[r["n"], *row.values()] for r in by_size for row in r["ivf_nprobe_sweep"]]
+    if sweep:
+        print("\n" + common.format_table(["N", "nprobe", "recall@10 ivf", "ivf ms"], sweep))
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="nprobe values whose IVF recall@10 and latency are reported besides search.ivf_nprobe",
     )  # fmt: skip
     p.add_argument("--no-full-iem", action="store_true", help="leave out the full IEM over all N")
+    common.add_clock_option(p)
     args = p.parse_args(argv)
     for name in ("dim", "clusters", "queries", "repeats", "recall_queries"):
         common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
@@ -190,21 +191,23 @@ def recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
 
 
 def nprobe_sweep(
-    ivf: Any, queries: np.ndarray, exact_top: np.ndarray, nprobes: Sequence[int], repeats: int
+    ivf: Any, queries: np.ndarray, exact_top: np.ndarray, nprobes: Sequence[int], repeats: int, clock: str
 ) -> list[dict[str, float]]:
-    """IVF recall@10 and ms per single query at each nprobe; the index's nprobe is restored."""
+    """IVF recall@10 and ms per single query (``clock``) at each nprobe; the index's nprobe is restored."""
+    now = common.CLOCKS[clock]
     configured, rows = int(ivf.faiss_index.nprobe), []
     try:
         for nprobe in nprobes:
             ivf.set_nprobe(nprobe)
             seconds = []
             for _ in range(repeats):
-                start = time.perf_counter()
+                start = now()
                 found = np.stack([ivf.search(q, 10)[0][0] for q in queries])
-                seconds.append(time.perf_counter() - start)
+                seconds.append(now() - start)
             ms = 1000 * common.median(seconds) / len(queries)
             recall = recall_at_10(found, exact_top)
-            rows.append({"nprobe": int(ivf.faiss_index.nprobe), "recall@10": recall, "ms": ms})
+            scanned = int(ivf.faiss_index.nprobe)  # nprobe above nlist scans every list
+            rows.append({"nprobe": nprobe, "lists_scanned": scanned, "recall@10": recall, "ms": ms})
     finally:
         ivf.set_nprobe(configured)
     return rows
@@ -237,6 +240,7 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     for kind in args.first_stages:
         log.info("N=%d: building the %s index", n, kind)
         indexes[kind], results[kind] = build("flat" if kind == "exact" else kind, vectors, params, work_dir)
+        log.info("N=%d: %s built: %s", n, kind, results[kind])  # in the log even if a later step fails
 
     q_tensors = [torch.from_numpy(q.reshape(1, -1)) for q in queries]
 
@@ -262,7 +266,7 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     log.info("N=%d: timing %s", n, ", ".join(systems))
     results["load_average_before_queries"] = load_average()
     with torch.inference_mode():
-        raw = common.interleaved_timings(systems, args.repeats)
+        raw = common.interleaved_timings(systems, args.repeats, clock=args.clock)
     results["load_average_after_queries"] = load_average()
     results["query_ms"] = {name: 1000 * common.median(t) / len(queries) for name, t in raw.items()}
     results["raw_seconds"] = raw
@@ -286,7 +290,8 @@ def measure_recall(
         for kind in recall:
             recall[kind] = recall_at_10(indexes[kind].search(queries, 10)[0], exact_top)
         if "ivf" in indexes and args.ivf_nprobes:
-            sweep = nprobe_sweep(indexes["ivf"], queries, exact_top, args.ivf_nprobes, args.repeats)
+            timing = (args.repeats, args.clock)
+            sweep = nprobe_sweep(indexes["ivf"], queries, exact_top, args.ivf_nprobes, *timing)
     return {"recall@10": recall, "ivf_nprobe_sweep": sweep}
 
 
@@ -308,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "n_recall_queries": args.recall_queries,
         "repeats": args.repeats,
         "threads": args.threads,
+        "clock": args.clock,
         "rerank_depth": s.rerank_depth,
         "hnsw": {"m": s.hnsw_m, "ef_construction": s.hnsw_ef_construction, "ef_search": s.hnsw_ef_search},
         "ivf": {"nlist": s.ivf_nlist, "nprobe": s.ivf_nprobe, "train_size": s.ivf_train_size},
@@ -346,7 +352,7 @@ def print_tables(by_size: list[dict[str, Any]]) -> None:
     print("\n" + common.format_table([*header, "load"], rows))
     sweep = [[r["n"], *row.values()] for r in by_size for row in r["ivf_nprobe_sweep"]]
     if sweep:
-        print("\n" + common.format_table(["N", "nprobe", "recall@10 ivf", "ivf ms"], sweep))
+        print("\n" + common.format_table(["N", "nprobe", "lists scanned", "recall@10 ivf", "ivf ms"], sweep))
 
 
 if __name__ == "__main__":

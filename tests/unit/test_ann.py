@@ -200,3 +200,53 @@ def test_search_index_uses_ivf_when_configured(tmp_path):
         exact = search(student, exact_index, query, k=3, mode="two_stage", rerank_depth=5)
         approx = search(student, loaded, query, k=3, mode="two_stage", rerank_depth=5)
         assert [h.doc_id for h in approx] == [h.doc_id for h in exact]  # 12 vectors, one list: exact
+
+
+def test_cli_builds_and_searches_an_ivf_first_stage(tiny_bert_dir, tmp_path, capsys):
+    """`d2llm index` with search.ann_index: ivf saves and reports an IVF index; `d2llm search`
+    loads it with search.ivf_nprobe and ranks as the library does."""
+    import json
+
+    import yaml
+    from test_search import DOCS
+
+    from d2llm.cli import main
+    from d2llm.config import params_from_dict
+    from d2llm.hub import seed_everything
+    from d2llm.search import load_index, search
+    from d2llm.student.model import D2LLMStudent
+
+    student_cfg = {
+        "backbone": str(tiny_bert_dir),
+        "max_length": 32,
+        "lora": {"enabled": False},
+        "pma": {"num_heads": 4},
+        "iem": {"hidden_size": 16, "branch_size": 8},
+    }
+    search_cfg = {"ann_min_size": 1, "ann_index": "ivf", "ivf_nprobe": 1, "rerank_depth": 4}
+    params = params_from_dict({"device": "cpu", "student": student_cfg, "search": search_cfg})
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    seed_everything(0)
+    student = D2LLMStudent.from_config(params.student, device="cpu")
+    student.save_pretrained(tmp_path / "student")
+    pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(DOCS))], "text": DOCS}).to_csv(
+        tmp_path / "docs.csv", index=False
+    )
+
+    common = ["--params", str(params_file)]
+    index_args = ["index", "--student-dir", str(tmp_path / "student"), "--corpus", str(tmp_path / "docs.csv")]
+    assert main([*common, *index_args, "--out-dir", str(tmp_path / "index")]) == 0
+    assert "(first stage: ivf)" in capsys.readouterr().out
+    manifest = json.loads((tmp_path / "index" / "manifest.json").read_text())
+    assert manifest["first_stage_ann"] == "ivf" and (tmp_path / "index" / ANN_FILE).exists()
+
+    query = "a man plays a guitar"
+    search_args = ["search", query, "-k", "2", "--mode", "two_stage"]
+    search_args += ["--index-dir", str(tmp_path / "index"), "--student-dir", str(tmp_path / "student")]
+    assert main(common + search_args) == 0
+    shown = [line.split()[2] for line in capsys.readouterr().out.strip().splitlines()]
+    index = load_index(tmp_path / "index", student, nprobe=1)
+    assert index.ann is not None and index.ann.kind == "ivf"
+    expected = search(student, index, query, k=2, mode="two_stage", rerank_depth=4)
+    assert shown == [hit.doc_id for hit in expected] and len(shown) == 2

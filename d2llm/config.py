@@ -491,10 +491,10 @@ class SearchConfig(_Section):
 
     @model_validator(mode="after")
     def _ivf_lists_trainable(self) -> SearchConfig:
-        nlist, needed = self.ivf_nlist, (self.ivf_nlist or 0) * MIN_TRAIN_POINTS_PER_LIST
-        if nlist is not None and self.ivf_train_size < needed:
+        if self.ivf_nlist is not None and self.ivf_train_size < self.ivf_nlist * MIN_TRAIN_POINTS_PER_LIST:
+            needed = self.ivf_nlist * MIN_TRAIN_POINTS_PER_LIST
             raise ValueError(
-                f"search.ivf_nlist={nlist} needs search.ivf_train_size >= {needed} "
+                f"search.ivf_nlist={self.ivf_nlist} needs search.ivf_train_size >= {needed} "
                 f"(k-means wants {MIN_TRAIN_POINTS_PER_LIST} training vectors per list); "
                 f"got {self.ivf_train_size}"
             )

@@ -147,7 +147,7 @@ def teacher_dev(teacher: Any, devs: Sequence[Any]) -> dict[str, float]:
 def student_dev(student: Any, devs: Sequence[Any]) -> dict[str, float]:
     from d2llm.evaluation.dev import dev_score
 
-    return {dev.name: dev_score(dev, student.score(dev.pairs, dev.task).numpy()) for dev in devs}
+    return {dev.name: dev_score(dev, student.score(dev.pairs, dev.family).numpy()) for dev in devs}
 
 
 def vector_change(reference: Any, other: Any) -> dict[str, float]:

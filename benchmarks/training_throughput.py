@@ -59,6 +59,7 @@ def build_groups(
     import torch
 
     from d2llm.data import load_pairs
+    from d2llm.data.tables import table_family
     from d2llm.training import LabelledGroup
 
     rng = np.random.default_rng(seed)
@@ -77,7 +78,7 @@ def build_groups(
         unit = torch.nn.functional.normalize(features, dim=-1)
         groups.append(
             LabelledGroup(
-                task=str(rows["task"].iloc[0]),  # type: ignore[arg-type]
+                key=table_family(df),  # type: ignore[arg-type]
                 anchors=rows["text_a"].astype(str).tolist(),
                 positives=rows["text_b"].astype(str).tolist(),
                 negatives=negatives,

@@ -165,7 +165,7 @@ def _global_batch_rank(rank: int, params: Params, labels_dir: Path, out_dir: Pat
         group = labelled_group(load_labels(labels_dir), 0)
         share, _ = group.anchor_slice(rank, 2)
         z_in, z_hn, _ = group_logits(
-            student, share.anchors, share.positives, share.negatives, share.task, ranks.gather_rows
+            student, share.anchors, share.positives, share.negatives, share.key, ranks.gather_rows
         )
         loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
         loss = group_loss(student, loss_fn, group, ranks)["total"]
@@ -200,7 +200,7 @@ def test_global_batch_ranks_see_the_whole_groups_in_batch_matrix_with_positives_
 
     student = _fresh_student(params)
     group = labelled_group(load_labels(workspace["labels"]), 0)
-    z_in, _, _ = group_logits(student, group.anchors, group.positives, group.negatives, group.task)
+    z_in, _, _ = group_logits(student, group.anchors, group.positives, group.negatives, group.key)
     loss = group_loss(student, D2LLMLoss(params.loss, params.teacher.temperature), group)["total"]
     loss.backward()
 

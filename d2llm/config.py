@@ -317,7 +317,8 @@ class LabellingConfig(_Section):
     group_size: int = Field(default=16, ge=2)  # B anchors per group
     shard_groups: int = Field(default=16, ge=1)  # groups per resumable shard file
     max_groups_per_dataset: int | None = Field(default=None, ge=1)
-    # Which prepared datasets to build training groups from (train split only).
+    # Which prepared datasets to build training groups from (train split only). `d2llm mine`
+    # reads it; `d2llm label` groups every dataset of the negatives file it is given.
     datasets: list[str] = Field(default_factory=lambda: ["sick", "snli"])
     # "int8": the teacher labels with int8 dynamically quantised Linear layers (CPU only; faster,
     # approximate: d2llm.quantization, docs/benchmarks.md); "none": float32 (the paper).

@@ -149,8 +149,8 @@ def group_families(groups: Any, families: dict[str, str], layout: str) -> dict[s
             out[dataset] = families[dataset]
         elif layout == "family" and task == "sym":
             raise ArtifactError(
-                f"the labels' dataset {dataset!r} is not in the prepared data's manifest, so its family "
-                "(nli or sts) is unknown; student.iem.branches: family needs it (prepare it, or use 'task')"
+                f"the labels' dataset {dataset!r} is not in the prepared data, so its family (nli or "
+                "sts) is unknown; student.iem.branches: family needs it (prepare it, or use 'task')"
             )
         else:
             out[dataset] = task

@@ -62,7 +62,6 @@ class IEM(nn.Module):
         self.dim, self.hidden_size, self.branch_size, self.residual = dim, hidden_size, branch_size, residual
         self.first_a = nn.Linear(dim, hidden_size)  # W1a, b1
         self.first_b = nn.Linear(dim, hidden_size, bias=False)  # W1b (the bias lives on the query side)
-        self.layout = branches
         names = BRANCH_LAYOUTS[branches]
         self.branches = nn.ModuleDict({t: nn.Linear(hidden_size, branch_size) for t in names})
         self.out = nn.Linear(branch_size, 1)

@@ -207,29 +207,13 @@ def test_cli_builds_and_searches_an_ivf_first_stage(tiny_bert_dir, tmp_path, cap
     loads it with search.ivf_nprobe and ranks as the library does."""
     import json
 
-    import yaml
-    from test_search import DOCS
+    from test_search import DOCS, save_cli_inputs
 
     from d2llm.cli import main
-    from d2llm.config import params_from_dict
-    from d2llm.hub import seed_everything
     from d2llm.search import load_index, search
-    from d2llm.student.model import D2LLMStudent
 
-    student_cfg = {
-        "backbone": str(tiny_bert_dir),
-        "max_length": 32,
-        "lora": {"enabled": False},
-        "pma": {"num_heads": 4},
-        "iem": {"hidden_size": 16, "branch_size": 8},
-    }
     search_cfg = {"ann_min_size": 1, "ann_index": "ivf", "ivf_nprobe": 1, "rerank_depth": 4}
-    params = params_from_dict({"device": "cpu", "student": student_cfg, "search": search_cfg})
-    params_file = tmp_path / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
-    seed_everything(0)
-    student = D2LLMStudent.from_config(params.student, device="cpu")
-    student.save_pretrained(tmp_path / "student")
+    params_file, student = save_cli_inputs(tmp_path, tiny_bert_dir, search_cfg)
     pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(DOCS))], "text": DOCS}).to_csv(
         tmp_path / "docs.csv", index=False
     )

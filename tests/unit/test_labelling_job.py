@@ -11,26 +11,15 @@ import json
 import sys
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from labelling_inputs import save_labelling_inputs
 
-from d2llm.config import TeacherConfig, params_from_dict
+from d2llm.config import params_from_dict
 from d2llm.errors import ArtifactError
 from d2llm.labelling import MANIFEST_FILE, label_groups
-from d2llm.teachers.base import load_teacher
 
 torch.set_num_threads(1)
-
-
-def _negatives(n: int = 8) -> pd.DataFrame:
-    words = ["man", "woman", "child", "dog", "cat", "bird", "horse", "car"]
-    rows = [
-        ("toy", "sym", f"a {w} plays in the park {i}", f"the {w} is playing {i}",
-         [f"a {words[(i + 1) % 8]} sits on the mat", f"a {words[(i + 2) % 8]} sits on the mat"], "both")
-        for i, w in enumerate(words[:n])
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=["dataset", "task", "anchor", "positive", "negatives", "method"])
 
 
 def _params(dashboard: str | None, executor: str = "ray") -> dict:
@@ -56,11 +45,7 @@ def _params(dashboard: str | None, executor: str = "ray") -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_bert_dir, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("job_labelling")
-    cfg = TeacherConfig(kind="cross_encoder", model=str(tiny_bert_dir), max_length=32, batch_size=4)
-    load_teacher(cfg, None, "cpu").save_pretrained(root / "teacher")
-    _negatives().to_parquet(root / "neg.parquet")
-    return root / "neg.parquet", root / "teacher"
+    return save_labelling_inputs(tmp_path_factory.mktemp("job_labelling"), tiny_bert_dir, n=8)
 
 
 def test_a_labelling_job_writes_the_labels_of_the_local_executor(ray_cluster, inputs, tmp_path):

@@ -8,11 +8,11 @@ import threading
 import time
 from pathlib import Path
 
-import pandas as pd
 import pytest
 import torch
+from labelling_inputs import save_labelling_inputs
 
-from d2llm.config import TeacherConfig, params_from_dict
+from d2llm.config import params_from_dict
 from d2llm.labelling import (
     MANIFEST_FILE,
     SHARD_PATTERN,
@@ -22,21 +22,10 @@ from d2llm.labelling import (
     plan_labelling,
 )
 from d2llm.labelling_ray import WORKER_NAME, LabellingWorker, score_on_ray
-from d2llm.teachers.base import load_teacher
 
 torch.set_num_threads(1)  # as each Ray actor (labelling.ray.torch_threads): same sums, same bits
 
-WORDS = ["man", "woman", "child", "dog", "cat", "bird", "horse", "car", "guitar", "ball", "book", "food"]
 N_SHARDS = 8
-
-
-def _negatives(n: int = 2 * N_SHARDS, k: int = 2) -> pd.DataFrame:
-    rows = []
-    for i in range(n):
-        w = WORDS[i % len(WORDS)]
-        negs = [f"a {WORDS[(i + j + 1) % len(WORDS)]} sits on the mat" for j in range(k)]
-        rows.append(("toy", "sym", f"a {w} plays in the park {i}", f"the {w} is playing {i}", negs, "both"))
-    return pd.DataFrame(rows, columns=["dataset", "task", "anchor", "positive", "negatives", "method"])
 
 
 def _params(executor: str) -> dict:
@@ -55,11 +44,7 @@ def _params(executor: str) -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(tiny_bert_dir, tmp_path_factory) -> tuple[Path, Path]:
-    root = tmp_path_factory.mktemp("ray_labelling")
-    cfg = TeacherConfig(kind="cross_encoder", model=str(tiny_bert_dir), max_length=32, batch_size=4)
-    load_teacher(cfg, None, "cpu").save_pretrained(root / "teacher")
-    _negatives().to_parquet(root / "neg.parquet")
-    return root / "neg.parquet", root / "teacher"
+    return save_labelling_inputs(tmp_path_factory.mktemp("ray_labelling"), tiny_bert_dir, n=2 * N_SHARDS)
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -302,10 +303,11 @@ def test_index_built_in_memory_loads_for_the_saved_and_reloaded_student(
         load_index(tmp_path / "index", reloaded)
 
 
-def test_cli_index_and_search(tiny_bert_dir, tmp_path, corpus, capsys):
+def save_cli_inputs(tmp_path: Path, tiny_bert_dir: Path, search_cfg: dict | None = None):
+    """A params.yaml (tiny student, ``search_cfg``) and a seeded tiny student saved in
+    ``tmp_path/student``, as the CLI tests read them: ``(params file, student)``."""
     import yaml
 
-    from d2llm.cli import main
     from d2llm.config import params_from_dict
     from d2llm.hub import seed_everything
     from d2llm.student.model import D2LLMStudent
@@ -317,12 +319,19 @@ def test_cli_index_and_search(tiny_bert_dir, tmp_path, corpus, capsys):
         "pma": {"num_heads": 4},
         "iem": {"hidden_size": 16, "branch_size": 8},
     }
-    params = params_from_dict({"device": "cpu", "student": student_cfg})
+    params = params_from_dict({"device": "cpu", "student": student_cfg, "search": search_cfg or {}})
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
     seed_everything(0)
     student = D2LLMStudent.from_config(params.student, device="cpu")
     student.save_pretrained(tmp_path / "student")
+    return params_file, student
+
+
+def test_cli_index_and_search(tiny_bert_dir, tmp_path, corpus, capsys):
+    from d2llm.cli import main
+
+    params_file, student = save_cli_inputs(tmp_path, tiny_bert_dir)
     (tmp_path / "prepared" / "ir" / "toy").mkdir(parents=True)
     corpus.to_parquet(tmp_path / "prepared" / "ir" / "toy" / "corpus.parquet")
 

@@ -21,6 +21,8 @@ from d2llm.config import Params, TeacherConfig, params_from_dict
 from d2llm.errors import ArtifactError
 from d2llm.teachers.base import Teacher, WeightsKind
 
+ROOT = Path(__file__).resolve().parents[2]
+
 torch.set_num_threads(1)  # as in test_teachers.py: on a small shared CPU, extra threads slow tiny models 10x
 
 SENTENCES = [
@@ -386,3 +388,30 @@ def test_balanced_group_sampling_gives_every_dataset_an_equal_share() -> None:
         assert {datasets[i] for i in balanced[start : start + 3]} == {"big", "mid", "small"}
     small = [i for i in balanced if datasets[i] == "small"]
     assert set(small) == {18, 19} and small[:2] == small[2:4] == small[4:6]
+
+
+def test_label_diagnostics_script_reads_the_labels(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+):
+    """scripts/label_diagnostics.py: the teacher's share of positives above hard negatives is the
+    one the label tensors give, and the cosine figures are shares and a correlation."""
+    import importlib.util
+
+    from d2llm.labelling import load_labels
+
+    spec = importlib.util.spec_from_file_location(
+        "label_diagnostics", ROOT / "scripts" / "label_diagnostics.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tiny_bert_dir).model_dump(mode="json")))
+    out = script.diagnostics(str(workspace["labels"]), str(params_file))
+
+    hard = load_labels(workspace["labels"]).hard
+    log_odds = hard[..., 0] - hard[..., 1]
+    wins = (log_odds[..., :1] > log_odds[..., 1:]).float().mean(-1).mean().item()
+    assert set(out) == {"toy"} and out["toy"]["groups"] == len(hard)
+    assert out["toy"]["teacher_positive_above_negative"] == pytest.approx(wins, abs=1e-3)
+    assert 0.0 <= out["toy"]["cosine_positive_above_negative"] <= 1.0
+    assert -1.0 <= out["toy"]["teacher_cosine_correlation"] <= 1.0

@@ -456,6 +456,9 @@ class EvaluationConfig(_Section):
     # The teacher re-ranks BM25's top M per query (scoring the full corpus is what D2LLM avoids).
     teacher_rerank_depth: int = Field(default=100, ge=1)
     batch_size: int = Field(default=64, ge=1)
+    # Paired-bootstrap resamples for each system's 95% interval of its gain over the bi-encoder
+    # on a test set's main metric (0: no intervals); d2llm.evaluation.significance.
+    bootstrap_resamples: int = Field(default=1000, ge=0)
 
 
 class SearchConfig(_Section):

@@ -31,6 +31,7 @@ from d2llm.biencoder import MeanPoolEncoder
 from d2llm.data.tables import table_family
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
+from d2llm.evaluation import significance as S
 from d2llm.evaluation.dev import dataset_metric
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
 
@@ -47,6 +48,7 @@ Ranking = list[list[tuple[int, float]]]  # per query: (corpus position, score), 
 SYSTEM_ORDER = ("bm25", "bi-encoder", "teacher", "teacher-raw", "student")
 IR_TABLE_NAMES = ("corpus", "queries", "qrels")
 IR_DEPTH = 100  # ranked documents kept per query: enough for R@100
+BASELINE = "bi-encoder"  # what every other system's gain is measured against
 
 
 @runtime_checkable
@@ -313,6 +315,7 @@ def evaluate_pair_dataset(
     max_pairs: int | None = None,
     seed: int = 0,
     memo: dict[Any, np.ndarray] | None = None,
+    resamples: int = 0,
 ) -> dict[str, Any]:
     """Test-split metrics of every pair-scoring system on one dataset.
 
@@ -321,7 +324,8 @@ def evaluate_pair_dataset(
     MAP and MRR per question, and pooled AP. Score datasets: Spearman and Pearson with ``label``.
     ``memo`` (shared across datasets) reuses the scores of a system that saw the same pairs
     before: SICK and SICK-R are one set of pairs under two labels. The teacher keeps its own
-    memo, since its fused score depends on the dataset.
+    memo, since its fused score depends on the dataset. ``resamples`` > 0 adds each system's
+    gain over the bi-encoder with a paired-bootstrap 95% interval (``vs_bi_encoder``).
     """
     test = _sample(pairs[pairs["split"] == "test"], max_pairs, seed)
     if test.empty:
@@ -346,6 +350,7 @@ def evaluate_pair_dataset(
         entry["protocol"] = "candidates ranked per question; MAP/MRR over questions with both labels"
     a, b = test["text_a"].tolist(), test["text_b"].tolist()
     family = table_family(test)
+    scored: dict[str, np.ndarray] = {}
     for sys_name, system in systems.items():
         if not isinstance(system, PairScorer):
             continue
@@ -362,13 +367,49 @@ def evaluate_pair_dataset(
             if memo is not None:
                 memo[key] = scores
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
+        scored[sys_name] = scores
         if kind == "pair_classification":
             entry["metrics"][sys_name] = M.pair_classification_metrics(scores, test["is_positive"].to_numpy())
         elif kind == "answer_selection":
             entry["metrics"][sys_name] = M.answer_selection_metrics(a, scores, test["is_positive"].to_numpy())
         else:
             entry["metrics"][sys_name] = M.sts_metrics(scores, test["label"].to_numpy())
+    if resamples:
+        entry["vs_bi_encoder"] = pair_comparisons(kind, metric, scored, test, resamples, seed)
     return entry
+
+
+def pair_comparisons(
+    kind: str, metric: str, scored: dict[str, np.ndarray], test: pd.DataFrame, resamples: int, seed: int
+) -> dict[str, dict[str, Any]]:
+    """Each system's gain over the bi-encoder on the main metric, with its bootstrap interval.
+
+    Answer selection resamples questions (MAP is a mean over them); AP and Spearman resample
+    pairs and are recomputed on each resample (d2llm.evaluation.significance).
+    """
+    if BASELINE not in scored:
+        return {}
+    out = {}
+    for name, scores in scored.items():
+        if name == BASELINE:
+            continue
+        if kind == "answer_selection":
+            questions, positive = test["text_a"].tolist(), test["is_positive"].to_numpy()
+            base, _ = M.answer_selection_per_question(questions, scored[BASELINE], positive)
+            mine, _ = M.answer_selection_per_question(questions, scores, positive)
+            out[name] = S.bootstrap_mean_difference(
+                np.array([100.0 * mine[q][0] for q in base]),
+                np.array([100.0 * base[q][0] for q in base]),
+                "question",
+                resamples,
+                seed,
+            )
+        else:
+            labels = test["is_positive" if kind == "pair_classification" else "label"].to_numpy()
+            out[name] = S.bootstrap_pair_metric_difference(
+                S.pair_metric(metric), scores, scored[BASELINE], labels, resamples, seed
+            )
+    return out
 
 
 def evaluate_ir_dataset(
@@ -379,11 +420,14 @@ def evaluate_ir_dataset(
     systems: dict[str, Any],
     max_queries: int | None = None,
     seed: int = 0,
+    resamples: int = 0,
 ) -> dict[str, Any]:
     """nDCG@10, MRR@10 and R@100 of every retrieval system on one IR collection.
 
     Only queries with at least one relevant document are evaluated (the others are counted);
     each system ranks the whole corpus per query except the teacher (see the module docstring).
+    ``resamples`` > 0 adds each system's nDCG@10 gain over the bi-encoder with a paired-bootstrap
+    95% interval over the queries (``vs_bi_encoder``).
     """
     all_queries = set(queries["query_id"].astype(str))
     judged = set(qrels.loc[qrels["relevance"] > 0, "query_id"].astype(str)) & all_queries
@@ -409,6 +453,7 @@ def evaluate_ir_dataset(
         "metrics": {},
         "seconds": {},
     }
+    per_query: dict[str, dict[str, dict[str, float]]] = {}
     for sys_name, system in systems.items():
         if not isinstance(system, Retriever):
             continue
@@ -418,9 +463,24 @@ def evaluate_ir_dataset(
         start = time.perf_counter()
         ranking = system.rank(qtexts, docs, IR_DEPTH)
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
-        entry["metrics"][sys_name] = M.ir_metrics(qrels_dict, M.ranking_to_run(qids, doc_ids, ranking))
+        run = M.ranking_to_run(qids, doc_ids, ranking)
+        entry["metrics"][sys_name] = M.ir_metrics(qrels_dict, run)
+        per_query[sys_name] = M.ir_per_query(qrels_dict, run)[0]
         if isinstance(system, TeacherScorer):
             entry["teacher_protocol"] = f"re-ranks BM25 top {system.rerank_depth} per query"
+    if resamples and BASELINE in per_query:
+        base = per_query[BASELINE]
+        entry["vs_bi_encoder"] = {
+            name: S.bootstrap_mean_difference(
+                np.array([100.0 * values[q][entry["main_metric"]] for q in base]),
+                np.array([100.0 * base[q][entry["main_metric"]] for q in base]),
+                "query",
+                resamples,
+                seed,
+            )
+            for name, values in per_query.items()
+            if name != BASELINE
+        }
     return entry
 
 
@@ -546,12 +606,19 @@ def evaluate_systems(
     memo: dict[Any, np.ndarray] = {}
     for name in ev.pair_datasets:
         pairs = _read_table(prepared_dir / "pairs" / f"{name}.parquet", f"pair dataset {name!r}")
-        datasets[name] = evaluate_pair_dataset(name, pairs, systems, ev.max_pairs, params.seed, memo)
+        datasets[name] = evaluate_pair_dataset(
+            name, pairs, systems, ev.max_pairs, params.seed, memo, ev.bootstrap_resamples
+        )
     for name in ev.ir_datasets:
         base = prepared_dir / "ir" / name
         tables = {t: _read_table(base / f"{t}.parquet", f"IR table {name}/{t}") for t in IR_TABLE_NAMES}
         datasets[name] = evaluate_ir_dataset(
-            name, **tables, systems=systems, max_queries=ev.max_queries, seed=params.seed
+            name,
+            **tables,
+            systems=systems,
+            max_queries=ev.max_queries,
+            seed=params.seed,
+            resamples=ev.bootstrap_resamples,
         )
     for entry in datasets.values():
         _add_gain(entry)
@@ -611,14 +678,28 @@ def _cell(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def _gain_cell(comparison: dict[str, Any] | None) -> str:
+    """``+4.40 [+3.12, +5.70]``: a gain over the bi-encoder and its 95% interval; ``*`` when the
+    interval excludes zero."""
+    if comparison is None:
+        return "-"
+    low, high = comparison["ci95"]
+    mark = " *" if low > 0 or high < 0 else ""
+    return f"{comparison['delta']:+.2f} [{low:+.2f}, {high:+.2f}]{mark}"
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A markdown table: one row per (dataset, metric), one column per system, points (x100).
 
-    The last column is the fraction of the teacher's gain over the bi-encoder recovered by the
-    student, on each dataset's main metric (marked *).
+    On each dataset's main metric (marked *): the fraction of the teacher's gain over the
+    bi-encoder recovered by the student and, when the report has them, the student's gain over
+    the bi-encoder with its paired-bootstrap 95% interval (``*`` = the interval excludes 0).
     """
     systems = results["systems"]
+    with_intervals = any("vs_bi_encoder" in entry for entry in results["datasets"].values())
     header = ["dataset", "metric", *systems, "recovered"]
+    if with_intervals:
+        header.append("student vs bi-encoder [95% CI]")
     rows = [header, ["---"] * len(header)]
     for name, entry in results["datasets"].items():
         for metric in _KIND_METRICS[entry["kind"]]:
@@ -627,9 +708,13 @@ def format_table(results: dict[str, Any]) -> str:
             cells = [_cell(entry["metrics"].get(s, {}).get(metric)) for s in systems]
             gain = entry.get("student_gain_recovered")
             recovered = "" if not is_main else ("-" if gain is None else f"{gain:.0%}")
-            rows.append([name, label, *cells, recovered])
+            row = [name, label, *cells, recovered]
+            if with_intervals:
+                row.append(_gain_cell(entry.get("vs_bi_encoder", {}).get("student")) if is_main else "")
+            rows.append(row)
     summary = results.get("summary", {})
-    rows.append(["mean", "main *", *[_cell(summary.get(s, {}).get("mean_main")) for s in systems], ""])
+    mean_row = ["mean", "main *", *[_cell(summary.get(s, {}).get("mean_main")) for s in systems], ""]
+    rows.append(mean_row + ([""] if with_intervals else []))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines += [f"note: {n}" for n in results.get("notes", [])]
     return "\n".join(lines)

@@ -141,13 +141,14 @@ def pair_classification_metrics(scores, labels) -> dict[str, float]:
     }
 
 
-def answer_selection_metrics(questions: Sequence[str], scores, labels) -> dict[str, float]:
-    """MAP and MRR over the questions that have both a right and a wrong candidate, in points.
+def answer_selection_per_question(
+    questions: Sequence[str], scores, labels
+) -> tuple[dict[str, tuple[float, float]], int]:
+    """Each question's (AP, reciprocal rank) in natural units, and how many were skipped.
 
-    The standard TREC-QA protocol: questions whose candidates are all right or all wrong carry no
-    ranking information and are left out (counted in ``n_questions_skipped``). Ties put the
-    wrong candidates first (pessimistic), so a constant scorer earns no credit. ``ap`` is the
-    pooled average precision over every pair, as for pair classification.
+    Only questions with both a right and a wrong candidate count (the standard TREC-QA
+    protocol); ties put the wrong candidates first (pessimistic), so a constant scorer earns no
+    credit. Questions keep their first-seen order.
     """
     s, y = _as_pair_arrays(scores, labels)
     if len(questions) != s.size:
@@ -156,26 +157,37 @@ def answer_selection_metrics(questions: Sequence[str], scores, labels) -> dict[s
     for i, q in enumerate(questions):
         groups.setdefault(q, []).append(i)
     positive = _binary(y)
-    aps, rrs, skipped = [], [], 0
-    for rows in groups.values():
+    out: dict[str, tuple[float, float]] = {}
+    for question, rows in groups.items():
         idx = np.asarray(rows)
         pos = positive[idx]
         if pos.all() or not pos.any():
-            skipped += 1
             continue
         order = np.lexsort((pos, -s[idx]))  # by score, descending; wrong candidates first on ties
         ranked = pos[order]
         hits = np.cumsum(ranked)
         precision_at_hits = hits[ranked] / (np.flatnonzero(ranked) + 1)
-        aps.append(float(precision_at_hits.mean()))
-        rrs.append(1.0 / (int(np.argmax(ranked)) + 1))
+        out[question] = (float(precision_at_hits.mean()), 1.0 / (int(np.argmax(ranked)) + 1))
+    return out, len(groups) - len(out)
+
+
+def answer_selection_metrics(questions: Sequence[str], scores, labels) -> dict[str, float]:
+    """MAP and MRR over the questions that have both a right and a wrong candidate, in points.
+
+    Questions whose candidates are all right or all wrong carry no ranking information and are
+    left out (counted in ``n_questions_skipped``; see :func:`answer_selection_per_question`).
+    ``ap`` is the pooled average precision over every pair, as for pair classification.
+    """
+    per_question, skipped = answer_selection_per_question(questions, scores, labels)
+    aps = [ap for ap, _ in per_question.values()]
+    rrs = [rr for _, rr in per_question.values()]
     return {
         "map": 100.0 * float(np.mean(aps)) if aps else math.nan,
         "mrr": 100.0 * float(np.mean(rrs)) if rrs else math.nan,
-        "ap": 100.0 * average_precision(s, y),
+        "ap": 100.0 * average_precision(scores, labels),
         "n_questions": len(aps),
         "n_questions_skipped": skipped,
-        "n_pairs": int(s.size),
+        "n_pairs": len(questions),
     }
 
 
@@ -185,14 +197,14 @@ def sts_metrics(scores, gold) -> dict[str, float]:
     return {"spearman": 100.0 * spearman(s, g), "pearson": 100.0 * pearson(s, g), "n_pairs": int(s.size)}
 
 
-def ir_metrics(
+def ir_per_query(
     qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
-) -> dict[str, float]:
-    """nDCG@10, MRR@10 and Recall@100 (points, x100) over the queries that have a relevant doc.
+) -> tuple[dict[str, dict[str, float]], int]:
+    """nDCG@10, RR@10 and R@100 of each query that has a relevant document (natural units),
+    and the number of judged queries without one.
 
     - A query with no relevant document (no qrel with relevance > 0) makes every metric
-      undefined (0/0 for recall, IDCG = 0 for nDCG): it is EXCLUDED from the mean and counted
-      in ``n_queries_no_relevant``.
+      undefined (0/0 for recall, IDCG = 0 for nDCG): it is left out and counted.
     - A query with relevant documents but no ranked document in ``run`` scores 0 on every
       metric (pytrec_eval would silently skip it, which would inflate the mean).
     - Ties in ``run`` are broken the trec_eval way (by doc id), so results are deterministic.
@@ -201,7 +213,6 @@ def ir_metrics(
 
     judged = {str(q): {str(d): int(r) for d, r in docs.items()} for q, docs in qrels.items()}
     with_relevant = sorted(q for q, docs in judged.items() if any(r > 0 for r in docs.values()))
-    no_relevant = len(judged) - len(with_relevant)
     if not with_relevant:
         raise ValueError("no query has a relevant document (relevance > 0): IR metrics are undefined")
     eval_qrels = {q: judged[q] for q in with_relevant}
@@ -219,11 +230,22 @@ def ir_metrics(
         # pytrec_eval silently returns the uncut reciprocal rank).
         for metric in ir_measures.iter_calc(measures, eval_qrels, eval_run):
             per_query[metric.query_id][names[str(metric.measure)]] = float(metric.value)
+    return per_query, len(judged) - len(with_relevant)
+
+
+def ir_metrics(
+    qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """nDCG@10, MRR@10 and Recall@100 (points, x100): the means of :func:`ir_per_query` over the
+    queries that have a relevant document, with the counts of the queries left out or unranked.
+    """
+    per_query, no_relevant = ir_per_query(qrels, run)
     out = {key: 100.0 * float(np.mean([pq[key] for pq in per_query.values()])) for key in IR_MEASURES}
+    ranked = {str(q) for q, docs in run.items() if docs}
     out.update(
-        n_queries=len(with_relevant),
+        n_queries=len(per_query),
         n_queries_no_relevant=no_relevant,
-        n_queries_empty_run=len(with_relevant) - len(eval_run),
+        n_queries_empty_run=len(set(per_query) - ranked),
     )
     return out
 

@@ -269,9 +269,31 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
         "mean_main": pytest.approx(np.mean(mains)),
     }
 
+    # Each system's gain over the bi-encoder on the main metric, with a paired-bootstrap interval
+    # around it: pairs for AP/Spearman, queries for IR (BM25 included there).
+    for name, entry in results["datasets"].items():
+        compared = entry["vs_bi_encoder"]
+        main = entry["main_metric"]
+        assert set(compared) == set(entry["metrics"]) - {"bi-encoder"}
+        for system, comparison in compared.items():
+            gain = entry["metrics"][system][main] - entry["metrics"]["bi-encoder"][main]
+            assert comparison["delta"] == pytest.approx(gain), (name, system)
+            assert comparison["ci95"][0] <= comparison["ci95"][1]
+            assert comparison["unit"] == ("query" if name == "tiny" else "pair")
+            assert comparison["resamples"] <= params.evaluation.bootstrap_resamples
+
     table = format_table(results)
     lines = table.splitlines()
-    assert lines[0] == "| dataset | metric | bm25 | bi-encoder | teacher | student | recovered |"
+    assert lines[0] == (
+        "| dataset | metric | bm25 | bi-encoder | teacher | student | recovered "
+        "| student vs bi-encoder [95% CI] |"
+    )
+    nli_gain = results["datasets"]["nli"]["vs_bi_encoder"]["student"]
+    assert next(x for x in lines if x.startswith("| nli | AP * |")).endswith(
+        f"| {nli_gain['delta']:+.2f} [{nli_gain['ci95'][0]:+.2f}, {nli_gain['ci95'][1]:+.2f}]"
+        + (" *" if nli_gain["ci95"][0] > 0 or nli_gain["ci95"][1] < 0 else "")
+        + " |"
+    )
     assert any(line.startswith("| nli | AP * |") for line in lines)
     assert any(line.startswith("| tiny | R@100 |") for line in lines)
     assert f"{ir['metrics']['bm25']['ndcg@10']:.2f}" in next(
@@ -453,3 +475,40 @@ def test_the_student_is_scored_with_each_test_sets_family_and_others_with_the_ta
     evaluate_pair_dataset("sick", nli, systems, memo=memo)
     evaluate_pair_dataset("sick_r", sts, systems, memo=memo)
     assert student.keys == ["sym"]
+
+
+class _TableScorer:
+    """Scores each pair from a fixed {(a, b): score} table."""
+
+    def __init__(self, name, table):
+        self.name, self.table = name, table
+
+    def score_pairs(self, text_a, text_b, task):
+        return np.array([self.table[(a, b)] for a, b in zip(text_a, text_b, strict=True)])
+
+
+def test_answer_selection_gains_are_bootstrapped_over_questions():
+    # Four questions, one right answer among three candidates each (plus one question with only
+    # wrong answers, which MAP leaves out): the student ranks every right answer first, the
+    # bi-encoder only for q1 and q2.
+    rows, student, bi = [], {}, {}
+    for q in ("q1", "q2", "q3", "q4", "q5"):
+        for j, right in enumerate((q != "q5", False, False)):
+            pair = (q, f"{q} answer {j}")
+            rows.append({"text_a": q, "text_b": pair[1], "label": float(right), "is_positive": right})
+            student[pair] = 1.0 if right else 0.1 * j
+            bi[pair] = (1.0 if right else 0.1 * j) if q in ("q1", "q2") else (0.0 if right else 0.5 + j)
+    test = pd.DataFrame(rows).assign(label_name=lambda d: np.where(d["is_positive"], "yes", "no"))
+    test = test.assign(task="asym", source="test", split="test")
+    systems = {"bi-encoder": _TableScorer("bi-encoder", bi), "student": _TableScorer("student", student)}
+    entry = evaluate_pair_dataset("qa", test, systems, resamples=500, seed=0)
+    assert entry["main_metric"] == "map"
+    assert entry["metrics"]["student"]["map"] == pytest.approx(100.0)
+    assert entry["metrics"]["bi-encoder"]["map"] == pytest.approx(100.0 * (1 + 1 + 1 / 3 + 1 / 3) / 4)
+    gain = entry["vs_bi_encoder"]["student"]
+    assert (gain["unit"], gain["n_units"]) == ("question", 4)
+    assert gain["delta"] == pytest.approx(100.0 * (2 / 3 + 2 / 3) / 4)
+    # The per-question gains are 0, 0, 66.7, 66.7: a resample's mean lies in [0, 66.7].
+    assert 0.0 <= gain["ci95"][0] < gain["delta"] < gain["ci95"][1] <= 100.0 * 2 / 3 + 1e-9
+
+    assert "vs_bi_encoder" not in evaluate_pair_dataset("qa", test, systems)  # resamples 0: none

@@ -696,7 +696,9 @@ def format_table(results: dict[str, Any]) -> str:
     the bi-encoder with its paired-bootstrap 95% interval (``*`` = the interval excludes 0).
     """
     systems = results["systems"]
-    with_intervals = any("vs_bi_encoder" in entry for entry in results["datasets"].values())
+    with_intervals = any(
+        "student" in entry.get("vs_bi_encoder", {}) for entry in results["datasets"].values()
+    )
     header = ["dataset", "metric", *systems, "recovered"]
     if with_intervals:
         header.append("student vs bi-encoder [95% CI]")

@@ -415,3 +415,39 @@ def test_label_diagnostics_script_reads_the_labels(
     assert out["toy"]["teacher_positive_above_negative"] == pytest.approx(wins, abs=1e-3)
     assert 0.0 <= out["toy"]["cosine_positive_above_negative"] <= 1.0
     assert -1.0 <= out["toy"]["teacher_cosine_correlation"] <= 1.0
+
+
+def test_interpolate_student_script_runs_from_the_bi_encoder_to_the_trained_student(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+):
+    """scripts/interpolate_student.py (docs/results.md, run L): a = 0 is the student at step 0,
+    a = 1 the kept student and the last step; LoRA moves as a B A, the heads on the line."""
+    import importlib.util
+
+    from d2llm.training import train_student
+
+    spec = importlib.util.spec_from_file_location(
+        "interpolate_student", ROOT / "scripts" / "interpolate_student.py"
+    )
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    init = {"pma.q": torch.zeros(3), "x.lora_A.w": torch.ones(2), "x.lora_B.w": torch.zeros(2)}
+    trained = {"pma.q": torch.full((3,), 4.0), "x.lora_A.w": torch.full((2,), 3.0)}
+    trained["x.lora_B.w"] = torch.ones(2)
+    trainable = {name: torch.nn.Parameter(t.clone()) for name, t in init.items()}
+    script.interpolate_(trainable, init, trained, 0.25)
+    assert trainable["pma.q"].tolist() == [1.0, 1.0, 1.0]
+    assert trainable["x.lora_A.w"].tolist() == [3.0, 3.0] and trainable["x.lora_B.w"].tolist() == [0.25, 0.25]
+
+    params = _params(tiny_bert_dir)
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params.model_dump(mode="json")))
+    result = train_student(params, workspace["labels"], workspace["prepared"], tmp_path / "student")
+    rows = script.interpolated_dev(params_file, tmp_path / "student", [0.0, 1.0], workspace["prepared"])
+    main = {(r["end"], r["alpha"]): r["main"] for r in rows}
+    evals = [h["dev_metric"] for h in result.history if "dev_metric" in h]
+    assert main[("best", 0.0)] == pytest.approx(result.initial_metric, abs=1e-3)
+    assert main[("last", 0.0)] == pytest.approx(result.initial_metric, abs=1e-3)
+    assert main[("best", 1.0)] == pytest.approx(result.best_metric, abs=1e-3)
+    assert main[("last", 1.0)] == pytest.approx(evals[-1], abs=1e-3)

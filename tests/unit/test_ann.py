@@ -36,7 +36,9 @@ def _recall_at_10(found: np.ndarray, exact: np.ndarray) -> float:
 
 def test_ann_kind_switches_at_the_configured_size():
     assert ann_kind(99, ann_min_size=100) == "flat"
-    assert ann_kind(100, ann_min_size=100) == "hnsw"
+    assert ann_kind(100, ann_min_size=100) == "ivf"  # the default: SearchConfig().ann_index
+    assert SearchConfig().ann_index == "ivf"
+    assert ann_kind(100, ann_min_size=100, approximate="hnsw") == "hnsw"
     assert ann_kind(99, ann_min_size=100, approximate="ivf") == "flat"
     assert ann_kind(100, ann_min_size=100, approximate="ivf") == "ivf"
     with pytest.raises(ValueError, match="unknown approximate index 'lsh'"):
@@ -82,7 +84,8 @@ def test_search_index_uses_hnsw_from_ann_min_size(tmp_path):
     corpus = pd.DataFrame({"doc_id": [f"d{i}" for i in range(len(DOCS))], "text": DOCS})
     small = build_index(student, corpus, tmp_path / "small", "v", search_cfg=SearchConfig())
     assert small.manifest["first_stage_ann"] == "flat" and not (tmp_path / "small" / ANN_FILE).exists()
-    big = build_index(student, corpus, tmp_path / "big", "v", search_cfg=SearchConfig(ann_min_size=len(DOCS)))
+    hnsw = SearchConfig(ann_min_size=len(DOCS), ann_index="hnsw")
+    big = build_index(student, corpus, tmp_path / "big", "v", search_cfg=hnsw)
     assert big.manifest["first_stage_ann"] == "hnsw" and (tmp_path / "big" / ANN_FILE).exists()
     assert big.manifest["first_stage_ann_params"] == {"hnsw_m": 32, "hnsw_ef_construction": 200}
     loaded = load_index(tmp_path / "big", student, ef_search=64)

@@ -142,6 +142,7 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher (or skipped)")
     p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student (or skipped)")
     p.add_argument("--output", type=Path, help="metrics JSON (default: evaluation.output)")
+    p.add_argument("--plot", type=Path, help="also draw the gains over the bi-encoder to this PNG")
 
 
 @command("evaluate", "compare bi-encoder, teacher and student (and BM25 for IR) on the test data")
@@ -155,6 +156,16 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     )
     print(format_table(results))
     print(f"metrics written to {output}")
+    if args.plot is not None:
+        from d2llm.evaluation.plots import gain_figure
+
+        figure = gain_figure(results)
+        if figure is None:
+            print("no plot: the report has no intervals (bootstrap_resamples 0, or no bi-encoder)")
+        else:
+            args.plot.parent.mkdir(parents=True, exist_ok=True)
+            figure.savefig(args.plot, dpi=120)
+            print(f"gains plot written to {args.plot}")
     return 0
 
 

@@ -179,7 +179,8 @@ def train(params: Params, key: dict[str, Any]) -> dict[str, Any]:
 )
 def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     from d2llm.evaluation.evaluate import evaluate_systems, format_table
-    from d2llm.tracking import log_metrics_dict, stage_run
+    from d2llm.evaluation.plots import gain_figure
+    from d2llm.tracking import log_figure, log_metrics_dict, stage_run
 
     with stage_run("evaluate") as run:
         results = evaluate_systems(
@@ -188,6 +189,9 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         log_metrics_dict(results["flat"], prefix="val")
         log_metrics_dict(results["test_flat"], prefix="test")
         _log_artifacts(run, params.evaluation.output, "evaluation")
+        figure = gain_figure(results)
+        if figure is not None:
+            log_figure(figure, "evaluation/gains_vs_bi_encoder.png")
     fingerprint = path_fingerprint(params.evaluation.output)
     return {"fingerprint": fingerprint, "table": format_table(results), "flat": results["flat"]}
 

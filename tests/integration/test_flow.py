@@ -89,6 +89,10 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
     stages = {run.data.tags.get("d2llm.stage") for run in children}
     assert {"prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"} <= stages
     assert parent.data.tags.get("git.commit")
+    # The evaluate run holds the report and the picture of the gains with their intervals.
+    evaluate_run = next(run for run in children if run.data.tags.get("d2llm.stage") == "evaluate")
+    logged = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "evaluation")}
+    assert {"evaluation/metrics.json", "evaluation/gains_vs_bi_encoder.png"} <= logged
 
     # Nothing changed: every cached stage is reused, nothing is retrained.
     labels_before, student_before = _mtimes(root / "data" / "labels"), _mtimes(root / "models" / "student")

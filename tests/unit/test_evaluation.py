@@ -386,9 +386,10 @@ def test_cli_evaluate_prints_the_table_and_writes_json(prepared, tiny_bert_dir, 
     out = tmp_path / "metrics.json"
     args = ["--params", str(params_file), "evaluate", "--prepared-dir", str(prepared), "--output", str(out)]
     args += ["--teacher-dir", str(tmp_path / "none"), "--student-dir", str(tmp_path / "none")]
-    rc = main(args)
+    rc = main([*args, "--plot", str(tmp_path / "gains.png")])
     printed = capsys.readouterr().out
     assert rc == 0
+    assert "no plot" in printed and not (tmp_path / "gains.png").exists()  # no student, no teacher
     results = json.loads(out.read_text())
     assert results["systems"] == ["bm25", "bi-encoder"]
     assert "| dataset | metric | bm25 | bi-encoder | recovered |\n" in printed  # no student: no gain column

@@ -103,3 +103,33 @@ def test_resamples_where_the_metric_is_undefined_are_dropped():
 def test_bad_input_is_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def _report(with_intervals: bool) -> dict:
+    def gain(delta):
+        return {"delta": delta, "ci95": [delta - 1.0, delta + 2.0], "p_value": 0.1}
+
+    datasets = {
+        "sick": {"main_metric": "ap", "vs_bi_encoder": {"teacher": gain(10.0), "student": gain(4.0)}},
+        "cisi": {"main_metric": "ndcg@10", "vs_bi_encoder": {"bm25": gain(-3.0), "student": gain(0.5)}},
+    }
+    if not with_intervals:
+        for entry in datasets.values():
+            entry.pop("vs_bi_encoder")
+    return {"datasets": datasets}
+
+
+def test_gain_figure_draws_each_system_with_its_interval():
+    from d2llm.evaluation.plots import gain_figure
+
+    figure = gain_figure(_report(with_intervals=True))
+    axes = figure.axes[0]
+    assert [t.get_text() for t in axes.get_yticklabels()] == ["cisi (ndcg@10)", "sick (ap)"]  # top: first
+    assert [c.get_label() for c in axes.containers] == ["teacher", "student"]  # BM25 is not drawn
+    student = axes.containers[1]
+    x, _ = student.lines[0].get_data()
+    assert list(x) == [4.0, 0.5]  # sick (top row), then cisi
+    (bars,) = student.lines[2]
+    spans = [segment[:, 0].tolist() for segment in bars.get_segments()]
+    assert spans == [[3.0, 6.0], [-0.5, 2.5]]  # each point's 95% interval
+    assert gain_figure(_report(with_intervals=False)) is None

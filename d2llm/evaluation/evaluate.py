@@ -397,13 +397,9 @@ def pair_comparisons(
             questions, positive = test["text_a"].tolist(), test["is_positive"].to_numpy()
             base, _ = M.answer_selection_per_question(questions, scored[BASELINE], positive)
             mine, _ = M.answer_selection_per_question(questions, scores, positive)
-            out[name] = S.bootstrap_mean_difference(
-                np.array([100.0 * mine[q][0] for q in base]),
-                np.array([100.0 * base[q][0] for q in base]),
-                "question",
-                resamples,
-                seed,
-            )
+            ap_of = {q: ap for q, (ap, _) in mine.items()}
+            base_ap = {q: ap for q, (ap, _) in base.items()}
+            out[name] = S.bootstrap_unit_gain(ap_of, base_ap, "question", resamples, seed)
         else:
             labels = test["is_positive" if kind == "pair_classification" else "label"].to_numpy()
             out[name] = S.bootstrap_pair_metric_difference(
@@ -464,21 +460,18 @@ def evaluate_ir_dataset(
         ranking = system.rank(qtexts, docs, IR_DEPTH)
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
         run = M.ranking_to_run(qids, doc_ids, ranking)
-        entry["metrics"][sys_name] = M.ir_metrics(qrels_dict, run)
-        per_query[sys_name] = M.ir_per_query(qrels_dict, run)[0]
+        per_query[sys_name], no_relevant = M.ir_per_query(qrels_dict, run)
+        entry["metrics"][sys_name] = M.ir_summary(per_query[sys_name], no_relevant, run)
         if isinstance(system, TeacherScorer):
             entry["teacher_protocol"] = f"re-ranks BM25 top {system.rerank_depth} per query"
     if resamples and BASELINE in per_query:
-        base = per_query[BASELINE]
+        main = entry["main_metric"]
+        base = {q: values[main] for q, values in per_query[BASELINE].items()}
         entry["vs_bi_encoder"] = {
-            name: S.bootstrap_mean_difference(
-                np.array([100.0 * values[q][entry["main_metric"]] for q in base]),
-                np.array([100.0 * base[q][entry["main_metric"]] for q in base]),
-                "query",
-                resamples,
-                seed,
+            name: S.bootstrap_unit_gain(
+                {q: v[main] for q, v in by_query.items()}, base, "query", resamples, seed
             )
-            for name, values in per_query.items()
+            for name, by_query in per_query.items()
             if name != BASELINE
         }
     return entry

@@ -240,6 +240,13 @@ def ir_metrics(
     queries that have a relevant document, with the counts of the queries left out or unranked.
     """
     per_query, no_relevant = ir_per_query(qrels, run)
+    return ir_summary(per_query, no_relevant, run)
+
+
+def ir_summary(
+    per_query: Mapping[str, Mapping[str, float]], no_relevant: int, run: Mapping[str, Mapping[str, float]]
+) -> dict[str, float]:
+    """The means of :func:`ir_per_query`'s values in points, with the query counts (see ir_metrics)."""
     out = {key: 100.0 * float(np.mean([pq[key] for pq in per_query.values()])) for key in IR_MEASURES}
     ranked = {str(q) for q, docs in run.items() if docs}
     out.update(

@@ -17,7 +17,7 @@ the other side of zero, doubled (capped at 1). Pure numpy; seeded.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -63,6 +63,27 @@ def bootstrap_mean_difference(
     diff = values - baseline
     index = _resample_indices(diff.size, resamples, seed)
     return _summary(float(diff.mean()), diff[index].mean(axis=1), unit, diff.size)
+
+
+def bootstrap_unit_gain(
+    values: Mapping[str, float],
+    baseline: Mapping[str, float],
+    unit: str,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> dict[str, float | int | str]:
+    """:func:`bootstrap_mean_difference` of per-unit values keyed by unit id (query, question),
+    in points (x100); the baseline's units, in its order, are the ones compared."""
+    missing = [u for u in baseline if u not in values]
+    if missing:
+        raise ValueError(f"{len(missing)} {unit}(s) of the baseline have no value, e.g. {missing[0]!r}")
+    return bootstrap_mean_difference(
+        np.array([100.0 * values[u] for u in baseline]),
+        np.array([100.0 * baseline[u] for u in baseline]),
+        unit,
+        resamples,
+        seed,
+    )
 
 
 def bootstrap_pair_metric_difference(

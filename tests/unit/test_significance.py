@@ -133,3 +133,17 @@ def test_gain_figure_draws_each_system_with_its_interval():
     spans = [segment[:, 0].tolist() for segment in bars.get_segments()]
     assert spans == [[3.0, 6.0], [-0.5, 2.5]]  # each point's 95% interval
     assert gain_figure(_report(with_intervals=False)) is None
+
+
+def test_unit_gain_aligns_units_by_id_in_points():
+    from d2llm.evaluation.significance import bootstrap_unit_gain
+
+    base = {"q1": 0.2, "q2": 0.5, "q3": 0.9}
+    values = {"q3": 1.0, "q1": 0.4, "q2": 0.5, "extra": 0.0}  # other order; extra units ignored
+    out = bootstrap_unit_gain(values, base, "query", resamples=300, seed=0)
+    mine, theirs = np.array([40.0, 50.0, 100.0]), np.array([20.0, 50.0, 90.0])
+    direct = bootstrap_mean_difference(mine, theirs, "query", 300)
+    assert out["delta"] == pytest.approx(10.0) and out["ci95"] == pytest.approx(direct["ci95"])
+    assert (out["n_units"], out["unit"]) == (3, "query")
+    with pytest.raises(ValueError, match=r"1 query\(s\) of the baseline have no value, e.g. 'q2'"):
+        bootstrap_unit_gain({"q1": 0.1, "q3": 0.2}, base, "query")

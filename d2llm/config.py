@@ -475,7 +475,7 @@ class SearchConfig(_Section):
     # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, from there on the
     # approximate index ann_index names (built by `d2llm index`, saved as ann.faiss). IVF by
     # default: on CPUs it builds 1M vectors in ~2 min of one core with the exact top 10, where
-    # HNSW took 5x the CPU even at efConstruction 40 and kept 79% (docs/benchmarks.md).
+    # HNSW took 3x the CPU even at efConstruction 40 and kept 79% (docs/benchmarks.md).
     ann_min_size: int = Field(default=100_000, ge=1)
     ann_index: Literal["hnsw", "ivf"] = "ivf"
     # HNSW graph: links per vector and build breadth (build time), search breadth (query time).

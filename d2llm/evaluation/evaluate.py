@@ -389,23 +389,27 @@ def pair_comparisons(
     """
     if BASELINE not in scored:
         return {}
-    out = {}
-    for name, scores in scored.items():
-        if name == BASELINE:
-            continue
-        if kind == "answer_selection":
-            questions, positive = test["text_a"].tolist(), test["is_positive"].to_numpy()
-            base, _ = M.answer_selection_per_question(questions, scored[BASELINE], positive)
-            mine, _ = M.answer_selection_per_question(questions, scores, positive)
-            ap_of = {q: ap for q, (ap, _) in mine.items()}
-            base_ap = {q: ap for q, (ap, _) in base.items()}
-            out[name] = S.bootstrap_unit_gain(ap_of, base_ap, "question", resamples, seed)
-        else:
-            labels = test["is_positive" if kind == "pair_classification" else "label"].to_numpy()
-            out[name] = S.bootstrap_pair_metric_difference(
-                S.pair_metric(metric), scores, scored[BASELINE], labels, resamples, seed
-            )
-    return out
+    others = {name: scores for name, scores in scored.items() if name != BASELINE}
+    if kind == "answer_selection":
+        # MAP is a mean over questions: resample questions, comparing each one's AP.
+        questions, positive = test["text_a"].tolist(), test["is_positive"].to_numpy()
+
+        def question_ap(scores: np.ndarray) -> dict[str, float]:
+            per_question, _ = M.answer_selection_per_question(questions, scores, positive)
+            return {q: ap for q, (ap, _) in per_question.items()}
+
+        base = question_ap(scored[BASELINE])
+        return {
+            name: S.bootstrap_unit_gain(question_ap(scores), base, "question", resamples, seed)
+            for name, scores in others.items()
+        }
+    labels = test["is_positive" if kind == "pair_classification" else "label"].to_numpy()
+    return {
+        name: S.bootstrap_pair_metric_difference(
+            S.pair_metric(metric), scores, scored[BASELINE], labels, resamples, seed
+        )
+        for name, scores in others.items()
+    }
 
 
 def evaluate_ir_dataset(

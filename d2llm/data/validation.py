@@ -1,7 +1,8 @@
 """Great Expectations suites for the prepared tables, one per table kind (pairs, corpus, queries, qrels).
 
-``validate_prepared`` runs every suite against ``data/prepared``, writes the results as JSON and
-a Data Docs HTML site under ``report_dir`` on every run (pass or fail: a failed run is exactly
+``validate_prepared`` runs every suite against ``data/prepared``, writes the verdict per table
+(``validation_results.json``), GX's full results (``gx_results.json``) and a Data Docs HTML site
+under ``report_dir`` on every run (pass or fail: a failed run is exactly
 when someone needs to read the report), and raises DataValidationError naming the dataset,
 expectation, column, unexpected count and a few examples of each failure.
 
@@ -37,7 +38,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEAK_COLUMN = "leaked_from_train"  # helper column: the pair text when a test pair is also in train
+# The verdict per table, and nothing that changes from run to run on the same data: DVC's mine
+# and teacher-finetune stages depend on this file, so a rerun of validation that passes again
+# must not rerun them. GX's own results (run times, random ids) go to GX_RESULTS_FILE.
 RESULTS_FILE = "validation_results.json"
+GX_RESULTS_FILE = "gx_results.json"
 MAX_EXAMPLES = 5
 
 
@@ -284,6 +289,10 @@ def _tables(params: Params, prepared_dir: Path) -> list[tuple[str, pd.DataFrame,
     return out
 
 
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+
+
 def validate_prepared(params: Params, prepared_dir: str | Path, report_dir: str | Path) -> ValidationSummary:
     """Run every suite, write JSON results and Data Docs, raise DataValidationError on any failure."""
     prepared_dir, report_dir = Path(prepared_dir), Path(report_dir)
@@ -303,8 +312,8 @@ def validate_prepared(params: Params, prepared_dir: str | Path, report_dir: str 
         results_path=report_dir / RESULTS_FILE,
         docs_index=docs_index if docs_index.exists() else None,
     )
-    payload = summary.to_json() | {"prepared_dir": str(prepared_dir), "gx_results": raw}
-    summary.results_path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
+    _write_json(report_dir / GX_RESULTS_FILE, raw)
+    _write_json(summary.results_path, summary.to_json() | {"prepared_dir": str(prepared_dir)})
     if not summary.success:
         raise DataValidationError(
             f"{len(summary.failures)} expectation(s) failed on {prepared_dir} "

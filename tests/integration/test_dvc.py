@@ -105,6 +105,17 @@ def test_changing_the_learning_rate_reruns_only_train_and_evaluate(reproduced: d
     project.git("commit", "-q", "-am", "lr 0.003")
 
 
+def test_a_validation_that_passes_again_reruns_nothing_after_it(reproduced: dict) -> None:
+    # mine and teacher-finetune depend on the validation verdict: GX's run times and random ids
+    # must not reach that file, or every revalidation would rerun the whole pipeline.
+    project = reproduced["project"]
+    project.set_param("validation.max_text_chars", 50000)
+    done = project.dvc("repro")
+    assert stages_run(done.stdout) == ["validate"]
+    assert "Data and pipelines are up to date." in project.dvc("status").stdout
+    project.git("commit", "-q", "-am", "max_text_chars 50000")
+
+
 def test_push_wipe_pull_restores_every_cached_output(reproduced: dict) -> None:
     project = reproduced["project"]
     root = project.root

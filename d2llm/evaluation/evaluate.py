@@ -4,8 +4,9 @@
   cosine). This is where the student starts from: the floor.
 - ``teacher``: the cross-encoder / LLM judge, score = probability of "yes". The ceiling, but
   one joint forward pass per (query, candidate). For IR it re-ranks BM25's top
-  ``teacher_rerank_depth`` (100) per query: scoring the whole corpus per query is exactly the
-  cost D2LLM exists to avoid, and re-ranking a first stage is how a cross-encoder is deployed.
+  ``teacher_rerank_depth`` per query (code default 100, the preset 10): scoring the whole corpus
+  per query is exactly the cost D2LLM exists to avoid, and re-ranking a first stage is how a
+  cross-encoder is deployed.
 - ``student``: the D2LLM student, score = IEM logit; for IR the full corpus is ranked by the IEM
   over cached passage projections (one query pass + N cheap IEM evaluations).
 - ``bm25``: lexical baseline, IR only.

@@ -368,6 +368,18 @@ def test_distilling_a_teacher_with_learnable_structure_raises_the_dev_metric(
     assert sum(losses[-10:]) < 0.25 * sum(losses[:10])
 
 
+def test_evaluations_fall_every_interval_and_at_the_end_without_a_near_duplicate() -> None:
+    from d2llm.training import is_evaluation_step
+
+    def steps(total: int, every: int) -> list[int]:
+        return [s for s in range(1, total + 1) if is_evaluation_step(s, total, every)]
+
+    assert steps(120, 60) == [60, 120]
+    assert steps(303, 60) == [60, 120, 180, 240, 303]  # 300 would measure nearly step 303's student
+    assert steps(330, 60) == [60, 120, 180, 240, 300, 330]  # half an interval before the end: kept
+    assert steps(3, 100) == [3]
+
+
 def test_balanced_group_sampling_gives_every_dataset_an_equal_share() -> None:
     """``training.group_sampling``: shuffle is a permutation (datasets in proportion to their
     groups); balanced takes the datasets in turn, a small dataset's groups repeated."""

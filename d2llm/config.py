@@ -453,8 +453,10 @@ class EvaluationConfig(_Section):
     # Dev splits that decide promotion (never the test sets above); see d2llm.evaluation.dev.
     validation_datasets: list[str] = Field(default_factory=lambda: ["sick"], min_length=1)
     max_validation_pairs: int | None = Field(default=1000, ge=1)  # per dataset, seeded sample
-    # The teacher re-ranks BM25's top M per query (scoring the full corpus is what D2LLM avoids).
+    # The teacher re-ranks the top M per query of a first stage (scoring the full corpus is what
+    # D2LLM avoids): BM25, or the bi-encoder (the first stage a fused teacher is built on).
     teacher_rerank_depth: int = Field(default=100, ge=1)
+    teacher_first_stage: Literal["bm25", "bi-encoder"] = "bm25"
     batch_size: int = Field(default=64, ge=1)
     # Paired-bootstrap resamples for each system's 95% interval of its gain over the bi-encoder
     # on a test set's main metric (0: no intervals); d2llm.evaluation.significance.

@@ -3,10 +3,10 @@
 - ``bi-encoder``: the backbone as a plain bi-encoder (mean pooling of the last hidden state,
   cosine). This is where the student starts from: the floor.
 - ``teacher``: the cross-encoder / LLM judge, score = probability of "yes". The ceiling, but
-  one joint forward pass per (query, candidate). For IR it re-ranks BM25's top
-  ``teacher_rerank_depth`` per query (code default 100, the preset 10): scoring the whole corpus
-  per query is exactly the cost D2LLM exists to avoid, and re-ranking a first stage is how a
-  cross-encoder is deployed.
+  one joint forward pass per (query, candidate). For IR it re-ranks the top
+  ``teacher_rerank_depth`` of ``teacher_first_stage`` (BM25 or the bi-encoder) per query: scoring
+  the whole corpus per query is exactly the cost D2LLM exists to avoid, and re-ranking a first
+  stage is how a cross-encoder is deployed.
 - ``student``: the D2LLM student, score = IEM logit; for IR the full corpus is ranked by the IEM
   over cached passage projections (one query pass + N cheap IEM evaluations).
 - ``bm25``: lexical baseline, IR only.
@@ -148,7 +148,8 @@ class StudentScorer:
 
 
 class TeacherScorer:
-    """The teacher, score = probability of yes; for IR it re-ranks BM25's top ``rerank_depth``.
+    """The teacher, score = probability of yes; for IR it re-ranks the top ``rerank_depth`` of a
+    first stage (``first_stage``: any system with ``rank``; BM25 when None).
 
     With ``fused`` (``teacher.fusion: biencoder``) the score is the teacher fused with the
     bi-encoder, with the weights of the dataset set by :meth:`for_dataset`: the very scores the
@@ -165,10 +166,12 @@ class TeacherScorer:
         rerank_depth: int = 100,
         fused: Any = None,
         name: str = "teacher",
+        first_stage: Any = None,
     ):
         self.teacher = teacher
         self.temperature = temperature
         self.rerank_depth = rerank_depth
+        self.first_stage = first_stage if first_stage is not None else Bm25System()
         self.fused = fused  # d2llm.labelling.Fused or None
         self.name = name
         self.dataset = ""
@@ -197,8 +200,8 @@ class TeacherScorer:
         return probabilities(logits, self.temperature).numpy()
 
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
-        bm25 = Bm25Ranker(corpus)
-        candidates = [bm25.top(q, self.rerank_depth) for q in queries]
+        hits = self.first_stage.rank(queries, corpus, self.rerank_depth)
+        candidates = [[position for position, _ in row] for row in hits]
         # One scoring call over all (query, candidate) pairs: the teacher batches them by length.
         pairs_a = [q for q, cand in zip(queries, candidates, strict=True) for _ in cand]
         pairs_b = [corpus[p] for cand in candidates for p in cand]
@@ -263,7 +266,10 @@ def load_systems(
         fused = load_fused(params, teacher_dir, required=False)
         if fused is not None:
             fused.encoder = systems["bi-encoder"]  # the same model: share its vectors
-        scorer = TeacherScorer(teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused)
+        first_stage = systems["bi-encoder"] if ev.teacher_first_stage == "bi-encoder" else systems["bm25"]
+        scorer = TeacherScorer(
+            teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused, first_stage=first_stage
+        )
         systems["teacher"] = scorer
         if fused is None and params.teacher.fusion != "none":
             notes.append(f"teacher scored alone: the teacher in {teacher_dir} has no fusion weights")
@@ -468,7 +474,8 @@ def evaluate_ir_dataset(
         per_query[sys_name], no_relevant = M.ir_per_query(qrels_dict, run)
         entry["metrics"][sys_name] = M.ir_summary(per_query[sys_name], no_relevant, run)
         if isinstance(system, TeacherScorer):
-            entry["teacher_protocol"] = f"re-ranks BM25 top {system.rerank_depth} per query"
+            first = "BM25" if system.first_stage.name == "bm25" else system.first_stage.name
+            entry["teacher_protocol"] = f"re-ranks {first} top {system.rerank_depth} per query"
     if resamples and BASELINE in per_query:
         main = entry["main_metric"]
         base = {q: values[main] for q, values in per_query[BASELINE].items()}

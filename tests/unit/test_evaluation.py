@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import numpy as np
@@ -192,6 +193,22 @@ def test_teacher_ranking_reranks_bm25_top_m(models):
     assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
 
 
+def test_teacher_ranking_can_rerank_the_bi_encoders_top_m(models):
+    """``evaluation.teacher_first_stage: bi-encoder``: the candidates are the bi-encoder's top M
+    (where they differ from BM25's), re-ordered by the teacher's own scores."""
+    bi = models["bi-encoder"]
+    teacher = copy.copy(models["teacher"])
+    teacher.first_stage = bi
+    corpus, query = list(DOCS.values()), "who plays a guitar"
+    ranking = teacher.rank([query], corpus, depth=100)[0]
+    bi_top = {p for p, _ in bi.rank([query], corpus, 5)[0]}
+    bm25_top = {p for p, _ in Bm25System().rank([query], corpus, 5)[0]}
+    assert bi_top != bm25_top  # the test tells the two first stages apart
+    assert len(ranking) == 5 and {p for p, _ in ranking} == bi_top
+    direct = teacher.score_pairs([query] * 5, [corpus[p] for p, _ in ranking], "asym")
+    np.testing.assert_allclose([s for _, s in ranking], direct, rtol=1e-5)
+
+
 def test_student_ranking_matches_search_over_an_index(models, tmp_path):
     scorer: StudentScorer = models["student"]
     corpus = pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())})
@@ -344,6 +361,11 @@ def test_load_systems_restores_a_saved_student_and_teacher(tiny_bert_dir, tmp_pa
     np.testing.assert_allclose(
         systems["teacher"].score_pairs(a, b, "sym"), models["teacher"].score_pairs(a, b, "sym"), rtol=1e-5
     )
+    assert systems["teacher"].first_stage is not systems["bi-encoder"]  # BM25, the code default
+    raw = params.model_dump(mode="json")
+    raw["evaluation"]["teacher_first_stage"] = "bi-encoder"
+    systems, _ = load_systems(params_from_dict(raw), tmp_path / "teacher", None)
+    assert systems["teacher"].first_stage is systems["bi-encoder"]
 
 
 def test_format_table_marks_missing_values_and_notes():

@@ -274,18 +274,22 @@ def ranking_to_run(
     return run
 
 
-def gain_recovered(baseline: float | None, teacher: float | None, student: float | None) -> float | None:
+def gain_recovered(
+    baseline: float | None, teacher: float | None, student: float | None, min_gain: float = 0.0
+) -> float | None:
     """Fraction of the teacher's gain over the baseline that the student recovers.
 
     (student - baseline) / (teacher - baseline): 1 means the student matches the teacher,
     0 means it is no better than the baseline, above 1 that it beats the teacher. None when a
-    value is missing or the teacher does not beat the baseline: there is no gain to recover.
+    value is missing or the teacher does not beat the baseline by more than ``min_gain``: there
+    is no gain to recover, or one so small that its share is noise (a 0.2-point gain turns a
+    0.4-point difference into 200%).
     """
     if baseline is None or teacher is None or student is None:
         return None
     if any(isinstance(v, float) and math.isnan(v) for v in (baseline, teacher, student)):
         return None
     gain = teacher - baseline
-    if gain <= 1e-9:
+    if gain <= max(min_gain, 1e-9):
         return None
     return float((student - baseline) / gain)

@@ -172,6 +172,9 @@ def test_gain_recovered():
     assert M.gain_recovered(50.0, 80.0, 50.0) == pytest.approx(0.0)
     assert M.gain_recovered(50.0, 80.0, 86.0) == pytest.approx(1.2)
     assert M.gain_recovered(50.0, 50.0, 60.0) is None  # no gain to recover
+    assert M.gain_recovered(50.0, 50.2, 50.4) == pytest.approx(2.0)
+    assert M.gain_recovered(50.0, 50.2, 50.4, min_gain=1.0) is None  # a share of noise
+    assert M.gain_recovered(50.0, 52.0, 51.0, min_gain=1.0) == pytest.approx(0.5)
     assert M.gain_recovered(50.0, 40.0, 60.0) is None
     assert M.gain_recovered(50.0, None, 60.0) is None
     assert M.gain_recovered(50.0, math.nan, 60.0) is None

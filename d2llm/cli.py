@@ -117,17 +117,15 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
     Started by torchrun (by hand, on one node or several, or by ``run_training``), this process
     is one rank; rank 0 alone writes the summary and curves.
     """
-    import json
-
     from d2llm.distributed import env_rank
+    from d2llm.jsonfile import write_json
     from d2llm.training import run_training, write_curves
 
     prepared_dir = args.prepared_dir or params.data.prepared_dir
     result = run_training(params, args.labels_dir, prepared_dir, args.out_dir, resume=not args.no_resume)
     if env_rank() != 0:
         return 0
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(result.to_dict(), indent=1), encoding="utf-8")
+    write_json(args.metrics, result.to_dict(), indent=1)
     write_curves(result.history, args.plots_dir)
     print(
         f"dev mean of {params.training.dev_datasets}: start {result.initial_metric:.2f} -> "

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from d2llm.errors import ArtifactError, ConfigError, DataError
+from d2llm.jsonfile import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -244,12 +245,6 @@ def _write_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
     tmp.replace(path)
 
 
-def _write_json(data: dict[str, Any], path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    tmp.replace(path)
-
-
 def _prepare_out_dir(out_dir: Path, manifest: dict[str, Any], overwrite: bool) -> dict[str, Any] | None:
     """The existing manifest when ``out_dir`` holds this same labelling; clears or refuses otherwise."""
     existing_file = out_dir / MANIFEST_FILE
@@ -387,7 +382,7 @@ def plan_labelling(
         return LabellingPlan(out_dir, manifest, groups, shards, [], summary, complete=True)
     previous_scoring = existing.get("scoring") if existing else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_json(manifest, out_dir / MANIFEST_FILE)
+    write_json(out_dir / MANIFEST_FILE, manifest)
     tmp = out_dir / (GROUPS_FILE + ".tmp")
     groups.to_parquet(tmp, index=False)
     tmp.replace(out_dir / GROUPS_FILE)
@@ -473,7 +468,7 @@ def finalise_labelling(
     if scoring is None:
         scoring = plan.previous_scoring or {"engine": cfg["engine"]}
     complete = {**cfg, "complete": True, "num_shards": len(plan.shards), "scoring": scoring}
-    _write_json(complete, plan.out_dir / MANIFEST_FILE)
+    write_json(plan.out_dir / MANIFEST_FILE, complete)
     scored = len(plan.missing)
     log.info(
         "labelled %d groups in %d shards (%d scored, %d reused)",

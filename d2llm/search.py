@@ -41,6 +41,7 @@ import numpy as np
 
 from d2llm.ann import ANN_FILE, AnnKind, VectorIndex, ann_kind
 from d2llm.errors import ArtifactError
+from d2llm.jsonfile import write_json
 from d2llm.passages import PassageSpans, passage_window, split_passages
 
 if TYPE_CHECKING:
@@ -312,7 +313,7 @@ def build_index(
         "cache_dim": cache_dim,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    (out_dir / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / MANIFEST_FILE, manifest)
     return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search, cfg.ivf_nprobe)
 
 

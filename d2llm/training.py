@@ -28,6 +28,7 @@ import torch
 from d2llm.config import Params, ScoringKey
 from d2llm.errors import ArtifactError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric
+from d2llm.jsonfile import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -594,9 +595,8 @@ def train_student(
             history=state.history,
         )
         if ranks.is_main:
-            (out_dir / HISTORY_FILE).write_text(
-                json.dumps({"summary": result.to_dict(), "history": result.history}, indent=1),
-                encoding="utf-8",
+            write_json(
+                out_dir / HISTORY_FILE, {"summary": result.to_dict(), "history": result.history}, indent=1
             )
     return result
 
@@ -636,7 +636,7 @@ def write_curves(history: list[dict[str, Any]], plots_dir: Path) -> None:
     plots_dir.mkdir(parents=True, exist_ok=True)
     for name, key in (("dev_metric", "dev_metric"), ("train_loss", "loss_total")):
         records = [record for record in history if key in record]
-        (plots_dir / f"{name}.json").write_text(json.dumps(records, indent=1), encoding="utf-8")
+        write_json(plots_dir / f"{name}.json", records, indent=1)
 
 
 def history_frame(history: list[dict[str, Any]]) -> pd.DataFrame:

@@ -18,7 +18,6 @@ Run it: ``python -m flows.pipeline`` (the README's ``make run``), or through the
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from d2llm import layout, stages
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 from d2llm.fingerprint import code_fingerprint, path_fingerprint
+from d2llm.jsonfile import write_json
 from d2llm.lock import pipeline_lock
 from d2llm.stages import cache_key
 
@@ -118,7 +118,7 @@ def teacher_finetune(params: Params, key: dict[str, Any]) -> str:
         report = finetune_teacher(params, params.data.prepared_dir, layout.TEACHER_DIR)
         report.pop("history", None)
         log_metrics_dict(report, prefix="teacher")
-    _write_json(layout.TEACHER_METRICS, report)
+    write_json(layout.TEACHER_METRICS, report, indent=1, default=str)
     return path_fingerprint(layout.TEACHER_DIR)
 
 
@@ -169,7 +169,7 @@ def train(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         log_training_curve(result.history)
         log_metrics_dict(result.to_dict(), prefix="train")
     summary = result.to_dict()
-    _write_json(layout.TRAIN_METRICS, summary)
+    write_json(layout.TRAIN_METRICS, summary, indent=1, default=str)
     write_curves(result.history, layout.PLOTS_DIR)
     return {"fingerprint": path_fingerprint(layout.STUDENT_DIR), **summary}
 
@@ -222,11 +222,6 @@ def register(params: Params, metrics: dict[str, float], eval_data_id: str, stude
 
 
 # --------------------------------------------------------------------------- flow
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
 
 
 def _log_artifacts(run: Any, path: str | Path, artifact_path: str) -> None:

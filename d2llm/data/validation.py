@@ -12,7 +12,6 @@ column that a plain expectation then checks, so that every rule shows up in the 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from d2llm.data.schema import (
 )
 from d2llm.data.tables import load_ir, load_pairs, read_manifest
 from d2llm.errors import DataValidationError, clip
+from d2llm.jsonfile import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -289,10 +289,6 @@ def _tables(params: Params, prepared_dir: Path) -> list[tuple[str, pd.DataFrame,
     return out
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-
-
 def validate_prepared(params: Params, prepared_dir: str | Path, report_dir: str | Path) -> ValidationSummary:
     """Run every suite, write JSON results and Data Docs, raise DataValidationError on any failure."""
     prepared_dir, report_dir = Path(prepared_dir), Path(report_dir)
@@ -312,8 +308,8 @@ def validate_prepared(params: Params, prepared_dir: str | Path, report_dir: str 
         results_path=report_dir / RESULTS_FILE,
         docs_index=docs_index if docs_index.exists() else None,
     )
-    _write_json(report_dir / GX_RESULTS_FILE, raw)
-    _write_json(summary.results_path, summary.to_json() | {"prepared_dir": str(prepared_dir)})
+    write_json(report_dir / GX_RESULTS_FILE, raw, default=str)
+    write_json(summary.results_path, summary.to_json() | {"prepared_dir": str(prepared_dir)}, default=str)
     if not summary.success:
         raise DataValidationError(
             f"{len(summary.failures)} expectation(s) failed on {prepared_dir} "

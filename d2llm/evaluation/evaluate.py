@@ -18,7 +18,6 @@ them. Every number lands in one JSON file together with the data it came from.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -34,6 +33,7 @@ from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation import significance as S
 from d2llm.evaluation.dev import dataset_metric
+from d2llm.jsonfile import write_json
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
 
 if TYPE_CHECKING:
@@ -650,9 +650,7 @@ def evaluate_systems(
         }
     )
     if output is not None:
-        output = Path(output)
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        write_json(output, results)
     return results
 
 

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from d2llm.batching import Encoding, iter_batches
 from d2llm.errors import DataError, ModelError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_set, mean_metric
+from d2llm.jsonfile import write_json
 from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher, load_teacher
 from d2llm.teachers.fusion import FusionTable, fit_fusion
@@ -173,12 +174,7 @@ DEV_REPORT_FILE = "dev_report.json"
 
 
 def write_dev_report(teacher_dir: str | Path, report: dict[str, Any]) -> None:
-    import json
-
-    path = Path(teacher_dir) / DEV_REPORT_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
-    tmp.replace(path)
+    write_json(Path(teacher_dir) / DEV_REPORT_FILE, report, indent=1, sort_keys=True)
 
 
 def load_fusion(teacher_dir: str | Path) -> FusionTable | None:

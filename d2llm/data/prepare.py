@@ -14,7 +14,6 @@ Layout of ``out_dir`` (the contract in docs/architecture.md):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import shutil
 import sys
@@ -31,6 +30,7 @@ from d2llm.data.custom import load_custom, load_custom_ir
 from d2llm.data.schema import SPLITS, DatasetSpec, asym_positive_pairs, pair_key
 from d2llm.data.sources import IRCollection, parse_source
 from d2llm.errors import DataError
+from d2llm.jsonfile import write_json
 
 log = logging.getLogger(__name__)
 
@@ -191,8 +191,7 @@ def _write(data: PreparedData, folder: Path) -> dict[str, Any]:
         "notes": data.notes,
         "raw_inputs": {key: sha256_file(path) for key, path in sorted(data.files.items())},
     }
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    (folder / MANIFEST).write_text(text, encoding="utf-8")
+    write_json(folder / MANIFEST, manifest, ensure_ascii=False)
     return manifest
 
 

@@ -267,7 +267,8 @@ def load_systems(
         fused = load_fused(params, teacher_dir, required=False)
         if fused is not None:
             fused.encoder = systems["bi-encoder"]  # the same model: share its vectors
-        first_stage = systems["bi-encoder"] if ev.teacher_first_stage == "bi-encoder" else systems["bm25"]
+        # teacher_first_stage names one of the systems above ("bm25" or "bi-encoder").
+        first_stage = systems[ev.teacher_first_stage]
         scorer = TeacherScorer(
             teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused, first_stage=first_stage
         )

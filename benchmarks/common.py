@@ -265,7 +265,7 @@ def load_teacher(params: Params, teacher_dir: Path | None) -> tuple[Any, str]:
     A cross-encoder's untrained head changes its scores, not its cost.
     """
     from d2llm.teachers.base import TEACHER_JSON
-    from d2llm.teachers.base import load_teacher as load
+    from d2llm.teachers.factory import load_teacher as load
 
     if teacher_dir is not None and (Path(teacher_dir) / TEACHER_JSON).is_file():
         return load(params.teacher, teacher_dir, params.device), f"saved ({teacher_dir})"

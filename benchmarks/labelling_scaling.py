@@ -84,7 +84,8 @@ def synthetic_negatives(prepared_dir: Path, args: argparse.Namespace):
 
 def teacher_folder(params: Any, teacher_dir: Path, scratch: Path) -> tuple[Path, str]:
     """The saved teacher, or the configured base model saved as a reference in ``scratch``."""
-    from d2llm.teachers.base import TEACHER_JSON, load_teacher
+    from d2llm.teachers.base import TEACHER_JSON
+    from d2llm.teachers.factory import load_teacher
 
     if (teacher_dir / TEACHER_JSON).is_file():
         return teacher_dir, f"saved ({teacher_dir})"
@@ -114,7 +115,7 @@ def run_config(params: Any, args: argparse.Namespace, workers: int) -> Any:
 
 def label_once(params: Any, negatives: Path, teacher: Path, out_dir: Path) -> dict[str, Any]:
     from d2llm.labelling import finalise_labelling, plan_labelling
-    from d2llm.labelling_ray import score_on_ray
+    from d2llm.labelling.ray_executor import score_on_ray
 
     shutil.rmtree(out_dir, ignore_errors=True)
     plan = plan_labelling(params, negatives, teacher, out_dir)

@@ -1,7 +1,9 @@
 """The backbone read as a plain bi-encoder: masked mean of the last hidden states, L2-normalised.
 
 One implementation serves as the mining encoder, the baseline of every evaluation and the
-baseline the teacher is checked against, so "the bi-encoder" means the same thing everywhere.
+baseline the teacher is checked against, so "the bi-encoder" means the same thing everywhere:
+``baseline_encoder(params)`` builds it from the student's backbone settings, ``pair_cosines``
+scores pairs with it (the bi-encoder rows of evaluation, the teacher's dev report, fusion).
 
 Batches are always padded on the right, whatever the tokenizer's ``padding_side``: every text
 then sits at positions 0..n-1, the positions every model gives it when it is encoded alone, and a
@@ -17,7 +19,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from d2llm.config import Params
 
 
 class MeanPoolEncoder:
@@ -73,3 +78,27 @@ class MeanPoolEncoder:
                 desc="bi-encoder",
             )
         return vectors
+
+
+def baseline_encoder(params: Params) -> MeanPoolEncoder:
+    """The student's backbone read as a plain bi-encoder (mean pooling, cosine)."""
+    student = params.student
+    return MeanPoolEncoder.from_ref(
+        student.backbone,
+        student.gguf_file,
+        student.trust_remote_code,
+        max_length=student.max_length,
+        device=params.device,
+    )
+
+
+def pair_cosines(
+    encoder: MeanPoolEncoder, pairs: Sequence[tuple[str, str]], show_progress: bool = False
+) -> np.ndarray:
+    """Cosine of each pair's two texts; each distinct text is encoded once."""
+    texts = list(dict.fromkeys([a for a, _ in pairs] + [b for _, b in pairs]))
+    row = {t: i for i, t in enumerate(texts)}
+    vectors = encoder.encode(texts, show_progress=show_progress)
+    a = vectors[[row[x] for x, _ in pairs]]
+    b = vectors[[row[y] for _, y in pairs]]
+    return (a * b).sum(dim=1).double().numpy()

@@ -60,6 +60,38 @@ def _parse_override(text: str) -> tuple[str, Any]:
 # --------------------------------------------------------------------------- commands
 
 
+def _fetch_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-dir", type=Path, help="where the sources go (default: data.raw_dir)")
+    p.add_argument(
+        "--mirror",
+        type=Path,
+        help="a folder of <folder>/<file> copies, tried first "
+        "(default: $D2LLM_DATA_MIRROR; then ../shared/data)",
+    )
+    p.add_argument("--catalog", type=Path, default=layout.CATALOG, help="the data catalogue")
+    p.add_argument(
+        "--source", action="append", help="fetch this source only (repeatable; default: data.sources)"
+    )
+    p.add_argument("--no-download", action="store_true", help="mirrors only: never use the network")
+
+
+@command("fetch-data", "fetch the raw datasets of data.sources (mirror or pinned URL), verified by sha256")
+@arguments(_fetch_args)
+def cmd_fetch_data(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.data.catalog import load_catalog
+    from d2llm.data.fetch import fetch_data, mirror_places
+
+    report = fetch_data(
+        load_catalog(args.catalog),
+        args.source or params.data.sources,
+        args.raw_dir or params.data.raw_dir,
+        mirror_places(args.mirror),
+        download=not args.no_download,
+    )
+    print(report.describe())
+    return 0
+
+
 def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--raw-dir", type=Path, help="shipped raw data (default: data.raw_dir)")
     p.add_argument("--out-dir", type=Path, help="canonical tables (default: data.prepared_dir)")

@@ -119,7 +119,24 @@ class DataConfig(_Section):
     prepared_dir: Path = Path("data/prepared")
     # Built-in sources to prepare (parsers in d2llm.data.sources).
     sources: list[
-        Literal["stsb_en", "sick", "snli", "trecqa", "cranfield", "cisi", "stsb_zh", "ocnli", "atec"]
+        Literal[
+            "stsb_en",
+            "sick",
+            "snli",
+            "trecqa",
+            "cranfield",
+            "cisi",
+            "stsb_zh",
+            "ocnli",
+            "atec",
+            "trecqa_train_all",
+            "wikiqa",
+            "selqa",
+            "rte",
+            "msrp",
+            "twitter_url",
+            "cacm",
+        ]
     ] = [
         "stsb_en",
         "sick",
@@ -127,12 +144,23 @@ class DataConfig(_Section):
         "trecqa",
         "cranfield",
         "cisi",
+        "trecqa_train_all",
+        "wikiqa",
+        "selqa",
+        "rte",
+        "msrp",
+        "twitter_url",
+        "cacm",
     ]
     # SNLI ships only its dev file: this fraction of it becomes a dev split, the rest train.
     snli_dev_fraction: float = Field(default=0.1, gt=0, lt=1)
     # TREC-QA ships train and dev (its test is held out): this hash-chosen share of the train
     # questions becomes dev (for selection); the shipped dev is the test split.
     trecqa_dev_fraction: float = Field(default=0.3, gt=0, lt=1)
+    # SelQA ships one file: this hash-chosen share of its sections (with their questions) becomes dev
+    selqa_dev_fraction: float = Field(default=0.3, gt=0, lt=1)
+    # Twitter URL ships only train: this share, chosen by a hash of the first sentence, becomes dev
+    twitter_url_dev_fraction: float = Field(default=0.1, gt=0, lt=1)
     # IR training pairs derived from documents (title -> body); queries and qrels are never
     # used for training.
     ir_train_pairs: Literal["title_body", "none"] = "title_body"
@@ -154,6 +182,8 @@ class DataConfig(_Section):
             "cisi_titles",
         }
         builtin |= {"stsb_zh", "ocnli", "atec"}
+        builtin |= {"trecqa_train_all", "wikiqa", "selqa", "rte", "msrp", "twitter_url"}
+        builtin |= {"cacm", "cacm_titles"}
         names = [c.name for c in self.custom]
         # An IR collection with train_qrels also produces the pair dataset <name>_train.
         names += [f"{c.name}_train" for c in self.custom if isinstance(c, CustomIRDataset) and c.train_qrels]
@@ -299,7 +329,7 @@ class VLLMEngineConfig(_Section):
 
 class LabellingJobConfig(_Section):
     """Labelling as a Ray job in its own environment (vLLM cannot share Prefect's); see
-    d2llm.labelling_job. The job runs ``d2llm label`` on the cluster, which must see the same
+    d2llm.labelling.ray_job. The job runs ``d2llm label`` on the cluster, which must see the same
     absolute paths (negatives, teacher, labels) as the submitter, e.g. on a shared file system.
     """
 
@@ -463,8 +493,14 @@ class EvaluationConfig(_Section):
     bootstrap_resamples: int = Field(default=1000, ge=0)
 
 
+# How search scores a query (d2llm.search): the IEM over every passage, or over a first stage's top M.
+SearchMode = Literal["full", "two_stage"]
+# The one default: SearchConfig.mode, d2llm.search.search() and a served model without the setting.
+DEFAULT_SEARCH_MODE: SearchMode = "two_stage"
+
+
 class SearchConfig(_Section):
-    mode: Literal["full", "two_stage"] = "two_stage"
+    mode: SearchMode = DEFAULT_SEARCH_MODE
     first_stage: Literal["bm25", "cosine"] = "cosine"
     rerank_depth: int = Field(default=100, ge=1)  # M
     chunk_size: int = Field(default=4096, ge=1)
@@ -541,8 +577,9 @@ class Params(_Section):
     def _dev_datasets_have_a_dev_metric(self) -> Params:
         # Early stopping and promotion score a pair dataset's dev split (d2llm.evaluation.dev):
         # an IR collection, or the train-only pairs derived from one, has no such split.
-        ir = {"cranfield", "cisi"} | {c.name for c in self.data.custom if isinstance(c, CustomIRDataset)}
-        no_dev = {f"{name}_titles" for name in ("cranfield", "cisi")} | {f"{name}_train" for name in ir}
+        builtin_ir = ("cranfield", "cisi", "cacm")
+        ir = set(builtin_ir) | {c.name for c in self.data.custom if isinstance(c, CustomIRDataset)}
+        no_dev = {f"{name}_titles" for name in builtin_ir} | {f"{name}_train" for name in ir}
         for key, names in (
             ("training.dev_datasets", self.training.dev_datasets),
             ("evaluation.validation_datasets", self.evaluation.validation_datasets),

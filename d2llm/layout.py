@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The data catalogue: what `d2llm fetch-data` puts into data.raw_dir and how it checks it.
+CATALOG = Path("data/raw/catalog.yaml")
 NEGATIVES = Path("data/negatives/negatives.parquet")
 TEACHER_DIR = Path("models/teacher")
 LABELS_DIR = Path("data/labels")

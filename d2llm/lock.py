@@ -21,7 +21,7 @@ from d2llm.errors import PipelineLockedError
 
 LOCK_FILE = ".d2llm.lock"
 # Set (to 1) in the environment of a step run on behalf of a process that holds the lock and
-# waits for it: a labelling Ray job (d2llm.labelling_job), the torchrun workers of a training
+# waits for it: a labelling Ray job (d2llm.labelling.ray_job), the torchrun workers of a training
 # step (d2llm.distributed.launch_torchrun). The CLI then does not take it again.
 LOCK_HELD_ENV = "D2LLM_LOCK_HELD_BY_PARENT"
 _POLL_SECONDS = 0.2

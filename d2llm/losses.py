@@ -281,10 +281,6 @@ class D2LLMLoss(nn.Module):
         self.beta, self.gamma, self.eta = cfg.beta, cfg.gamma, cfg.eta
         self.teacher_temperature = teacher_temperature
 
-    @classmethod
-    def from_config(cls, cfg: LossConfig, teacher_temperature: float = 1.0) -> D2LLMLoss:
-        return cls(cfg, teacher_temperature=teacher_temperature)
-
     def forward(
         self,
         z_in: Tensor,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from d2llm.biencoder import MeanPoolEncoder
+from d2llm.data.tables import load_pairs
 from d2llm.errors import DataError
 
 if TYPE_CHECKING:
@@ -251,15 +252,13 @@ def mine_negatives(
     """Mine negatives for ``params.labelling.datasets`` and write them to ``out_path`` (parquet)."""
     import pandas as pd
 
-    from d2llm.teachers.finetune import read_pairs
-
     cfg = params.mining
     prepared_dir = Path(prepared_dir)
     if encoder is None and cfg.method in ("biencoder", "both"):
         encoder = BiEncoder.load(params.student.backbone, cfg, params.device, params.student.gguf_file)
     frames = []
     for name in params.labelling.datasets:
-        mined = mine_dataset(name, read_pairs(prepared_dir, name), prepared_dir, cfg, encoder)
+        mined = mine_dataset(name, load_pairs(prepared_dir, name), prepared_dir, cfg, encoder)
         log.info(
             "%s: %d anchors with %d negatives each (%s)", name, len(mined), cfg.num_negatives, cfg.method
         )

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from d2llm.ann import ANN_FILE, AnnKind, VectorIndex, ann_kind
+from d2llm.config import DEFAULT_SEARCH_MODE, ScoringKey, SearchConfig, SearchMode
 from d2llm.errors import ArtifactError
 from d2llm.jsonfile import write_json
 from d2llm.passages import PassageSpans, passage_window, split_passages
@@ -47,8 +48,6 @@ from d2llm.passages import PassageSpans, passage_window, split_passages
 if TYPE_CHECKING:
     import pandas as pd
     import torch
-
-    from d2llm.config import SearchConfig
 
 INDEX_FORMAT_VERSION = 2
 VECTORS_FILE = "vectors.npy"
@@ -263,8 +262,6 @@ def build_index(
     an approximate first-stage index (``search.ann_index``: HNSW or IVF) is built and saved as
     well. Returns the index, memory-mapped.
     """
-    from d2llm.config import SearchConfig
-
     cfg = search_cfg or SearchConfig()
     missing = {"doc_id", "text"} - set(corpus_df.columns)
     if missing:
@@ -482,7 +479,7 @@ def load_index(
 
 
 def iem_scores(
-    student: Any, e_q: torch.Tensor, cache: torch.Tensor, task: str = "asym", chunk_size: int = 4096
+    student: Any, e_q: torch.Tensor, cache: torch.Tensor, task: ScoringKey = "asym", chunk_size: int = 4096
 ) -> np.ndarray:
     """IEM logits of one query vector ``e_q [1, d]`` against cached passages, ``chunk_size`` at a time."""
     import torch
@@ -544,12 +541,15 @@ def search(
     index: SearchIndex,
     query: str,
     k: int = 10,
-    mode: Literal["full", "two_stage"] = "full",
+    mode: SearchMode = DEFAULT_SEARCH_MODE,
     first_stage: Literal["bm25", "cosine"] = "cosine",
     rerank_depth: int = 100,
     chunk_size: int = 4096,
 ) -> list[SearchHit]:
-    """The top ``k`` documents for ``query`` by their best passage's IEM logit (asym branch)."""
+    """The top ``k`` documents for ``query`` by their best passage's IEM logit (asym branch).
+
+    ``mode`` defaults to ``search.mode``'s default (``DEFAULT_SEARCH_MODE``: two-stage).
+    """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     e_q = _encode_query(student, query)

@@ -220,6 +220,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
     def _search(self, frame: pd.DataFrame) -> pd.DataFrame:
         import pandas as pd
 
+        from d2llm.config import DEFAULT_SEARCH_MODE
         from d2llm.search import search
 
         if self.index is None:
@@ -234,7 +235,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
                 self.index,
                 query,
                 k=k,
-                mode=self.settings.get("mode", "full"),
+                mode=self.settings.get("mode", DEFAULT_SEARCH_MODE),
                 first_stage=self.settings.get("first_stage", "cosine"),
                 rerank_depth=int(self.settings.get("rerank_depth", 100)),
                 chunk_size=int(self.settings.get("chunk_size", 4096)),

@@ -28,6 +28,7 @@ from pydantic_core import to_jsonable_python
 from d2llm.config import Params
 
 RAW = "data/raw"
+CATALOG = "data/raw/catalog.yaml"
 PREPARED = "data/prepared"
 VALIDATED = "reports/validation/validation_results.json"
 NEGATIVES = "data/negatives"
@@ -87,6 +88,13 @@ def _covers(outer: str, inner: str) -> bool:
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
+        # Materialises data/raw/<folder>/ from the catalogue (it reads no other data setting).
+        Stage(
+            "fetch-data",
+            params=("data.sources",),
+            inputs=(CATALOG,),
+            code=("d2llm/data/fetch.py", "d2llm/data/catalog.py"),
+        ),
         Stage("prepare", params=("data",), inputs=(RAW,), code=("d2llm/data",)),
         Stage("validate", params=("validation",), inputs=(PREPARED,), code=("d2llm/data",)),
         Stage(
@@ -95,7 +103,7 @@ STAGES: dict[str, Stage] = {
             params=("mining", "labelling.datasets", "student.backbone", "student.gguf_file"),
             inputs=(PREPARED,),
             gates=(VALIDATED,),
-            code=("d2llm/mining.py", "d2llm/biencoder.py"),
+            code=("d2llm/mining.py", "d2llm/biencoder.py", "d2llm/data/tables.py"),
         ),
         Stage(
             "teacher-finetune",
@@ -103,7 +111,13 @@ STAGES: dict[str, Stage] = {
             params=("teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(PREPARED,),
             gates=(VALIDATED,),
-            code=("d2llm/teachers", "d2llm/biencoder.py", "d2llm/evaluation/dev.py", "d2llm/optim.py"),
+            code=(
+                "d2llm/teachers",
+                "d2llm/biencoder.py",
+                "d2llm/evaluation/dev.py",
+                "d2llm/data/tables.py",
+                "d2llm/optim.py",
+            ),
         ),
         Stage(
             "label",
@@ -111,7 +125,7 @@ STAGES: dict[str, Stage] = {
             # are scored (labelling.executor, .ray, .job) does not change them, so it is not listed.
             params=(*_LABELS_CONTENT, "teacher", "seed", *_BACKBONE_AS_BIENCODER),
             inputs=(NEGATIVES, TEACHER),
-            code=("d2llm/labelling.py", "d2llm/teachers", "d2llm/biencoder.py", "d2llm/quantization.py"),
+            code=("d2llm/labelling", "d2llm/teachers", "d2llm/biencoder.py", "d2llm/quantization.py"),
         ),
         Stage(
             "train",
@@ -146,9 +160,9 @@ STAGES: dict[str, Stage] = {
                 "d2llm/evaluation",
                 "d2llm/data/tables.py",
                 "d2llm/search.py",
-                "d2llm/biencoder.py",
+                "d2llm/biencoder.py",  # pair_cosines: the bi-encoder and fusion scores
                 "d2llm/teachers/fusion.py",
-                "d2llm/teachers/finetune.py",  # pair_cosines: the bi-encoder and fusion scores
+                "d2llm/teachers/dev_report.py",  # where the fusion weights are read from
                 "d2llm/quantization.py",
             ),
         ),

@@ -289,7 +289,7 @@ def training_inputs_fingerprint(
     """What a training run depends on: its labels, its dev pairs, the config keys of stage "train"
     and, on several processes, their number (it decides which groups make a step)."""
     from d2llm.fingerprint import path_fingerprint, value_fingerprint
-    from d2llm.labelling import MANIFEST_FILE
+    from d2llm.labelling.shards import MANIFEST_FILE
     from d2llm.stages import param_values
 
     inputs: dict[str, Any] = {
@@ -565,7 +565,7 @@ def train_student(
     from d2llm.data.tables import dataset_families
     from d2llm.distributed import distributed_context
     from d2llm.hub import pick_device, seed_everything
-    from d2llm.labelling import load_labels
+    from d2llm.labelling.shards import load_labels
 
     started = time.perf_counter()
     out_dir = Path(out_dir)

@@ -58,6 +58,20 @@ def _gpu_slot() -> Any:
 # --------------------------------------------------------------------------- tasks
 
 
+@task(name="fetch-data", retries=0)
+def fetch(params: Params) -> None:
+    """Materialise and verify the raw sources of ``data.sources`` (nothing to do when in place)."""
+    from d2llm.data.catalog import load_catalog
+    from d2llm.data.fetch import fetch_data, mirror_places
+    from d2llm.tracking import stage_run
+
+    with stage_run("fetch-data"):
+        report = fetch_data(
+            load_catalog(layout.CATALOG), params.data.sources, params.data.raw_dir, mirror_places()
+        )
+    get_run_logger().info(report.describe())
+
+
 @task(name="prepare", retries=0)
 def prepare(params: Params) -> str:
     """Parse the raw sources and custom datasets into the canonical tables."""
@@ -201,22 +215,33 @@ def register(params: Params, metrics: dict[str, float], eval_data_id: str, stude
     """Register the student, unless this very student (same files) is registered already.
 
     A rerun with nothing changed then points at the existing version instead of adding an
-    identical one on every scheduled run.
+    identical one on every scheduled run. The version carries its model card (README.md and a
+    summary in its description), built from params, the evaluation results, the prepared
+    manifest, the data catalogue and the labels; a card that cannot be built registers nothing.
     """
     from d2llm.tracking import log_student
-    from d2llm.tracking.registry import TAG_STUDENT_FINGERPRINT, find_version
+    from d2llm.tracking.model_card import model_card_from_files
+    from d2llm.tracking.registry import TAG_STUDENT_FINGERPRINT, newest_version
 
     name = params.tracking.registered_model
-    existing = find_version(name, TAG_STUDENT_FINGERPRINT, student_fingerprint)
+    existing = newest_version(name, TAG_STUDENT_FINGERPRINT, student_fingerprint)
     if existing is not None:
         get_run_logger().info("this student is already %s v%s: not registered again", name, existing)
         return existing
+    card = model_card_from_files(
+        params,
+        model_name=name,
+        results_file=params.evaluation.output,
+        catalog_path=layout.CATALOG,
+        labels_dir=layout.LABELS_DIR,
+    )
     version = log_student(
         layout.STUDENT_DIR,
         registered_model_name=name,
         metrics=metrics,
         eval_data_id=eval_data_id,
         version_tags={TAG_STUDENT_FINGERPRINT: student_fingerprint},
+        card=card,
     )
     return str(version.version)
 
@@ -283,6 +308,7 @@ def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
     with pipeline_run(params, run_name="d2llm-training") as run:
         # Fingerprints of the artefacts made so far, keyed as in d2llm.stages; each task is
         # named after its stage there (and its CLI subcommand and DVC stage).
+        fetch(params)
         done: dict[str, str] = {stages.PREPARED: prepare(params)}
         validate(params, done[stages.PREPARED])
         done[stages.NEGATIVES] = _run_cached(mine, layout.NEGATIVES, params, done, code)

@@ -64,16 +64,16 @@ def promotion_flow(
     from mlflow import MlflowClient
 
     from d2llm.tracking import configure
+    from d2llm.tracking.registry import newest_version
 
     params = params or load_params(params_file, overrides)
     configure(params.tracking)
     client = MlflowClient()
     name = params.tracking.registered_model
     if version is None:
-        versions = client.search_model_versions(f"name = '{name}'")
-        if not versions:
+        version = newest_version(name, client=client)
+        if version is None:
             raise RuntimeError(f"no registered versions of {name!r} to promote")
-        version = str(max(int(v.version) for v in versions))
     eval_data = client.get_model_version(name, version).tags.get("d2llm.eval_data")
     result = decide_and_promote(params, version, eval_data)
     get_run_logger().info("%s v%s %s: %s", name, version, result["verdict"], result["reason"])

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from d2llm.config import Params, TeacherConfig
-    from d2llm.teachers.base import load_teacher
+    from d2llm.teachers.factory import load_teacher
     from d2llm.teachers.vllm_engine import VLLMTeacher, engine_arguments
 
     if not torch.cuda.is_available():

@@ -17,9 +17,9 @@ import numpy as np
 
 
 def diagnostics(labels_dir: str, params_file: str) -> dict[str, dict[str, float]]:
+    from d2llm.biencoder import baseline_encoder
     from d2llm.config import load_params
     from d2llm.labelling import load_labels
-    from d2llm.teachers.finetune import baseline_encoder
 
     labels = load_labels(labels_dir)
     encoder = baseline_encoder(load_params(params_file))

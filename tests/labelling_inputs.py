@@ -22,7 +22,7 @@ def toy_negatives(n: int, k: int = 2) -> pd.DataFrame:
 def save_labelling_inputs(root: Path, tiny_bert_dir: Path, n: int) -> tuple[Path, Path]:
     """``(negatives parquet, teacher folder)`` under ``root``: ``n`` toy rows, a tiny-BERT teacher."""
     from d2llm.config import TeacherConfig
-    from d2llm.teachers.base import load_teacher
+    from d2llm.teachers.factory import load_teacher
 
     cfg = TeacherConfig(kind="cross_encoder", model=str(tiny_bert_dir), max_length=32, batch_size=4)
     load_teacher(cfg, None, "cpu").save_pretrained(root / "teacher")

@@ -13,7 +13,6 @@ Layout of ``out_dir`` (the contract in docs/architecture.md):
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import shutil
 import sys
@@ -26,11 +25,15 @@ from typing import Any, TextIO
 import pandas as pd
 
 from d2llm.config import CustomIRDataset, Params
+from d2llm.data.catalog import load_catalog
 from d2llm.data.custom import load_custom, load_custom_ir
+from d2llm.data.fetch import check_source
 from d2llm.data.schema import SPLITS, DatasetSpec, asym_positive_pairs, pair_key
 from d2llm.data.sources import IRCollection, parse_source
 from d2llm.errors import DataError
+from d2llm.fingerprint import file_sha256
 from d2llm.jsonfile import write_json
+from d2llm.layout import CATALOG
 
 log = logging.getLogger(__name__)
 
@@ -108,24 +111,26 @@ def drop_empty(name: str, c: IRCollection) -> tuple[IRCollection, str]:
     return kept, note
 
 
-def build_tables(params: Params, raw_dir: Path) -> PreparedData:
-    """Parse every configured source and custom dataset (no files written)."""
+def build_tables(params: Params, raw_dir: Path, catalog_path: Path) -> PreparedData:
+    """Parse every configured source (its files checked against the catalogue) and custom dataset."""
     cfg = params.data
     out = PreparedData()
+    catalog = load_catalog(catalog_path) if cfg.sources else None
     for source in cfg.sources:
+        check_source(source, catalog.source(source), raw_dir)  # type: ignore[union-attr]
         parsed = parse_source(source, raw_dir, cfg)
         for path in parsed.files:
             out.files[path.relative_to(raw_dir).as_posix()] = path
+        for table, note in parsed.notes.items():  # what the parser itself dropped or repaired
+            _add_note(out, table, note)
         for name, (spec, df) in parsed.pairs.items():
             df, note = drop_train_test_overlap(name, spec, df)
-            if note:
-                out.notes[f"pairs/{name}"] = note
+            _add_note(out, f"pairs/{name}", note)
             out.add_pairs(name, spec, df)
         for name, collection in parsed.ir.items():
             collection, note = drop_empty(name, collection)
             out.ir[name] = collection
-            if note:
-                out.notes[f"ir/{name}/corpus"] = note
+            _add_note(out, f"ir/{name}/corpus", note)
             if cfg.ir_train_pairs == "title_body":
                 spec, df = title_pairs(name, collection)
                 out.add_pairs(spec.name, spec, df)
@@ -140,6 +145,11 @@ def build_tables(params: Params, raw_dir: Path) -> PreparedData:
     return out
 
 
+def _add_note(out: PreparedData, table: str, note: str) -> None:
+    if note:
+        out.notes[table] = f"{out.notes[table]}; {note}" if table in out.notes else note
+
+
 def add_custom_ir(out: PreparedData, ds: CustomIRDataset) -> list[Path]:
     """Add a user's IR collection (and its training pairs, if any); returns the files read."""
     collection, train, files = load_custom_ir(ds)
@@ -150,14 +160,6 @@ def add_custom_ir(out: PreparedData, ds: CustomIRDataset) -> list[Path]:
         spec, df = train
         out.add_pairs(spec.name, spec, df)
     return files
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def count_tables(data: PreparedData) -> dict[str, dict[str, int]]:
@@ -189,7 +191,7 @@ def _write(data: PreparedData, folder: Path) -> dict[str, Any]:
         "ir": sorted(data.ir),
         "counts": count_tables(data),
         "notes": data.notes,
-        "raw_inputs": {key: sha256_file(path) for key, path in sorted(data.files.items())},
+        "raw_inputs": {key: file_sha256(path) for key, path in sorted(data.files.items())},
     }
     write_json(folder / MANIFEST, manifest, ensure_ascii=False)
     return manifest
@@ -211,12 +213,17 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def prepare_data(params: Params, raw_dir: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Parse, write and swap in the canonical tables; returns the manifest (with ``counts``)."""
+def prepare_data(
+    params: Params, raw_dir: str | Path, out_dir: str | Path, catalog: str | Path = CATALOG
+) -> dict[str, Any]:
+    """Parse, write and swap in the canonical tables; returns the manifest (with ``counts``).
+
+    Every raw file of a built-in source is checked against its sha256 in ``catalog`` first.
+    """
     raw_dir, out_dir = Path(raw_dir), Path(out_dir)
     if not raw_dir.is_dir() and params.data.sources:
-        raise DataError(f"raw data folder {raw_dir} not found")
-    data = build_tables(params, raw_dir)
+        raise DataError(f"raw data folder {raw_dir} not found: run `d2llm fetch-data` first")
+    data = build_tables(params, raw_dir, Path(catalog))
     if not data.pairs and not data.ir:
         raise DataError("nothing to prepare: data.sources and data.custom are both empty")
     out_dir.parent.mkdir(parents=True, exist_ok=True)

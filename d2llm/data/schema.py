@@ -65,6 +65,11 @@ def dataset_family(task: str, label_kind: str) -> Literal["nli", "sts", "asym"]:
     """``asym`` for query -> passage data; for sym data ``nli`` when labels are classes (entailment,
     paraphrase: a yes/no judgement) and ``sts`` when they are graded scores (relatedness).
 
+    Class datasets may have any number of classes: three for SICK, SNLI and OCNLI (NLI_CLASSES),
+    two for RTE (entailment / not_entailment) and the paraphrase sets MSRP and Twitter URL (no /
+    yes). Consumers read ``is_positive`` (the dataset's positive class against the rest), never
+    the class id, whose meaning differs per ``label_set``.
+
     A per-family student (``student.iem.branches: family``) scores each family with its own IEM
     branch: SICK and SICK-R are the same pairs, judged for entailment and for relatedness.
     """

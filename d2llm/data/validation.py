@@ -6,8 +6,12 @@ under ``report_dir`` on every run (pass or fail: a failed run is exactly
 when someone needs to read the report), and raises DataValidationError naming the dataset,
 expectation, column, unexpected count and a few examples of each failure.
 
-What pandas must compute first (cross-table facts such as train/test leakage) becomes a helper
-column that a plain expectation then checks, so that every rule shows up in the Data Docs.
+What pandas must compute first (cross-table facts such as train/test leakage, text lengths)
+becomes a helper column that a plain expectation then checks, so that every rule shows up in the
+Data Docs. Built-in datasets are also checked against their profile (d2llm.data.profiles): rows
+per split, the share of positives per split and text lengths, each split's rule a GX expectation
+with a ``row_condition`` on ``split``. The leakage check runs across datasets too: no train pair
+of any prepared dataset may be a test pair of another one.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2llm.config import Params
+from d2llm.data.profiles import IR_PROFILES, PAIR_PROFILES, PairProfile
 from d2llm.data.schema import (
     CORPUS_COLUMNS,
     PAIR_COLUMNS,
@@ -38,6 +43,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 LEAK_COLUMN = "leaked_from_train"  # helper column: the pair text when a test pair is also in train
+# helper column of train rows: "<other dataset> test: <pair text>" when the pair is a test pair there
+CROSS_LEAK_COLUMN = "in_test_of_other_dataset"
+CHARS_COLUMN = "{}_chars"  # helper columns text_a_chars, text_b_chars: lengths in characters
 # The verdict per table, and nothing that changes from run to run on the same data: DVC's mine
 # and teacher-finetune stages depend on this file, so a rerun of validation that passes again
 # must not rerun them. GX's own results (run times, random ids) go to GX_RESULTS_FILE.
@@ -158,6 +166,47 @@ def pairs_expectations(spec: DatasetSpec, params: Params) -> list[Any]:
         out.append(gxe.ExpectColumnValuesToBeInSet(column="label_name", value_set=list(spec.label_set)))
     if params.validation.check_leakage:
         out.append(gxe.ExpectColumnValuesToBeNull(column=LEAK_COLUMN))
+        out.append(gxe.ExpectColumnValuesToBeNull(column=CROSS_LEAK_COLUMN))
+    return out
+
+
+def profile_expectations(profile: PairProfile, params: Params) -> list[Any]:
+    """A built-in dataset's profile as expectations: rows and positive share per split, text lengths.
+
+    Per-split rules carry a ``row_condition`` (GX's ``Column("split") == split``), so the Data
+    Docs show each one, with its observed value, like any other expectation.
+    """
+    import great_expectations.expectations as gxe
+    from great_expectations.expectations.row_conditions import Column
+
+    rows = profile.split_rows(params.data)
+    lo, hi = profile.total_rows()
+    out = [
+        gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi),
+        gxe.ExpectColumnDistinctValuesToEqualSet(column="split", value_set=list(rows)),
+    ]
+    for split, (lo, hi) in rows.items():
+        where = {"row_condition": Column("split") == split}
+        out.append(gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi, **where))
+        if split in profile.positives:
+            share_lo, share_hi = profile.positives[split]
+            out.append(
+                gxe.ExpectColumnMeanToBeBetween(
+                    column="is_positive", min_value=share_lo, max_value=share_hi, **where
+                )
+            )
+    for column in profile.chars:
+        mean_lo, mean_hi = profile.mean_chars(column)
+        out.append(
+            gxe.ExpectColumnMeanToBeBetween(
+                column=CHARS_COLUMN.format(column), min_value=mean_lo, max_value=mean_hi
+            )
+        )
+        out.append(
+            gxe.ExpectColumnValueLengthsToBeBetween(
+                column=column, min_value=params.validation.min_text_chars, max_value=profile.max_chars(column)
+            )
+        )
     return out
 
 
@@ -192,6 +241,55 @@ def ir_expectations(table: str, params: Params, query_ids: list[str], doc_ids: l
 
 
 # --------------------------------------------------------------------------- helper columns
+
+
+def add_chars_columns(df: pd.DataFrame) -> pd.DataFrame:
+    """text_a_chars, text_b_chars: the length of each text in characters (for mean-length rules)."""
+    out = df.copy()
+    for column in ("text_a", "text_b"):
+        out[CHARS_COLUMN.format(column)] = out[column].str.len().astype("float64")
+    return out
+
+
+def index_test_pairs(tables: dict[str, tuple[DatasetSpec, pd.DataFrame]]) -> dict[str, list[str]]:
+    """``{ordered pair key: [dataset, ...]}`` of every test pair of every dataset.
+
+    A test pair of a sym dataset is indexed in both orders, so that a train pair matches it in
+    either order; a test pair of an asym dataset only as (query, passage).
+    """
+    index: dict[str, list[str]] = {}
+    for name, (spec, df) in tables.items():
+        test = df[df["split"] == "test"]
+        for a, b in zip(test["text_a"], test["text_b"], strict=True):
+            keys = {pair_key(a, b, False)} | ({pair_key(b, a, False)} if spec.task == "sym" else set())
+            for key in keys:
+                if name not in index.setdefault(key, []):
+                    index[key].append(name)
+    return index
+
+
+def add_cross_leak_column(
+    name: str, df: pd.DataFrame, task: str, index: dict[str, list[str]]
+) -> pd.DataFrame:
+    """Mark train pairs that are a test pair of ANOTHER prepared dataset (CROSS_LEAK_COLUMN).
+
+    The value names that dataset and the pair: ``"stsb_en test: a ||| b"``. Either order counts
+    when either dataset is sym. Leaks within one dataset are LEAK_COLUMN's (on its test rows).
+    """
+    import pandas as pd
+
+    marks: list[str | None] = []
+    for a, b, split in zip(df["text_a"], df["text_b"], df["split"], strict=True):
+        mark = None
+        if split == "train":
+            keys = [pair_key(a, b, False)] + ([pair_key(b, a, False)] if task == "sym" else [])
+            others = [other for key in keys for other in index.get(key, []) if other != name]
+            if others:
+                mark = f"{' and '.join(sorted(set(others)))} test: {pair_key(a, b, task == 'sym')}"
+        marks.append(mark)
+    out = df.copy()
+    out[CROSS_LEAK_COLUMN] = pd.Series(marks, index=df.index, dtype="object")  # None stays None
+    return out
 
 
 def add_leak_column(df: pd.DataFrame, task: str) -> pd.DataFrame:
@@ -258,7 +356,12 @@ def _failure(table: str, r: Any) -> Failure:
     if r.exception_info and r.exception_info.get("raised_exception"):
         detail = f"error: {clip(str(r.exception_info.get('exception_message', '')))}"
     elif "observed_value" in res:
-        detail = f"observed {clip(repr(res['observed_value']))}"
+        observed = res["observed_value"]
+        observed = observed.item() if hasattr(observed, "item") else observed  # numpy scalar
+        detail = f"observed {clip(repr(observed))}"
+    condition = config.kwargs.get("row_condition")
+    if condition:  # a per-split rule: say which rows it was about
+        detail = f"rows where {_condition_text(condition)}" + (f"; {detail}" if detail else "")
     return Failure(
         table=table,
         expectation=config.type,
@@ -269,24 +372,50 @@ def _failure(table: str, r: Any) -> Failure:
     )
 
 
+def _condition_text(condition: Any) -> str:
+    """``split == 'dev'`` for GX's serialised comparison condition; anything else as it is."""
+    if isinstance(condition, dict) and condition.get("type") == "comparison":
+        column = condition.get("column", {})
+        name = column.get("name", column) if isinstance(column, dict) else column
+        return f"{name} {condition.get('operator')} {condition.get('parameter')!r}"
+    return str(condition)
+
+
 def _tables(params: Params, prepared_dir: Path) -> list[tuple[str, pd.DataFrame, list[Any]]]:
     """(table name, dataframe with helper columns, expectations) for every prepared table."""
     manifest = read_manifest(prepared_dir)
+    pairs = {
+        name: (DatasetSpec.from_json(raw_spec), load_pairs(prepared_dir, name))
+        for name, raw_spec in manifest["pairs"].items()
+    }
+    # Every test pair of every dataset: no train pair of any dataset may be one of them.
+    index = index_test_pairs(pairs) if params.validation.check_leakage else {}
     out = []
-    for name, raw_spec in manifest["pairs"].items():
-        spec = DatasetSpec.from_json(raw_spec)
-        df = load_pairs(prepared_dir, name)
+    for name, (spec, df) in pairs.items():
+        expectations = pairs_expectations(spec, params)
         if params.validation.check_leakage:
-            df = add_leak_column(df, spec.task)
-        out.append((f"pairs/{name}", df, pairs_expectations(spec, params)))
+            df = add_cross_leak_column(name, add_leak_column(df, spec.task), spec.task, index)
+        if name in PAIR_PROFILES:  # a built-in dataset (custom ones may not reuse the names)
+            df = add_chars_columns(df)
+            expectations += profile_expectations(PAIR_PROFILES[name], params)
+        out.append((f"pairs/{name}", df, expectations))
     for name in manifest["ir"]:
         ir = load_ir(prepared_dir, name)
         query_ids = sorted(ir.queries["query_id"].dropna().unique().tolist())
         doc_ids = sorted(ir.corpus["doc_id"].dropna().unique().tolist())
         for table in ("corpus", "queries", "qrels"):
             expectations = ir_expectations(table, params, query_ids, doc_ids)
+            if name in IR_PROFILES:
+                lo, hi = IR_PROFILES[name].table_rows(table)
+                expectations.append(_row_count(lo, hi))
             out.append((f"ir/{name}/{table}", getattr(ir, table), expectations))
     return out
+
+
+def _row_count(lo: int, hi: int) -> Any:
+    import great_expectations.expectations as gxe
+
+    return gxe.ExpectTableRowCountToBeBetween(min_value=lo, max_value=hi)
 
 
 def validate_prepared(params: Params, prepared_dir: str | Path, report_dir: str | Path) -> ValidationSummary:

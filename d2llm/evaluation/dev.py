@@ -11,7 +11,9 @@ One ``DevSet`` per prepared pair dataset; its metric follows from the dataset's 
 | class labels, asym | trecqa | ``map``: mean average precision per question |
 
 Every value is in points (x100). ``dev_score`` turns any scorer's outputs into that number, so
-the teacher, the bi-encoder and the student are measured by one function.
+the teacher, the bi-encoder and the student are measured by one function. ``dataset_metric``
+is the one answer to "what kind of dataset is this table"; ``sample_rows`` the one seeded
+sampler of pair rows (dev, test and the teacher's training pairs).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from d2llm.errors import DataError
 if TYPE_CHECKING:
     import pandas as pd
 
-    from d2llm.config import Family
+    from d2llm.config import Family, TaskKind
 
 DevMetric = Literal["ap", "spearman", "map"]
 
@@ -39,7 +41,7 @@ class DevSet:
     """Pairs of one dataset's dev split with the gold signal its metric needs."""
 
     dataset: str
-    task: Literal["sym", "asym"]
+    task: TaskKind
     pairs: list[tuple[str, str]]
     gold: np.ndarray  # is_positive (ap, map) or the gold score (spearman)
     metric: DevMetric
@@ -52,19 +54,35 @@ class DevSet:
 
 
 def dataset_metric(df: pd.DataFrame) -> DevMetric:
-    """The selection metric of a pair table: see the module docstring."""
+    """The selection metric of a pair table, which says its kind: ``spearman`` for score datasets,
+    ``ap`` / ``map`` for class datasets (those that name their labels in ``label_name``), sym / asym."""
     is_class = bool((df["label_name"].fillna("").astype(str) != "").any())
     if not is_class:
         return "spearman"
     return "map" if str(df["task"].iloc[0]) == "asym" else "ap"
 
 
-def _sample_rows(df: pd.DataFrame, metric: DevMetric, limit: int | None, seed: int) -> pd.DataFrame:
-    """At most ``limit`` rows, seeded; for ``map`` whole questions, so rankings stay complete."""
+def sample_rows(
+    df: pd.DataFrame,
+    limit: int | None,
+    seed: int,
+    *,
+    whole_questions: bool = False,
+    table_order: bool = True,
+) -> pd.DataFrame:
+    """At most ``limit`` rows of a pair table, a seeded sample: the one sampler of pairs.
+
+    Dev sets (here), test sets (d2llm.evaluation.evaluate) and the teacher's training pairs
+    (d2llm.teachers.finetune) are all capped with it. ``whole_questions`` keeps whole questions
+    (every row of a ``text_a``, questions in a seeded order, until the next would pass
+    ``limit``) so that rankings per question stay complete (``map``). ``table_order`` returns
+    the rows in table order; False keeps the sample's own order (teacher fine-tuning's).
+    """
     if limit is None or len(df) <= limit:
         return df
-    if metric != "map":
-        return df.sample(n=limit, random_state=seed).sort_index()
+    if not whole_questions:
+        sample = df.sample(n=limit, random_state=seed)
+        return sample.sort_index() if table_order else sample
     questions = df["text_a"].drop_duplicates().sample(frac=1.0, random_state=seed).tolist()
     sizes = df.groupby("text_a").size()
     kept, total = set(), 0
@@ -88,7 +106,7 @@ def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, 
     if len(tasks) != 1:
         raise DataError(f"dataset {dataset!r} mixes task kinds {tasks}; a dataset must have one")
     metric = dataset_metric(table)
-    df = _sample_rows(df, metric, max_pairs, seed)
+    df = sample_rows(df, max_pairs, seed, whole_questions=metric == "map")
     if metric == "spearman":
         gold = df["label"].to_numpy(dtype=float)
     else:

@@ -23,28 +23,30 @@ import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from d2llm.biencoder import MeanPoolEncoder
-from d2llm.data.tables import table_family
+from d2llm.biencoder import MeanPoolEncoder, pair_cosines
+from d2llm.data.tables import load_pairs, table_family
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation import significance as S
-from d2llm.evaluation.dev import dataset_metric
+from d2llm.evaluation.dev import dataset_metric, sample_rows
 from d2llm.jsonfile import write_json
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
+from d2llm.teachers.base import probabilities
+from d2llm.teachers.factory import load_teacher
+from d2llm.teachers.fusion import FusedScorer
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from d2llm.config import Params
+    from d2llm.config import Family, Params, ScoringKey, TaskKind
 
 log = logging.getLogger(__name__)
 
-TaskKind = Literal["sym", "asym"]
 Ranking = list[list[tuple[int, float]]]  # per query: (corpus position, score), best first
 SYSTEM_ORDER = ("bm25", "bi-encoder", "teacher", "teacher-raw", "student")
 IR_TABLE_NAMES = ("corpus", "queries", "qrels")
@@ -55,11 +57,14 @@ RECOVERY_MIN_GAIN = 1.0  # points: the student's share of a smaller teacher gain
 
 @runtime_checkable
 class PairScorer(Protocol):
-    """Scores text pairs: higher means "more similar / more relevant / entailed"."""
+    """Scores text pairs: higher means "more similar / more relevant / entailed".
+
+    ``task`` is what ``scoring_key_for`` gives the system: a task kind, or a family for the student.
+    """
 
     name: str
 
-    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray: ...
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: ScoringKey) -> np.ndarray: ...
 
 
 @runtime_checkable
@@ -98,9 +103,7 @@ class BiEncoderBaseline(MeanPoolEncoder):
             return super().encode(texts)
         return torch.stack([self._vectors[t] for t in texts])
 
-    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
-        from d2llm.teachers.finetune import pair_cosines
-
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: ScoringKey) -> np.ndarray:
         # Cosine has no task branches: the same score serves sym and asym.
         return pair_cosines(self, list(zip(text_a, text_b, strict=True)), show_progress=True)
 
@@ -124,7 +127,7 @@ class StudentScorer:
         vectors, _ = encode_corpus(self.student, texts, self.batch_size, desc="student encode")
         return vectors
 
-    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
+    def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: ScoringKey) -> np.ndarray:
         import torch
 
         # Each distinct text once: SICK's 9 854 sides are 5 007 sentences, a question repeats
@@ -152,7 +155,7 @@ class TeacherScorer:
     """The teacher, score = probability of yes; for IR it re-ranks the top ``rerank_depth`` of a
     first stage (``first_stage``: any system with ``rank``; BM25 when None).
 
-    With ``fused`` (``teacher.fusion: biencoder``) the score is the teacher fused with the
+    With ``fusion`` (``teacher.fusion: biencoder``) the score is the teacher fused with the
     bi-encoder, with the weights of the dataset set by :meth:`for_dataset`: the very scores the
     student was distilled from. Views of one teacher share a memo of its raw logits, so the
     fused teacher and the raw one (``teacher-raw``) cost one pass over each dataset.
@@ -165,7 +168,7 @@ class TeacherScorer:
         teacher: Any,
         temperature: float = 1.0,
         rerank_depth: int = 100,
-        fused: Any = None,
+        fusion: FusedScorer | None = None,
         name: str = "teacher",
         first_stage: Any = None,
     ):
@@ -173,7 +176,7 @@ class TeacherScorer:
         self.temperature = temperature
         self.rerank_depth = rerank_depth
         self.first_stage = first_stage if first_stage is not None else Bm25System()
-        self.fused = fused  # d2llm.labelling.Fused or None
+        self.fusion = fusion
         self.name = name
         self.dataset = ""
         # Last raw scoring, shared by views: SICK and SICK-R are the same pairs under two labels.
@@ -192,12 +195,10 @@ class TeacherScorer:
         return self._memo["logits"]
 
     def score_pairs(self, text_a: Sequence[str], text_b: Sequence[str], task: TaskKind) -> np.ndarray:
-        from d2llm.teachers.base import probabilities
-
         pairs = list(zip(text_a, text_b, strict=True))
         logits = self._logits(pairs, task)
-        if self.fused is not None:
-            logits = self.fused.logits(pairs, logits, self.dataset, task)
+        if self.fusion is not None:
+            logits = self.fusion.logits(pairs, logits, self.dataset, task)
         return probabilities(logits, self.temperature).numpy()
 
     def protocol(self, depth: int) -> str:
@@ -229,7 +230,7 @@ class TeacherScorer:
         return ranking
 
 
-def scoring_key_for(system: Any, task: str, family: str) -> str:
+def scoring_key_for(system: Any, task: TaskKind, family: Family) -> ScoringKey:
     """What ``system.score_pairs`` is asked to score with: for the student the IEM branch of the
     family (one per family with ``student.iem.branches: family``, else sym/asym), the task kind
     (prompt) for every other system. Scores are reused for the same pairs under the same key."""
@@ -274,25 +275,22 @@ def load_systems(
     elif teacher_dir is None or not Path(teacher_dir).is_dir():
         notes.append(f"teacher skipped: no saved teacher at {teacher_dir}")
     else:
-        from d2llm.teachers.base import load_teacher
-        from d2llm.teachers.fusion import load_fused
-
         teacher = load_teacher(params.teacher, teacher_dir, params.device)
-        fused = load_fused(params, teacher_dir, required=False)
-        if fused is not None:
-            fused.encoder = systems["bi-encoder"]  # the same model: share its vectors
+        fusion = FusedScorer.load(params, teacher_dir, required=False)
+        if fusion is not None:
+            fusion.encoder = systems["bi-encoder"]  # the same model: share its vectors
         # teacher_first_stage names one of the systems above ("bm25" or "bi-encoder").
         first_stage = systems[ev.teacher_first_stage]
         scorer = TeacherScorer(
-            teacher, params.teacher.temperature, ev.teacher_rerank_depth, fused, first_stage=first_stage
+            teacher, params.teacher.temperature, ev.teacher_rerank_depth, fusion, first_stage=first_stage
         )
         systems["teacher"] = scorer
-        if fused is None and params.teacher.fusion != "none":
+        if fusion is None and params.teacher.fusion != "none":
             notes.append(f"teacher scored alone: the teacher in {teacher_dir} has no fusion weights")
-        if fused is not None:
+        if fusion is not None:
             # The raw teacher too, from the same forward passes: what the fusion adds is visible.
             raw = copy.copy(scorer)
-            raw.fused, raw.name = None, "teacher-raw"
+            raw.fusion, raw.name = None, "teacher-raw"
             systems["teacher-raw"] = raw
             notes.append(
                 "teacher = the teacher fused with the bi-encoder (weights chosen per dataset on dev)"
@@ -324,13 +322,6 @@ def _read_table(path: Path, what: str) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
-def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    """A seeded sample of at most ``limit`` rows, in their original order."""
-    if limit is None or len(df) <= limit:
-        return df
-    return df.sample(n=limit, random_state=seed).sort_index()
-
-
 def evaluate_pair_dataset(
     name: str,
     pairs: pd.DataFrame,
@@ -350,7 +341,7 @@ def evaluate_pair_dataset(
     memo, since its fused score depends on the dataset. ``resamples`` > 0 adds each system's
     gain over the bi-encoder with a paired-bootstrap 95% interval (``vs_bi_encoder``).
     """
-    test = _sample(pairs[pairs["split"] == "test"], max_pairs, seed)
+    test = sample_rows(pairs[pairs["split"] == "test"], max_pairs, seed)
     if test.empty:
         raise ArtifactError(f"dataset {name!r} has no test split to evaluate")
     tasks = test["task"].unique().tolist()
@@ -454,7 +445,7 @@ def evaluate_ir_dataset(
     """
     all_queries = set(queries["query_id"].astype(str))
     judged = set(qrels.loc[qrels["relevance"] > 0, "query_id"].astype(str)) & all_queries
-    eval_queries = _sample(queries[queries["query_id"].astype(str).isin(judged)], max_queries, seed)
+    eval_queries = sample_rows(queries[queries["query_id"].astype(str).isin(judged)], max_queries, seed)
     if eval_queries.empty:
         raise ArtifactError(f"IR dataset {name!r} has no query with a relevant document")
     qids = eval_queries["query_id"].astype(str).tolist()
@@ -626,7 +617,7 @@ def evaluate_systems(
     datasets: dict[str, dict[str, Any]] = {}
     memo: dict[Any, np.ndarray] = {}
     for name in ev.pair_datasets:
-        pairs = _read_table(prepared_dir / "pairs" / f"{name}.parquet", f"pair dataset {name!r}")
+        pairs = load_pairs(prepared_dir, name)
         datasets[name] = evaluate_pair_dataset(
             name, pairs, systems, ev.max_pairs, params.seed, memo, ev.bootstrap_resamples
         )

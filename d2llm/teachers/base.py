@@ -3,7 +3,7 @@
 Any scorer with this contract can teach the student: a causal LM read as a yes/no judge
 (``causal_lm.py``) or an encoder with a 2-way head (``cross_encoder.py``). A saved teacher is a
 folder with ``teacher.json`` (kind, model reference, pooling, prompts, what weights are stored)
-and safetensors weights; ``load_teacher`` restores either kind from it.
+and safetensors weights; ``d2llm.teachers.factory.load_teacher`` restores either kind from it.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from d2llm.batching import Encoding, map_batched
+from d2llm.config import TaskKind
 from d2llm.errors import ModelError
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ log = logging.getLogger(__name__)
 
 TEACHER_JSON = "teacher.json"
 Pair = tuple[str, str]
-TaskKind = Literal["sym", "asym"]
 WeightsKind = Literal["reference", "full", "lora"]
 
 
@@ -197,30 +197,3 @@ def saved_config(cfg: TeacherConfig, path: str | Path) -> tuple[TeacherConfig, W
         }
     )
     return updated, meta["weights"]
-
-
-def load_teacher(
-    cfg: TeacherConfig, path: str | Path | None = None, device: str | torch.device = "auto"
-) -> Teacher:
-    """A teacher from ``cfg`` alone (base model), or restored from a folder saved by ``save_pretrained``.
-
-    A saved folder's ``teacher.json`` decides kind, model, pooling and prompts (they define what
-    the weights mean); ``cfg`` still sets batch size and temperature.
-    """
-    from d2llm.hub import pick_device
-
-    dev = device if not isinstance(device, str) else pick_device(device)
-    weights_dir: Path | None = None
-    weights: WeightsKind = "reference"
-    if path is not None:
-        cfg, weights = saved_config(cfg, path)
-        weights_dir = Path(path) if weights != "reference" else None
-    if cfg.kind == "cross_encoder":
-        from d2llm.teachers.cross_encoder import CrossEncoderTeacher
-
-        return CrossEncoderTeacher.load(cfg, dev, weights_dir)
-    if cfg.kind == "causal_lm":
-        from d2llm.teachers.causal_lm import CausalLMTeacher
-
-        return CausalLMTeacher.load(cfg, dev, weights_dir, weights)
-    raise ModelError(f"unknown teacher kind {cfg.kind!r}")

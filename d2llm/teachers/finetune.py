@@ -24,35 +24,22 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from d2llm.batching import Encoding, iter_batches
-from d2llm.errors import DataError, ModelError
-from d2llm.evaluation.dev import DevSet, dev_score, load_dev_set, mean_metric
-from d2llm.jsonfile import write_json
+from d2llm.biencoder import baseline_encoder, pair_cosines
+from d2llm.data.tables import load_pairs
+from d2llm.errors import ArtifactError, DataError, ModelError
+from d2llm.evaluation.dev import DevSet, dataset_metric, dev_score, load_dev_set, mean_metric, sample_rows
 from d2llm.optim import warmup_decay_scheduler
-from d2llm.teachers.base import Pair, Teacher, load_teacher
-from d2llm.teachers.fusion import FusionTable, fit_fusion
+from d2llm.teachers.base import Pair, Teacher
+from d2llm.teachers.dev_report import teacher_gains, write_dev_report
+from d2llm.teachers.factory import load_teacher
+from d2llm.teachers.fusion import FusedScorer, fit_fusion
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from d2llm.biencoder import MeanPoolEncoder
     from d2llm.config import Params
 
 log = logging.getLogger(__name__)
-
-
-def read_pairs(prepared_dir: str | Path, dataset: str) -> pd.DataFrame:
-    """A prepared pair table, with a clear error when it is missing."""
-    import pandas as pd
-
-    path = Path(prepared_dir) / "pairs" / f"{dataset}.parquet"
-    if not path.is_file():
-        raise DataError(f"prepared pairs for dataset {dataset!r} not found at {path} (run `d2llm prepare`)")
-    return pd.read_parquet(path)
-
-
-def is_class_dataset(df: pd.DataFrame) -> bool:
-    """Class datasets name their labels (label_name); score datasets leave it empty."""
-    return bool((df["label_name"].fillna("") != "").any())
 
 
 def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFrame, list[float]]:
@@ -60,7 +47,7 @@ def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFra
     rows = df[df["split"] == split]
     if rows.empty:
         raise DataError(f"dataset {dataset!r} has no {split!r} rows to fine-tune or evaluate the teacher on")
-    if is_class_dataset(df):
+    if dataset_metric(df) != "spearman":  # a class dataset
         return rows, rows["is_positive"].astype(float).tolist()
     # The scale comes from the whole table, so train and dev are rescaled identically.
     lo, hi = float(df["label"].min()), float(df["label"].max())
@@ -92,30 +79,6 @@ def evaluate_teacher(
     return {**out, "main": mean_metric(out)}
 
 
-def baseline_encoder(params: Params) -> MeanPoolEncoder:
-    """The student's backbone read as a plain bi-encoder (mean pooling, cosine)."""
-    from d2llm.biencoder import MeanPoolEncoder
-
-    student = params.student
-    return MeanPoolEncoder.from_ref(
-        student.backbone,
-        student.gguf_file,
-        student.trust_remote_code,
-        max_length=student.max_length,
-        device=params.device,
-    )
-
-
-def pair_cosines(encoder: MeanPoolEncoder, pairs: list[Pair], show_progress: bool = False) -> np.ndarray:
-    """Cosine of each pair's two texts; each distinct text is encoded once."""
-    texts = list(dict.fromkeys([a for a, _ in pairs] + [b for _, b in pairs]))
-    row = {t: i for i, t in enumerate(texts)}
-    vectors = encoder.encode(texts, show_progress=show_progress)
-    a = vectors[[row[x] for x, _ in pairs]]
-    b = vectors[[row[y] for _, y in pairs]]
-    return (a * b).sum(dim=1).double().numpy()
-
-
 def baseline_dev_metrics(
     params: Params, dev_sets: list[DevSet], cosines: dict[str, np.ndarray] | None = None
 ) -> dict[str, float]:
@@ -137,64 +100,15 @@ def baseline_dev_metrics(
 
 def fit_dev_fusion(
     dev_sets: list[DevSet], log_odds: dict[str, np.ndarray], cosines: dict[str, np.ndarray]
-) -> tuple[FusionTable, dict[str, float]]:
+) -> tuple[FusedScorer, dict[str, float]]:
     """Per dev set, the teacher/bi-encoder interpolation with the best dev metric (teachers.fusion)."""
     by_dataset, tasks, fused = {}, {}, {}
     for dev in dev_sets:
-        fusion, value = fit_fusion(log_odds[dev.name], cosines[dev.name], lambda s, d=dev: dev_score(d, s))
-        by_dataset[dev.dataset], tasks[dev.dataset] = fusion, dev.task
+        weights, value = fit_fusion(log_odds[dev.name], cosines[dev.name], lambda s, d=dev: dev_score(d, s))
+        by_dataset[dev.dataset], tasks[dev.dataset] = weights, dev.task
         fused[dev.name] = value
-    return FusionTable(by_dataset, tasks), {**fused, "main": mean_metric(fused)}
-
-
-def teacher_gains(report: dict[str, Any], min_gain: float) -> dict[str, dict[str, Any]]:
-    """Per dev set: teacher and bi-encoder dev metric, the gain, and whether it is worth distilling.
-
-    A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
-    least ``min_gain`` points on its dev split: elsewhere the student would learn to be worse.
-    """
-    # With fusion the fused scores are the teacher that labels the groups: judge those.
-    after, base = report.get("dev_fused") or report.get("dev_after", {}), report.get("dev_baseline", {})
-    out = {}
-    for key, teacher_value in after.items():
-        if key == "main" or key not in base:
-            continue
-        gain = teacher_value - base[key]
-        out[key.split("/")[0]] = {
-            "metric": key.split("/")[1],
-            "teacher": teacher_value,
-            "bi-encoder": base[key],
-            "gain": gain,
-            "distil": bool(gain >= min_gain),
-        }
-    return out
-
-
-DEV_REPORT_FILE = "dev_report.json"
-
-
-def write_dev_report(teacher_dir: str | Path, report: dict[str, Any]) -> None:
-    write_json(Path(teacher_dir) / DEV_REPORT_FILE, report, indent=1, sort_keys=True)
-
-
-def load_fusion(teacher_dir: str | Path) -> FusionTable | None:
-    """The fusion weights saved with a teacher, or None when it was saved without fusion."""
-    report = read_dev_report(teacher_dir)
-    if not report or "fusion" not in report:
-        return None
-    return FusionTable.from_json(report["fusion"])
-
-
-def read_dev_report(teacher_dir: str | Path) -> dict[str, Any] | None:
-    """The teacher's dev metrics against the bi-encoder's, or None for a teacher never fine-tuned."""
-    import json
-
-    path = Path(teacher_dir) / DEV_REPORT_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-
-
-def _sample(df: pd.DataFrame, limit: int | None, seed: int) -> pd.DataFrame:
-    return df if limit is None or len(df) <= limit else df.sample(n=limit, random_state=seed)
+    # Weights only (no bi-encoder): they go into the dev report, FusedScorer.load reads them back.
+    return FusedScorer(by_dataset, tasks), {**fused, "main": mean_metric(fused)}
 
 
 def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str, Pair, float]], list[DevSet]]:
@@ -206,10 +120,13 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
     train: list[tuple[str, Pair, float]] = []
     dev_sets: list[DevSet] = []
     for name in ft.datasets:
-        df = read_pairs(prepared_dir, name)
+        try:
+            df = load_pairs(prepared_dir, name)
+        except ArtifactError as err:  # nothing to fine-tune on: a data error, as an empty split is
+            raise DataError(f"prepared pairs for dataset {name!r} not found: {err}") from None
         rows, targets = gold_targets(df, "train", name)
         rows = rows.assign(target_=targets)
-        rows = _sample(rows, ft.max_train_pairs, params.seed)
+        rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
         train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
         dev_sets.append(load_dev_set(prepared_dir, name, ft.max_dev_pairs, params.seed))
     return train, dev_sets

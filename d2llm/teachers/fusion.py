@@ -16,6 +16,11 @@ Per dataset, on its dev split (never test):
 and the fused logits are ``[d*/2, -d*/2]`` (so ``softmax`` gives ``sigmoid(d*)``, as for the
 raw logits). ``w = 0`` is the teacher alone, ``w = 1`` the bi-encoder alone. A dataset without
 a dev split of its own (an IR collection) takes the mean weight of its task kind.
+
+Two names: ``FusionWeights`` are one dataset's ``w`` and the two scales (what ``fit_fusion``
+fits on dev), ``FusedScorer`` holds them per dataset with the bi-encoder and applies them. The
+weights travel in the teacher's dev report (d2llm.teachers.dev_report, key ``fusion``);
+``FusedScorer.load`` reads them back for labelling and evaluation.
 """
 
 from __future__ import annotations
@@ -28,17 +33,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from d2llm.biencoder import baseline_encoder, pair_cosines
+from d2llm.errors import ArtifactError
+from d2llm.teachers.dev_report import read_dev_report
+
 if TYPE_CHECKING:
     import torch
 
-    from d2llm.config import Params
+    from d2llm.biencoder import MeanPoolEncoder
+    from d2llm.config import Params, TaskKind
 
 GRID = tuple(round(i / 10, 1) for i in range(11))
 
 
 @dataclass(frozen=True)
-class Fusion:
-    """How one dataset mixes the teacher's log-odds with the bi-encoder's cosine."""
+class FusionWeights:
+    """How one dataset mixes the teacher's log-odds with the bi-encoder's cosine (fitted on its dev split)."""
 
     weight: float
     teacher_mean: float
@@ -61,7 +71,7 @@ class Fusion:
 
 def fit_fusion(
     log_odds: np.ndarray, cosine: np.ndarray, score: Callable[[np.ndarray], float]
-) -> tuple[Fusion, float]:
+) -> tuple[FusionWeights, float]:
     """The grid weight whose fused scores maximise ``score`` (a dev metric), and that metric.
 
     Ties go to the smaller weight: the teacher is preferred where the bi-encoder adds nothing.
@@ -73,24 +83,36 @@ def fit_fusion(
         "cosine_mean": float(c.mean()),
         "cosine_std": float(c.std()) or 1.0,
     }
-    best: tuple[Fusion, float] | None = None
+    best: tuple[FusionWeights, float] | None = None
     for w in GRID:
-        fusion = Fusion(weight=w, **stats)
-        value = score(fusion.log_odds(d, c))
+        weights = FusionWeights(weight=w, **stats)
+        value = score(weights.log_odds(d, c))
         if best is None or value > best[1] + 1e-9:
-            best = (fusion, value)
+            best = (weights, value)
     assert best is not None
     return best
 
 
-class FusionTable:
-    """Fusion per dataset, with a per-task-kind fallback for datasets without a dev split."""
+class FusedScorer:
+    """The teacher fused with the bi-encoder (``teacher.fusion: biencoder``): ``FusionWeights`` per
+    dataset, with a per-task-kind fallback for datasets without a dev split, and the bi-encoder
+    whose cosines they mix in.
 
-    def __init__(self, by_dataset: dict[str, Fusion], tasks: dict[str, str]) -> None:
+    ``encoder`` is None for a scorer that is only written to or read from a dev report (teacher
+    fine-tuning); ``load`` gives one that scores.
+    """
+
+    def __init__(
+        self,
+        by_dataset: dict[str, FusionWeights],
+        tasks: dict[str, str],
+        encoder: MeanPoolEncoder | None = None,
+    ) -> None:
         self.by_dataset = by_dataset
         self.tasks = tasks  # dataset -> task kind
+        self.encoder = encoder
 
-    def for_dataset(self, dataset: str, task: str) -> Fusion:
+    def for_dataset(self, dataset: str, task: TaskKind) -> FusionWeights:
         if dataset in self.by_dataset:
             return self.by_dataset[dataset]
         same_kind = [f for name, f in self.by_dataset.items() if self.tasks.get(name) == task]
@@ -99,7 +121,17 @@ class FusionTable:
         if not same_kind:
             raise ValueError("no fusion weights fitted")
         mean = lambda field: float(np.mean([getattr(f, field) for f in same_kind]))  # noqa: E731
-        return Fusion(**{field: mean(field) for field in Fusion.__dataclass_fields__})
+        return FusionWeights(**{field: mean(field) for field in FusionWeights.__dataclass_fields__})
+
+    def logits(
+        self, pairs: list[tuple[str, str]], logits: torch.Tensor, dataset: str, task: TaskKind
+    ) -> torch.Tensor:
+        """The teacher's ``logits`` of ``pairs`` fused with the bi-encoder's cosines of the same pairs."""
+        if not pairs:
+            return logits
+        if self.encoder is None:
+            raise ValueError("this FusedScorer has no bi-encoder to score with (FusedScorer.load gives one)")
+        return self.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -109,52 +141,34 @@ class FusionTable:
         }
 
     @classmethod
-    def from_json(cls, raw: dict[str, Any]) -> FusionTable:
+    def from_json(cls, raw: dict[str, Any], encoder: MeanPoolEncoder | None = None) -> FusedScorer:
         by_dataset, tasks = {}, {}
         for name, entry in raw.get("datasets", {}).items():
             entry = dict(entry)
             tasks[name] = entry.pop("task", None)
-            by_dataset[name] = Fusion(**entry)
-            if not all(math.isfinite(getattr(by_dataset[name], f)) for f in Fusion.__dataclass_fields__):
+            by_dataset[name] = FusionWeights(**entry)
+            if not all(
+                math.isfinite(getattr(by_dataset[name], f)) for f in FusionWeights.__dataclass_fields__
+            ):
                 raise ValueError(f"fusion weights of {name!r} are not finite: {entry}")
-        return cls(by_dataset, tasks)
+        return cls(by_dataset, tasks, encoder)
 
+    @classmethod
+    def load(cls, params: Params, teacher_dir: str | Path, required: bool = True) -> FusedScorer | None:
+        """The fusion to score with (weights from the teacher's dev report, the student's backbone
+        as the bi-encoder), or None with ``teacher.fusion: none``.
 
-@dataclass
-class Fused:
-    """The teacher's fusion weights and the bi-encoder they mix in (``teacher.fusion: biencoder``)."""
-
-    table: FusionTable
-    encoder: Any  # d2llm.biencoder.MeanPoolEncoder
-
-    def logits(
-        self, pairs: list[tuple[str, str]], logits: torch.Tensor, dataset: str, task: str
-    ) -> torch.Tensor:
-        from d2llm.teachers.finetune import pair_cosines
-
-        if not pairs:
-            return logits
-        return self.table.for_dataset(dataset, task).logits(logits, pair_cosines(self.encoder, pairs))
-
-
-def load_fused(params: Params, teacher_dir: str | Path, required: bool = True) -> Fused | None:
-    """The fusion to score with, or None with ``teacher.fusion: none``.
-
-    A teacher saved without fusion weights is an error when ``required`` (labelling must not
-    silently label with another teacher than configured), else None (evaluation notes it).
-    """
-    if params.teacher.fusion == "none":
-        return None
-    from d2llm.teachers.finetune import baseline_encoder, load_fusion
-
-    table = load_fusion(teacher_dir)
-    if table is None and not required:
-        return None
-    if table is None:
-        from d2llm.errors import ArtifactError
-
-        raise ArtifactError(
-            f"teacher.fusion is {params.teacher.fusion!r} but the teacher in {teacher_dir} has no fusion "
-            "weights: fine-tune it again (`d2llm teacher-finetune`) with this setting"
-        )
-    return Fused(table, baseline_encoder(params))
+        A teacher saved without fusion weights is an error when ``required`` (labelling must not
+        silently label with another teacher than configured), else None (evaluation notes it).
+        """
+        if params.teacher.fusion == "none":
+            return None
+        report = read_dev_report(teacher_dir)
+        if not report or "fusion" not in report:
+            if not required:
+                return None
+            raise ArtifactError(
+                f"teacher.fusion is {params.teacher.fusion!r} but the teacher in {teacher_dir} has no fusion "
+                "weights: fine-tune it again (`d2llm teacher-finetune`) with this setting"
+            )
+        return cls.from_json(report["fusion"], baseline_encoder(params))

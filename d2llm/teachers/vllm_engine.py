@@ -10,7 +10,7 @@ prompt code this class inherits); only the forward pass moves to vLLM, in two en
 Prompts go in as token ids (``TokensPrompt``): vLLM never re-tokenises them.
 
 vLLM cannot share d2llm's environment (it pins its own torch and fastapi); run labelling with
-it as a Ray job (d2llm.labelling_job, docs/distributed.md). It is imported here only, lazily.
+it as a Ray job (d2llm.labelling.ray_job, docs/distributed.md). It is imported here only, lazily.
 Whether its numbers equal the HF path's is checked on a GPU by scripts/gpu_check_vllm.py.
 """
 

@@ -3,7 +3,8 @@
 The rule itself, ``decide_promotion``, is a pure function of two metric mappings, so it is
 unit-tested without a registry. ``promote`` applies it to registered versions: it moves the
 ``challenger`` alias, compares against ``champion`` on the same evaluation data, and records the
-decision and its numbers as version tags and in the version description.
+decision and its numbers as version tags and in the version description (a ``Promotion:``
+paragraph after the model card summary that registration wrote there, which it keeps).
 
 Metrics are flat ``{name: value}`` mappings in *points* (x100 for AP, Spearman, nDCG...), so the
 tolerance ``promotion.tolerance`` reads as "points a task may regress". ``promotion.main_metric``
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -215,6 +217,18 @@ def _describe(version: str, decision: Decision, against: str | None) -> str:
     return f"v{version} {verdict}{versus}: {decision.reason}."
 
 
+PROMOTION_HEADING = "Promotion: "  # starts the decision's paragraph in a version's description
+_DECISION_PARAGRAPH = re.compile(r"(?m)^(Promotion: |v\d+ (PROMOTED|NOT promoted))")
+
+
+def with_decision(description: str | None, decision_text: str) -> str:
+    """A version's description with its promotion paragraph (re)written after what was there:
+    the model card summary ``log_student`` registered stays first; an earlier decision is replaced."""
+    kept = _DECISION_PARAGRAPH.split(description or "", maxsplit=1)[0].rstrip()
+    paragraph = PROMOTION_HEADING + decision_text
+    return f"{kept}\n\n{paragraph}" if kept else paragraph
+
+
 def promote(
     client: MlflowClient,
     model_name: str,
@@ -230,7 +244,7 @@ def promote(
     is returned), so running this twice never promotes twice or rewrites history.
     """
     version = str(challenger_version)
-    client.get_model_version(model_name, version)  # fails clearly if the version does not exist
+    registered = client.get_model_version(model_name, version)  # fails clearly if it does not exist
     # Compare under stored names: the main metric is looked up the way the tags spell it.
     promotion_cfg = promotion_cfg.model_copy(update={"main_metric": metric_key(promotion_cfg.main_metric)})
     main = promotion_cfg.main_metric
@@ -259,8 +273,9 @@ def promote(
         tags[TAG_EVAL_DATA] = eval_data_id
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
+    decision_text = _describe(version, decision, champion_version)
     client.update_model_version(
-        model_name, version, description=_describe(version, decision, champion_version)
+        model_name, version, description=with_decision(registered.description, decision_text)
     )
 
     if decision.promote:

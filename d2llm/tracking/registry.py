@@ -1,9 +1,10 @@
 """Log the student as a pyfunc model and register it, all or nothing.
 
-Order matters: the model is logged (artifacts uploaded), loaded back from the store and run on
-its input example, and only then registered. A failure before registration leaves no version;
-a failure while tagging the new version deletes it. So no half-registered version can ever be
-given an alias by ``promote``.
+Order matters: the model is logged (artifacts uploaded, the model card ``README.md`` next to
+the pyfunc files), loaded back from the store and run on its input example, and only then
+registered, its tags and description (the card's summary) in the same store transaction. A
+failure before registration leaves no version; a failure of the registration leaves none either.
+So no half-registered version can ever be given an alias by ``promote``.
 """
 
 from __future__ import annotations
@@ -15,13 +16,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from d2llm import layout
 from d2llm.config import Params
 from d2llm.errors import ArtifactError
 from d2llm.tracking.promotion import TAG_EVAL_DATA, Decision, metrics_to_tags
 from d2llm.tracking.runs import stage_run
 
 if TYPE_CHECKING:
+    from mlflow import MlflowClient
     from mlflow.entities.model_registry import ModelVersion
+
+    from d2llm.tracking.model_card import ModelCard
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ def log_student(
     version_tags: Mapping[str, str] | None = None,
     search_settings: Mapping[str, Any] | None = None,
     bundle_backbone: bool | None = None,
+    card: ModelCard | None = None,
 ) -> ModelVersion:
     """Log ``student_dir`` (and ``index_dir``) as a pyfunc model and register a new version.
 
@@ -54,11 +60,17 @@ def log_student(
     rerank_depth, default_k) configure search requests of a model logged with an index.
     ``bundle_backbone`` (default: when the student's backbone is a local folder) ships the
     backbone inside the model, so the registered model does not depend on that folder.
+    ``card`` (d2llm.tracking.model_card) is written as ``README.md`` into the model and its
+    summary becomes the version's description; without one, a card saying that the training
+    data and licences were not recorded is written instead.
     Needs ``configure`` to have been called. Returns the registered version.
     """
     import mlflow
 
     from d2llm import serving
+    from d2llm.tracking.model_card import unrecorded_card
+
+    card = card or unrecorded_card(registered_model_name)
 
     os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
     student_dir = Path(student_dir)
@@ -85,16 +97,57 @@ def log_student(
             pip_requirements=serving.pip_requirements(),
             model_config=dict(search_settings or {}),
         )
+        _attach_card(info.model_id, card.text, Path(code_dir))
         _smoke_test(info.model_uri)
         if metrics:
             from d2llm.tracking.runs import log_metrics_dict
 
             log_metrics_dict(metrics, prefix="eval")
-        # The tags travel with the registration: the version and its metrics are created in one
-        # store transaction, so a run killed at any point leaves either no version or a whole one.
+        # The tags and the description travel with the registration: the version, its metrics and
+        # its card summary are created in one store transaction, so a run killed at any point
+        # leaves either no version or a whole one.
         tags = _version_tags(run.info.run_id, index_dir, metrics, eval_data_id, version_tags)
-        version = mlflow.register_model(info.model_uri, registered_model_name, tags=tags)
+        version = _register(info, registered_model_name, run.info.run_id, tags, card.summary)
     return mlflow.MlflowClient().get_model_version(registered_model_name, version.version)
+
+
+def _attach_card(model_id: str, text: str, folder: Path) -> None:
+    """Upload the model card as ``README.md`` at the root of the logged model (next to MLmodel)."""
+    import mlflow
+
+    from d2llm.tracking.model_card import CARD_FILE
+
+    card_dir = folder / "model_card"
+    card_dir.mkdir()
+    (card_dir / CARD_FILE).write_text(text, encoding="utf-8")
+    mlflow.MlflowClient().log_model_artifact(model_id, str(card_dir / CARD_FILE))
+
+
+def _register(info: Any, name: str, run_id: str, tags: dict[str, str], description: str) -> ModelVersion:
+    """``mlflow.register_model`` of a logged model, with the description in the same transaction."""
+    import json
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    client = mlflow.MlflowClient()
+    try:
+        client.create_registered_model(name)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    version = client.create_model_version(
+        name, info.model_uri, run_id=run_id, tags=tags, description=description, model_id=info.model_id
+    )
+    # The logged model's link to its versions (the UI's "registered versions"), as register_model sets it.
+    try:
+        linked = json.loads(client.get_logged_model(info.model_id).tags.get(MLFLOW_MODEL_VERSIONS, "[]"))
+        entry = {"name": name, "version": version.version}
+        client.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+    except MlflowException as err:
+        log.warning("could not link logged model %s to %s v%s: %s", info.model_id, name, version.version, err)
+    return version
 
 
 def _local_backbone(student_dir: Path) -> Path | None:
@@ -133,15 +186,16 @@ def _smoke_test(model_uri: str) -> None:
 TAG_STUDENT_FINGERPRINT = "d2llm.student_fingerprint"  # content hash of the registered student folder
 
 
-def find_version(model_name: str, tag: str, value: str) -> str | None:
-    """The newest version of ``model_name`` whose tag ``tag`` equals ``value`` (None if none)."""
+def newest_version(
+    model_name: str, tag: str | None = None, value: str | None = None, client: MlflowClient | None = None
+) -> str | None:
+    """The newest version of ``model_name`` (with ``tag`` equal to ``value`` when given); None if none."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    query = f"name = '{model_name}'" + (f" and tags.`{tag}` = '{value}'" if tag is not None else "")
     try:
-        versions = mlflow.MlflowClient().search_model_versions(
-            f"name = '{model_name}' and tags.`{tag}` = '{value}'"
-        )
+        versions = (client or mlflow.MlflowClient()).search_model_versions(query)
     except MlflowException:
         return None  # no such registered model yet
     return str(max(int(v.version) for v in versions)) if versions else None
@@ -184,19 +238,33 @@ def register_student(
     student_dir: str | Path,
     index_dir: str | Path | None = None,
     metrics_file: str | Path | None = None,
+    catalog: str | Path = layout.CATALOG,
+    labels_dir: str | Path | None = layout.LABELS_DIR,
 ) -> ModelVersion:
-    """``configure`` + ``log_student`` with the evaluation metrics and a fingerprint of the test data."""
+    """``configure`` + ``log_student`` with the evaluation metrics (the student's dev-split
+    metrics, ``flat``), a fingerprint of the prepared data they were measured on and the model
+    card (built from params, the results, the prepared manifest, the catalogue and the labels
+    when ``labels_dir`` exists; a card that cannot be built registers nothing)."""
     from d2llm.fingerprint import path_fingerprint
+    from d2llm.tracking.model_card import model_card_from_files
     from d2llm.tracking.runs import configure
 
     configure(params.tracking)
     metrics = read_flat_metrics(metrics_file) if metrics_file is not None else None
-    data_id = path_fingerprint(params.data.prepared_dir)  # the test data the metrics come from
+    card = model_card_from_files(
+        params,
+        model_name=params.tracking.registered_model,
+        results_file=metrics_file,
+        catalog_path=catalog,
+        labels_dir=labels_dir,
+    )
+    data_id = path_fingerprint(params.data.prepared_dir)  # the data (dev splits) the metrics come from
     search = params.search
     return log_student(
         student_dir,
         index_dir,
         params.tracking.registered_model,
+        card=card,
         metrics=metrics,
         eval_data_id=data_id if metrics and data_id != "missing" else None,
         search_settings={
@@ -223,10 +291,9 @@ def promote_version(params: Params, version: str | int | None = None) -> tuple[s
     client = mlflow.MlflowClient()
     name = params.tracking.registered_model
     if version is None:
-        versions = client.search_model_versions(f"name='{name}'")
-        if not versions:
+        version = newest_version(name, client=client)
+        if version is None:
             raise ArtifactError(f"no registered versions of {name!r}: run `d2llm register` first")
-        version = max(int(v.version) for v in versions)
     version = str(version)
     metrics = stored_metrics(client, name, version)
     if not metrics:

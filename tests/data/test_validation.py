@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from d2llm_data_helpers import custom_params, tree_snapshot
+from d2llm_data_helpers import CATALOG, catalog_for, custom_params, tree_snapshot
 
 from d2llm.config import Params, params_from_dict
 from d2llm.data.prepare import prepare_data
@@ -59,10 +59,12 @@ def test_leak_helper_column_hand_worked() -> None:
     assert add_leak_column(df, "asym")[LEAK_COLUMN].tolist()[3] is None
 
 
-def _validation_fails(tmp_path: Path, params: Params, raw_dir: Path | None = None) -> str:
+def _validation_fails(
+    tmp_path: Path, params: Params, raw_dir: Path | None = None, catalog: Path = CATALOG
+) -> str:
     """Prepare, then validate: must raise; the report is written and the prepared data is unchanged."""
     out, report = tmp_path / "prepared", tmp_path / "report"
-    prepare_data(params, raw_dir or tmp_path, out)
+    prepare_data(params, raw_dir or tmp_path, out, catalog=catalog)
     before = tree_snapshot(out)
     with pytest.raises(DataValidationError) as err:
         validate_prepared(params, out, report)
@@ -119,20 +121,21 @@ def test_train_test_leakage(tmp_path: Path) -> None:
     assert validate_prepared(relaxed, tmp_path / "prepared", tmp_path / "report2").success
 
 
-def _tiny_cisi(tmp_path: Path, docs: list[str], rels: list[str]) -> Path:
+def _tiny_cisi(tmp_path: Path, docs: list[str], rels: list[str]) -> tuple[Path, Path]:
+    """A tiny CISI-format collection and a catalogue that vouches for its files: (raw, catalogue)."""
     raw = tmp_path / "raw"
     (raw / "cisi").mkdir(parents=True)
     body = "".join(f".I {i}\n.T\nTitle {n}\n.W\nBody text {n}.\n" for n, i in enumerate(docs))
     (raw / "cisi" / "CISI.ALL").write_text(body, encoding="utf-8")
     (raw / "cisi" / "CISI.QRY").write_text(".I 1\n.W\nwhat is it?\n.I 2\n.W\nwhy?\n", encoding="utf-8")
     (raw / "cisi" / "CISI.REL").write_text("".join(f"{r} 0 0.000000\n" for r in rels), encoding="utf-8")
-    return raw
+    return raw, catalog_for(raw, "cisi", tmp_path / "catalog.yaml")
 
 
 def test_unknown_qrels_ids(tmp_path: Path) -> None:
-    raw = _tiny_cisi(tmp_path, ["1", "2", "3"], ["1 1", "1 9", "7 2"])
+    raw, catalog = _tiny_cisi(tmp_path, ["1", "2", "3"], ["1 1", "1 9", "7 2"])
     params = params_from_dict({"data": {"sources": ["cisi"], "ir_train_pairs": "none"}})
-    msg = _validation_fails(tmp_path, params, raw)
+    msg = _validation_fails(tmp_path, params, raw, catalog)
     assert (
         "ir/cisi/qrels: expect_column_values_to_be_in_set column 'doc_id': 1 unexpected value(s), e.g. ['9']"
         in msg
@@ -141,9 +144,9 @@ def test_unknown_qrels_ids(tmp_path: Path) -> None:
 
 
 def test_duplicate_ids(tmp_path: Path) -> None:
-    raw = _tiny_cisi(tmp_path, ["1", "2", "2"], ["1 1", "1 1"])
+    raw, catalog = _tiny_cisi(tmp_path, ["1", "2", "2"], ["1 1", "1 1"])
     params = params_from_dict({"data": {"sources": ["cisi"], "ir_train_pairs": "none"}})
-    msg = _validation_fails(tmp_path, params, raw)
+    msg = _validation_fails(tmp_path, params, raw, catalog)
     assert "ir/cisi/corpus: expect_column_values_to_be_unique column 'doc_id': 2 unexpected value(s)" in msg
     assert "ir/cisi/qrels: expect_compound_columns_to_be_unique column 'query_id,doc_id'" in msg
 

@@ -3,7 +3,8 @@
 ``build_tiny_project(root)`` writes a project folder that runs the whole pipeline in well under
 a minute on a CPU:
 
-- ``data/raw/sick``: a copy of the shipped SICK files (the only source prepared);
+- ``data/raw/sick``: a copy of the fetched SICK files (the only source prepared), with the data
+  catalogue, so that ``fetch-data`` finds them in place and verified;
 - ``backbones/tiny-bert``: a random 2-layer, 32-d BERT with a WordPiece vocabulary built from
   the SICK words, used as both teacher and student backbone;
 - with ``decoder=True``, also ``backbones/tiny-llama``: a random 2-layer, 32-d Llama causal LM
@@ -207,6 +208,8 @@ def build_tiny_project(
     root.mkdir(parents=True, exist_ok=True)
     project = TinyProject(root)
     shutil.copytree(REPO / "data" / "raw" / "sick", root / "data" / "raw" / "sick")
+    for name in ("catalog.yaml", "README.md"):  # what git tracks of data/raw: fetch-data finds sick in place
+        shutil.copy2(REPO / "data" / "raw" / name, root / "data" / "raw" / name)
     words = _sick_vocabulary(root / "data" / "raw" / "sick")
     save_tiny_bert(root / BACKBONE, words)
     if decoder:

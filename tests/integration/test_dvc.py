@@ -19,7 +19,7 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = ["prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"]
+ALL_STAGES = ["fetch-data", "prepare", "validate", "mine", "teacher-finetune", "label", "train", "evaluate"]
 CACHED_OUTS = ["data/prepared", "data/negatives", "models/teacher", "data/labels", "models/student"]
 
 
@@ -52,6 +52,7 @@ def test_repro_runs_the_whole_pipeline_in_dependency_order(reproduced: dict) -> 
     assert sorted(ran) == sorted(ALL_STAGES)
     position = {stage: ran.index(stage) for stage in ran}
     for before, after in [
+        ("fetch-data", "prepare"),
         ("prepare", "validate"),
         ("validate", "mine"),
         ("validate", "teacher-finetune"),
@@ -161,6 +162,13 @@ def test_user_dataset_add_push_and_pull_into_a_fresh_clone(reproduced: dict, tmp
     clone.dvc("pull", f"{relative}.dvc")
     assert (clone.root / relative).read_bytes() == dataset.read_bytes()
 
+    # The built-in data is not in git: the clone fetches it, here with the first checkout's
+    # data/raw as its mirror (laid out as <folder>/<file>), verified against the catalogue.
+    fetched = clone.run(
+        "d2llm", "fetch-data", "--mirror", str(project.root / "data" / "raw"), "--no-download"
+    )
+    assert "sick: 0 file(s) in place, 4 fetched" in fetched.stdout
+
     # The data.custom entry of docs/dvc.md prepares it.
     custom = (
         "data.custom=[{name: my_pairs, task: sym, label_kind: score, label_range: [0, 5],"
@@ -177,7 +185,7 @@ def test_failed_validation_stops_repro_before_mining(tiny_project, tmp_path: Pat
     project.set_param("validation.min_text_chars", 10_000)  # no SICK sentence is that long
     done = project.dvc("repro", check=False)
     assert done.returncode != 0
-    assert stages_run(done.stdout) == ["prepare", "validate"]
+    assert stages_run(done.stdout) == ["fetch-data", "prepare", "validate"]
     assert "failed to reproduce 'validate'" in done.stderr
     assert not (project.root / "data" / "negatives").exists()
     assert not (project.root / "models").exists()

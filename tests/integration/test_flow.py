@@ -189,19 +189,40 @@ def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
 ) -> None:
     from flows.pipeline import training_pipeline
 
-    train_file = project.root / "data" / "raw" / "sick" / "SICK_train.txt"
-    lines = train_file.read_text(encoding="utf-8").splitlines(keepends=True)
-    fields = lines[1].split("\t")
-    fields[3] = "7.0"  # a relatedness score outside SICK's 1-5 range: parses, fails validation
-    lines[1] = "\t".join(fields) + ("" if fields[-1].endswith("\n") else "\n")
-    os.chmod(train_file, 0o644)
-    train_file.write_text("".join(lines), encoding="utf-8")
-
-    with pytest.raises(DataValidationError, match="sick_r") as failure:
-        training_pipeline(params_file="params.yaml")
+    # A user's dataset with a score outside its declared 0-5 range: parses, fails validation.
+    bad = project.root / "data" / "raw" / "custom" / "bad.csv"
+    bad.parent.mkdir(parents=True, exist_ok=True)
+    bad.write_text("text_a,text_b,label\na man sings,a person sings,4.5\na dog runs,a cat naps,7.0\n")
+    custom = [{"name": "bad", "task": "sym", "label_kind": "score", "label_range": [0, 5],
+               "files": {"train": str(bad)}}]  # fmt: skip
+    with pytest.raises(DataValidationError, match="pairs/bad") as failure:
+        training_pipeline(params_file="params.yaml", overrides={"data.custom": custom})
     assert "label" in str(failure.value) and "7.0" in str(failure.value)
     assert not (project.root / "models").exists()
     assert not (project.root / "data" / "labels").exists()
+    assert _registry(project.root)[0] == []
+
+
+def test_a_tampered_raw_file_stops_the_flow_at_fetch_data(prefect_harness: None, project) -> None:
+    from d2llm.errors import DataError
+    from flows.pipeline import training_pipeline
+
+    train_file = project.root / "data" / "raw" / "sick" / "SICK_train.txt"
+    os.chmod(train_file, 0o644)
+    train_file.write_text(train_file.read_text(encoding="utf-8").replace("4.5", "7.0", 1), encoding="utf-8")
+    # No mirror, and the catalogue's URLs lead nowhere (a closed local port, as offline): no
+    # verified copy can replace the file, so nothing runs.
+    catalog = project.root / "data" / "raw" / "catalog.yaml"
+    catalog.write_text(
+        catalog.read_text(encoding="utf-8").replace(
+            "https://raw.githubusercontent.com", "http://127.0.0.1:9"
+        ),
+        encoding="utf-8",
+    )
+    with pytest.raises(DataError, match=r"sick/SICK_train\.txt: no copy with the expected sha256"):
+        training_pipeline(params_file="params.yaml")
+    assert not (project.root / "data" / "prepared").exists()
+    assert not (project.root / "models").exists()
     assert _registry(project.root)[0] == []
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from d2llm.config import params_from_dict
-from d2llm.teachers.base import load_teacher, probabilities
+from d2llm.teachers.base import probabilities
+from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.finetune import finetune_teacher
 
 pytestmark = pytest.mark.slow

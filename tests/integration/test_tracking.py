@@ -493,6 +493,93 @@ def test_registration_is_all_or_nothing(store, student_dir: Path, tmp_path: Path
     assert [str(v.version) for v in _versions(cfg.registered_model)] == [str(good.version)]
 
 
+# --------------------------------------------------------------------------- model card
+
+REPO = Path(__file__).resolve().parents[2]
+CARD_MANIFEST = {"pairs": {"sick": {"source": "sick"}, "sick_r": {"source": "sick"}}, "ir": []}
+CARD_RESULTS = {
+    "datasets": {
+        "sick": {
+            "main_metric": "ap",
+            "metrics": {"bi-encoder": {"ap": 70.0}, "teacher": {"ap": 80.0}, "student": {"ap": 74.5}},
+            "vs_bi_encoder": {"student": {"delta": 4.5, "ci95": [3.1, 5.9]}},
+        }
+    },
+    "summary": {"bi-encoder": {"mean_main": 70.0}, "student": {"mean_main": 74.5}},
+    "flat": {"mean_main": 55.0, "sick/ap": 80.0},
+}
+
+
+def _card_inputs(root: Path) -> None:
+    """A prepared manifest (SICK) under ``root/data/prepared`` and the catalogue under ``root/data/raw``."""
+    import shutil
+
+    (root / "data" / "prepared").mkdir(parents=True, exist_ok=True)
+    (root / "data" / "prepared" / "manifest.json").write_text(json.dumps(CARD_MANIFEST))
+    (root / "data" / "raw").mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "data" / "raw" / "catalog.yaml", root / "data" / "raw" / "catalog.yaml")
+
+
+def _model_files(name: str, version: str | int, dst: Path) -> Path:
+    return Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dst)))
+
+
+def test_a_registered_version_carries_its_model_card(store, student_dir: Path, tmp_path: Path):
+    from d2llm.data.catalog import load_catalog
+    from d2llm.tracking import log_student, promote
+    from d2llm.tracking.model_card import build_model_card
+
+    cfg, _ = store
+    name, client = cfg.registered_model, mlflow.MlflowClient()
+    params = Params.model_validate(
+        {"labelling": {"datasets": ["sick"]}, "evaluation": {"pair_datasets": ["sick"], "ir_datasets": []}}
+    )
+    catalog = load_catalog(REPO / "data" / "raw" / "catalog.yaml")
+    card = build_model_card(params, CARD_RESULTS, CARD_MANIFEST, catalog, model_name=name)
+    version = log_student(student_dir, registered_model_name=name, metrics={"mean_main": 55.0}, card=card)
+
+    # README.md sits next to the pyfunc files of the registered model, and holds the card.
+    files = _model_files(name, version.version, tmp_path / "v1")
+    assert {"MLmodel", "README.md", "artifacts"} <= {p.name for p in files.iterdir()}
+    readme = (files / "README.md").read_text(encoding="utf-8")
+    assert readme == card.text
+    assert "**Use: non-commercial, share-alike" in readme
+    assert "| sick | ap | 70.00 | 80.00 | 74.50 | +4.50 [+3.10, +5.90] * |" in readme
+    assert version.description == card.summary
+
+    # Promotion adds its decision after the summary; a later decision replaces it, the summary stays.
+    assert promote(client, name, version.version, {"mean_main": 55.0}, PromotionConfig()).promote
+    described = client.get_model_version(name, version.version).description
+    assert described.startswith(card.summary + "\n\nPromotion: v1 PROMOTED to champion")
+    second = log_student(student_dir, registered_model_name=name, metrics={"mean_main": 50.0}, card=card)
+    for _ in range(2):
+        assert not promote(client, name, second.version, {"mean_main": 50.0}, PromotionConfig()).promote
+        described = client.get_model_version(name, second.version).description
+        assert described.startswith(card.summary + "\n\nPromotion: v2 NOT promoted against champion v1")
+        assert described.count("Promotion: ") == 1
+
+    # Registered without a card (a bare library call), a version still says what is not known.
+    bare = log_student(student_dir, registered_model_name=name)
+    readme = (_model_files(name, bare.version, tmp_path / "v3") / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith(f"# {name}\n\n**Use: unknown") and bare.description.startswith("Use: unknown")
+
+
+def test_a_model_card_that_cannot_be_built_registers_nothing(store, student_dir: Path, tmp_path: Path):
+    from d2llm.tracking.registry import register_student
+
+    cfg, _ = store
+    params = Params(tracking=cfg)
+    (tmp_path / "metrics.json").write_text(json.dumps(CARD_RESULTS))
+    with pytest.raises(ArtifactError, match=r"manifest\.json not found"):  # nothing prepared
+        register_student(params, student_dir, metrics_file=tmp_path / "metrics.json")
+    assert _versions(cfg.registered_model) == []
+
+    _card_inputs(tmp_path)
+    version = register_student(params, student_dir, metrics_file=tmp_path / "metrics.json")
+    assert "Use: non-commercial, share-alike" in version.description
+    assert "student 74.50 vs bi-encoder 70.00" in version.description
+
+
 # --------------------------------------------------------------------------- promotion
 
 
@@ -608,10 +695,12 @@ def test_promotion_refuses_metrics_from_different_evaluation_data(registered: st
 
 def test_cli_register_and_promote(store, student_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     from d2llm.cli import main
+    from d2llm.fingerprint import path_fingerprint
 
     (tmp_path / "params.yaml").write_text(
         "tracking:\n  experiment: test-exp\n  registered_model: cli-student\npromotion:\n  tolerance: 1.0\n"
     )
+    _card_inputs(tmp_path)  # what the model card is built from
     results = tmp_path / "metrics.json"
     results.write_text(json.dumps({"flat": {"mean_main": 55.0, "cisi/ndcg@10": 31.0}}))
     assert (
@@ -632,7 +721,9 @@ def test_cli_register_and_promote(store, student_dir: Path, tmp_path: Path, caps
     out = capsys.readouterr().out
     assert "registered cli-student version 1" in out and "cli-student v1 promoted to champion" in out
     version = mlflow.MlflowClient().get_model_version_by_alias("cli-student", "champion")
-    assert version.tags["metric.cisi/ndcg_10"] == "31.0" and "d2llm.eval_data" not in version.tags
+    assert version.tags["metric.cisi/ndcg_10"] == "31.0"
+    assert version.tags["d2llm.eval_data"] == path_fingerprint(tmp_path / "data" / "prepared")
+    assert version.description.startswith("Use: ")  # the model card's summary
 
     results.write_text(json.dumps({"flat": {"mean_main": 56.0, "cisi/ndcg@10": 29.5}}))  # -1.5 > tolerance
     assert (
@@ -671,6 +762,7 @@ def test_a_registration_killed_at_any_moment_leaves_no_partial_version(
     (tmp_path / "params.yaml").write_text(
         f"tracking:\n  experiment: {cfg.experiment}\n  registered_model: {cfg.registered_model}\n"
     )
+    _card_inputs(tmp_path)
     results = tmp_path / "metrics.json"
     results.write_text(json.dumps({"flat": {"mean_main": 55.0, "sick/ap": 80.0}}))
     command = [sys.executable, "-m", "d2llm.cli", "register", "--student-dir", str(student_dir),
@@ -694,3 +786,4 @@ def test_a_registration_killed_at_any_moment_leaves_no_partial_version(
         tags = client.get_model_version(cfg.registered_model, version.version).tags
         assert tags.get("metric.mean_main") == "55.0", f"v{version.version} is missing its metrics: {tags}"
         assert "d2llm.run_id" in tags
+        assert version.description.startswith("Use: "), f"v{version.version} has no model card summary"

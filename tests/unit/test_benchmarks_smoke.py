@@ -295,7 +295,7 @@ def saved_models(tiny_bert_dir, tmp_path_factory):
     from d2llm.config import StudentConfig, TeacherConfig
     from d2llm.hub import seed_everything
     from d2llm.student.model import D2LLMStudent
-    from d2llm.teachers.base import load_teacher
+    from d2llm.teachers.factory import load_teacher
 
     root = tmp_path_factory.mktemp("models")
     seed_everything(0)

@@ -14,8 +14,8 @@ import torch
 from d2llm.biencoder import MeanPoolEncoder
 from d2llm.config import StudentConfig, TeacherConfig
 from d2llm.student.model import D2LLMStudent
-from d2llm.teachers.base import load_teacher
 from d2llm.teachers.causal_lm import CausalLMTeacher
+from d2llm.teachers.factory import load_teacher
 
 torch.set_num_threads(1)
 

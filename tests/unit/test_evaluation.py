@@ -140,7 +140,7 @@ def models(tiny_bert_dir):
     """Real systems on the tiny random BERT: baseline, cross-encoder teacher, D2LLM student."""
     from d2llm.hub import seed_everything
     from d2llm.student.model import D2LLMStudent
-    from d2llm.teachers.base import load_teacher
+    from d2llm.teachers.factory import load_teacher
 
     params = _params(tiny_bert_dir)
     seed_everything(0)

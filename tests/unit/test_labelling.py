@@ -17,7 +17,7 @@ import torch
 from d2llm.config import TeacherConfig, params_from_dict
 from d2llm.errors import ArtifactError, DataError
 from d2llm.labelling import MANIFEST_FILE, build_groups, label_groups, load_labels
-from d2llm.teachers.base import load_teacher
+from d2llm.teachers.factory import load_teacher
 
 torch.set_num_threads(1)
 
@@ -153,7 +153,7 @@ import torch
 torch.set_num_threads(1)
 from d2llm.config import params_from_dict
 from d2llm.labelling import label_groups
-from d2llm.teachers.base import load_teacher
+from d2llm.teachers.factory import load_teacher
 
 params = params_from_dict(json.loads(sys.argv[1]))
 teacher = load_teacher(params.teacher, sys.argv[3], "cpu")
@@ -217,15 +217,15 @@ def test_fused_labels_mix_the_dev_chosen_weight_of_bi_encoder_cosine(teacher_dir
     import numpy as np
 
     from d2llm.biencoder import MeanPoolEncoder
-    from d2llm.teachers.finetune import write_dev_report
-    from d2llm.teachers.fusion import Fusion, FusionTable
+    from d2llm.teachers.dev_report import write_dev_report
+    from d2llm.teachers.fusion import FusedScorer, FusionWeights
 
     fused_dir = tmp_path / "teacher"
     shutil.copytree(teacher_dir, fused_dir)
-    fusion = Fusion(weight=0.3, teacher_mean=0.5, teacher_std=2.0, cosine_mean=0.4, cosine_std=0.1)
-    table = FusionTable({"toy": fusion}, {"toy": "sym"})
+    weights = FusionWeights(weight=0.3, teacher_mean=0.5, teacher_std=2.0, cosine_mean=0.4, cosine_std=0.1)
+    fusion = FusedScorer({"toy": weights}, {"toy": "sym"})
     write_dev_report(fused_dir, {"dev_after": {"toy/ap": 90.0}, "dev_baseline": {"toy/ap": 80.0},
-                                 "fusion": table.to_json()})  # fmt: skip
+                                 "fusion": fusion.to_json()})  # fmt: skip
     _negatives(4).to_parquet(tmp_path / "neg.parquet")
     raw = _params(group_size=2, shard_groups=2)
     raw["teacher"].update(fusion="biencoder")
@@ -252,7 +252,7 @@ def test_fused_labels_mix_the_dev_chosen_weight_of_bi_encoder_cosine(teacher_dir
 def test_gating_labels_only_datasets_the_teacher_wins_on_dev(teacher_dir, tmp_path):
     import shutil
 
-    from d2llm.teachers.finetune import write_dev_report
+    from d2llm.teachers.dev_report import write_dev_report
 
     gated_dir = tmp_path / "teacher"
     shutil.copytree(teacher_dir, gated_dir)

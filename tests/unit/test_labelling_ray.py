@@ -21,7 +21,7 @@ from d2llm.labelling import (
     load_labels,
     plan_labelling,
 )
-from d2llm.labelling_ray import WORKER_NAME, LabellingWorker, score_on_ray
+from d2llm.labelling.ray_executor import WORKER_NAME, LabellingWorker, score_on_ray
 
 torch.set_num_threads(1)  # as each Ray actor (labelling.ray.torch_threads): same sums, same bits
 
@@ -107,9 +107,9 @@ def test_a_deleted_shard_is_the_only_one_rescored(ray_cluster, inputs, local_lab
 class SlowWorker(LabellingWorker):
     """A worker that takes 0.4 s per shard, so that one can be killed while the run is under way."""
 
-    def score(self, shard_id, groups):
+    def score(self, groups):
         time.sleep(0.4)
-        return super().score(shard_id, groups)
+        return super().score(groups)
 
 
 def test_a_worker_killed_mid_run_loses_no_shard(ray_cluster, inputs, local_labels, tmp_path):

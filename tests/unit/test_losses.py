@@ -131,7 +131,7 @@ def test_feature_imitation_zero_vector_gives_zero_cosine_not_nan() -> None:
 def test_combined_loss_weights_parts_and_applies_teacher_temperature() -> None:
     cfg = LossConfig(alpha=0.5, beta=2.0, gamma=0.3, eta=0.1, tau_ci=1.0, tau_ri=1.0)
     z_in, z_hn, u_hn = t(Z_IN), t(Z_HN), t(U_HN)
-    parts = D2LLMLoss.from_config(cfg)(z_in, z_hn, teacher_logits(S_IN), teacher_logits(S_HN), u_hn, t(C_T))
+    parts = D2LLMLoss(cfg)(z_in, z_hn, teacher_logits(S_IN), teacher_logits(S_HN), u_hn, t(C_T))
     ci = ContrastiveImitationLoss(alpha=0.5)(z_in, t(S_IN), z_hn, t(S_HN))
     ri1 = PearsonRankLoss()(z_hn, t(S_HN))
     ri2 = HardEasyRankLoss()(z_in, t(S_IN), z_hn, t(S_HN))

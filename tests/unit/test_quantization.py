@@ -19,7 +19,7 @@ from d2llm.config import StudentConfig, TeacherConfig
 from d2llm.errors import ModelError
 from d2llm.quantization import apply_quantization, is_quantized, quantize_linear_int8
 from d2llm.student.model import D2LLMStudent
-from d2llm.teachers.base import load_teacher
+from d2llm.teachers.factory import load_teacher
 
 TEXTS = ["a man plays a guitar", "a woman is cooking in the kitchen", "the dog runs", "a cat sleeps"]
 
@@ -74,12 +74,12 @@ def test_int8_teacher_scores_close_to_float32(tiny_bert_dir: Path) -> None:
 
 
 def test_labels_written_before_the_quantization_key_count_as_float32(tmp_path: Path) -> None:
-    from d2llm.labelling import MANIFEST_FILE, _prepare_out_dir
+    from d2llm.labelling.shards import MANIFEST_FILE, prepare_out_dir
 
     old = {"format": 1, "groups_sha256": "abc", "complete": True}  # no teacher_quantization
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(old), encoding="utf-8")
     now = {"format": 1, "groups_sha256": "abc", "teacher_quantization": "none", "complete": False}
-    assert _prepare_out_dir(tmp_path, now, overwrite=False) == old  # reused, not relabelled
+    assert prepare_out_dir(tmp_path, now, overwrite=False) == old  # reused, not relabelled
     int8 = {**now, "teacher_quantization": "int8"}
     with pytest.raises(Exception, match="holds other labels"):
-        _prepare_out_dir(tmp_path, int8, overwrite=False)
+        prepare_out_dir(tmp_path, int8, overwrite=False)

@@ -11,8 +11,9 @@ from d2llm.batching import bucket_batches, collate, iter_batches, map_batched
 from d2llm.config import PromptConfig, TeacherConfig, params_from_dict
 from d2llm.errors import DataError, ModelError
 from d2llm.evaluation.metrics import average_precision
-from d2llm.teachers.base import load_teacher, probabilities
+from d2llm.teachers.base import probabilities
 from d2llm.teachers.causal_lm import CausalLMTeacher, is_chinese
+from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.finetune import finetune_teacher
 
 torch.set_num_threads(1)

@@ -88,7 +88,7 @@ def _params(tiny_bert_dir: Path, **training: object) -> Params:
 def workspace(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path) -> dict[str, Path]:
     """Prepared dev pairs, mined negatives and teacher labels for 3 groups of 4 anchors (K=2)."""
     from d2llm.labelling import label_groups
-    from d2llm.teachers.base import load_teacher
+    from d2llm.teachers.factory import load_teacher
 
     root = tmp_path_factory.mktemp("training")
     (root / "prepared" / "pairs").mkdir(parents=True)

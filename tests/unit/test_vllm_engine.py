@@ -14,7 +14,7 @@ import torch
 from d2llm.config import TeacherConfig, VLLMEngineConfig, params_from_dict
 from d2llm.errors import ArtifactError, ModelError
 from d2llm.labelling import GROUPS_FILE, MANIFEST_FILE, label_groups
-from d2llm.teachers.base import load_teacher
+from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.vllm_engine import engine_arguments, model_folders
 
 torch.set_num_threads(1)

@@ -1,6 +1,6 @@
 """The Ray executor of labelling: actors that each load the teacher once and score whole shards.
 
-``score_on_ray`` takes a plan (d2llm.labelling.plan_labelling) and scores its missing shards on
+``score_on_ray`` takes a plan (d2llm.labelling.plan.plan_labelling) and scores its missing shards on
 ``labelling.ray.num_workers`` actors. The driver (this process) hands one shard at a time to
 each idle actor, gets the shard's tensors back and writes the shard file itself, so the labels
 folder only has to exist where the driver runs, and the shard files stay the checkpoint: a
@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2llm.errors import ArtifactError, ConfigError, ModelError
+from d2llm.labelling.plan import LabellingPlan, write_shard
+from d2llm.labelling.scoring import ShardScorer
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -39,7 +41,6 @@ if TYPE_CHECKING:
     import torch
 
     from d2llm.config import Params, RayExecutorConfig
-    from d2llm.labelling import LabellingPlan
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +60,6 @@ class LabellingWorker:
 
         hf_logging.disable_progress_bar()  # the weight-loading bar ignores TQDM_DISABLE
 
-        from d2llm.labelling import ShardScorer
-
         if params.labelling.ray.gpus_per_worker == 0:
             torch.set_num_threads(torch_threads)
         self.scorer = ShardScorer(params, teacher_dir)
@@ -68,7 +67,7 @@ class LabellingWorker:
     def scoring_info(self) -> dict[str, str]:
         return self.scorer.scoring_info()
 
-    def score(self, shard_id: int, groups: pd.DataFrame) -> dict[str, torch.Tensor]:
+    def score(self, groups: pd.DataFrame) -> dict[str, torch.Tensor]:
         return self.scorer.score(groups)
 
 
@@ -188,7 +187,7 @@ class _WorkerPool:
             while idle and queue:
                 actor, shard = idle.pop(), queue.popleft()
                 attempts[shard] += 1
-                in_flight[actor.score.remote(shard, plan.shard_groups(shard))] = (actor, shard)
+                in_flight[actor.score.remote(plan.shard_groups(shard))] = (actor, shard)
             if not in_flight:
                 raise ArtifactError(f"no Ray labelling worker is left; shards {list(queue)[:10]} unscored")
             [ready], _ = ray.wait(list(in_flight), num_returns=1)
@@ -210,8 +209,6 @@ class _WorkerPool:
                 if self.started < 2 * self.cfg.num_workers:  # replace it, within a bound
                     idle.append(self._start_actor())
                 continue
-            from d2llm.labelling import write_shard
-
             write_shard(plan, shard, tensors)
             progress.update()
             idle.append(actor)

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from d2llm.errors import ArtifactError
+from d2llm.labelling.ray_executor import require_ray
+from d2llm.labelling.shards import MANIFEST_FILE
 from d2llm.lock import LOCK_HELD_ENV
 
 if TYPE_CHECKING:
@@ -106,8 +108,6 @@ def run_labelling_job(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Submit the labelling as a Ray job, wait for it, and summarise its labels (labels.json)."""
-    from d2llm.labelling_ray import require_ray
-
     require_ray("labelling.job.enabled")
     from ray.job_submission import JobSubmissionClient
 
@@ -151,8 +151,6 @@ def wait_for_job(client: Any, job_id: str, timeout_s: float) -> str:
 
 def _summary(job_id: str, out_dir: Path) -> dict[str, Any]:
     import json
-
-    from d2llm.labelling import MANIFEST_FILE
 
     manifest_file = out_dir / MANIFEST_FILE
     if not manifest_file.is_file():

@@ -219,7 +219,8 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
             }
 
     log.info("quality: dev samples, float32 vs int8")
-    devs = load_dev_sets(prepared_dir, args.dev_datasets, args.dev_pairs, args.seed)
+    # The select parts, as tuning reads them (the same pairs for float32 and int8).
+    devs = load_dev_sets(prepared_dir, args.dev_datasets, args.dev_pairs, args.seed, "select", 0.5)
     with torch.inference_mode():
         quality = {
             "teacher": {kind: teacher_dev(t, devs) for kind, t in teachers.items()},

@@ -92,10 +92,17 @@ def freshness(
 # --------------------------------------------------------------------------- the table
 
 
-def quality_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per dataset: main metric of each system and the student's recovered gain."""
+def recovered(baseline: float | None, teacher: float | None, student: float | None) -> float | None:
+    """The student's share of the teacher's gain, by the evaluation report's rule: none where the
+    teacher wins by ``RECOVERY_MIN_GAIN`` points or less (the report and this table must agree)."""
+    from d2llm.evaluation.evaluate import RECOVERY_MIN_GAIN
     from d2llm.evaluation.metrics import gain_recovered
 
+    return gain_recovered(baseline, teacher, student, RECOVERY_MIN_GAIN)
+
+
+def quality_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per dataset: main metric of each system and the student's recovered gain."""
     rows = []
     for name, entry in results["datasets"].items():
         main = entry["main_metric"]
@@ -106,7 +113,7 @@ def quality_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 "label": LABELS.get(name, name),
                 "metric": main,
                 **values,
-                "recovered": gain_recovered(values["bi-encoder"], values["teacher"], values["student"]),
+                "recovered": recovered(values["bi-encoder"], values["teacher"], values["student"]),
             }
         )
     return rows
@@ -114,14 +121,12 @@ def quality_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 def mean_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Means over datasets (only for a system with a number on every row)."""
-    from d2llm.evaluation.metrics import gain_recovered
-
     means = {}
     for s in SYSTEMS:
         values = [r[s] for r in rows]
         means[s] = float(np.mean(values)) if values and all(v is not None for v in values) else None
-    recovered = gain_recovered(means["bi-encoder"], means["teacher"], means["student"])
-    return {"dataset": "mean", "label": "mean", "metric": "main", **means, "recovered": recovered}
+    share = recovered(means["bi-encoder"], means["teacher"], means["student"])
+    return {"dataset": "mean", "label": "mean", "metric": "main", **means, "recovered": share}
 
 
 def load_or_evaluate(args: argparse.Namespace, params: Any) -> tuple[dict[str, Any], str]:

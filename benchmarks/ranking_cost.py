@@ -8,7 +8,9 @@ The cost model of the paper, measured:
 - bi-encoder: one query pass (mean pooling) + N dot products.
 
 Passage encodings are computed once, before any timing: that is D2LLM's point, passages are
-indexed offline. Every system returns the top 10. The student paths are ``d2llm.search.search``
+indexed offline. Queries are not: every timed end-to-end call encodes each of its queries (no
+encoder here remembers a text it has seen), only the scoring-only timings take query vectors
+computed beforehand. Every system returns the top 10. The student paths are ``d2llm.search.search``
 on an in-memory index, i.e. exactly what serving runs.
 
 The teacher is timed on at most ``--teacher-max-pairs`` candidates per query and its cost is
@@ -356,13 +358,15 @@ def score_change(student: Any, other: Any, e_q: Any, cache: Any) -> dict[str, fl
 def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     import torch
 
-    from d2llm.evaluation.evaluate import BiEncoderBaseline
+    from d2llm.biencoder import MeanPoolEncoder
     from d2llm.search import SearchIndex, encode_corpus
 
     prepared_dir = args.prepared_dir or params.data.prepared_dir
     student, student_desc = common.load_student(params, args.student_dir)
     teacher, teacher_desc = common.load_teacher(params, args.teacher_dir)
-    bi = BiEncoderBaseline.from_ref(
+    # The plain encoder, not evaluation's BiEncoderBaseline: that one remembers every text it
+    # encoded, so the queries encoded below would skip their pass inside the timed calls.
+    bi = MeanPoolEncoder.from_ref(
         params.student.backbone, params.student.gguf_file, params.student.trust_remote_code,
         max_length=params.student.max_length, batch_size=args.batch_size, device=params.device,
     )  # fmt: skip

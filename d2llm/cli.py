@@ -14,12 +14,14 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from d2llm import layout
 from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
+from d2llm.layout import Layout
 
 log = logging.getLogger("d2llm")
 
@@ -28,6 +30,22 @@ _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], s
 # Commands that write no pipeline artefact run without the working copy's lock (d2llm.lock);
 # every other one refuses (or waits, --wait) while another pipeline run holds it.
 _READ_ONLY = {"index", "search"}
+
+
+@dataclass(frozen=True)
+class _AtLayout:
+    """An argument's default: a path of the preset's layout (``Layout.of(params)``, so under the
+    params' ``artifacts_dir``), filled in by ``main`` once the params are read."""
+
+    attr: str
+    child: str | None = None
+
+    def resolve(self, paths: Layout) -> Path:
+        path = getattr(paths, self.attr)
+        return path / self.child if self.child else path
+
+    def __str__(self) -> str:  # what --help shows
+        return f"{self.resolve(layout.DEFAULT)} under artifacts_dir"
 
 
 def command(name: str, help: str) -> Callable[[Command], Command]:
@@ -131,13 +149,18 @@ def cmd_validate(args: argparse.Namespace, params: Params) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels-dir", type=Path, default=layout.LABELS_DIR, help="labelled groups")
+    p.add_argument("--labels-dir", type=Path, default=_AtLayout("labels_dir"), help="labelled groups")
     p.add_argument("--prepared-dir", type=Path, help="canonical tables, for the dev split")
-    p.add_argument("--out-dir", type=Path, default=layout.STUDENT_DIR, help="where the best student goes")
-    p.add_argument("--metrics", type=Path, default=layout.TRAIN_METRICS, help="training summary JSON")
+    p.add_argument(
+        "--out-dir", type=Path, default=_AtLayout("student_dir"), help="where the best student goes"
+    )
+    p.add_argument("--metrics", type=Path, default=_AtLayout("train_metrics"), help="training summary JSON")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument(
-        "--plots-dir", type=Path, default=layout.PLOTS_DIR, help="dev metric and loss curves (JSON lists)"
+        "--plots-dir",
+        type=Path,
+        default=_AtLayout("plots_dir"),
+        help="dev metric and loss curves (JSON lists)",
     )
 
 
@@ -169,8 +192,12 @@ def cmd_train(args: argparse.Namespace, params: Params) -> int:
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher (or skipped)")
-    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student (or skipped)")
+    p.add_argument(
+        "--teacher-dir", type=Path, default=_AtLayout("teacher_dir"), help="saved teacher (or skipped)"
+    )
+    p.add_argument(
+        "--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student (or skipped)"
+    )
     p.add_argument("--output", type=Path, help="metrics JSON (default: evaluation.output)")
     p.add_argument("--plot", type=Path, help="also draw the gains over the bi-encoder to this PNG")
 
@@ -200,7 +227,7 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
 
 
 def _index_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student")
+    p.add_argument("--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student")
     source = p.add_mutually_exclusive_group()
     source.add_argument("--dataset", help="prepared IR dataset whose corpus is indexed (default: cranfield)")
     source.add_argument("--corpus", type=Path, help="a document file: .csv, .tsv, .jsonl or .parquet")
@@ -223,14 +250,14 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
 
     if args.corpus is not None:
         corpus = read_corpus_file(args.corpus, args.id_column, args.text_column)
-        name, out_dir = str(args.corpus), args.out_dir or layout.INDEX_ROOT / args.corpus.stem
+        name, out_dir = str(args.corpus), args.out_dir or Layout.of(params).index_root / args.corpus.stem
     else:
         dataset = args.dataset or "cranfield"
         corpus_path = (args.prepared_dir or params.data.prepared_dir) / "ir" / dataset / "corpus.parquet"
         if not corpus_path.is_file():
             raise ArtifactError(f"no corpus for {dataset!r} at {corpus_path}: run `d2llm prepare` first")
         corpus = pd.read_parquet(corpus_path)
-        name, out_dir = dataset, args.out_dir or layout.INDEX_ROOT / dataset
+        name, out_dir = dataset, args.out_dir or Layout.of(params).index_root / dataset
     student = D2LLMStudent.from_pretrained(
         args.student_dir,
         device=pick_device(params.device),
@@ -255,8 +282,12 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
 def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("query", help="the search query")
     p.add_argument("-k", type=int, default=10, help="number of documents to show (each by its best passage)")
-    p.add_argument("--index-dir", type=Path, default=layout.INDEX_ROOT / "cranfield", help="index folder")
-    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="the student that built it")
+    p.add_argument(
+        "--index-dir", type=Path, default=_AtLayout("index_root", "cranfield"), help="index folder"
+    )
+    p.add_argument(
+        "--student-dir", type=Path, default=_AtLayout("student_dir"), help="the student that built it"
+    )
     p.add_argument("--mode", choices=["full", "two_stage"], help="default: search.mode")
     p.add_argument("--first-stage", choices=["bm25", "cosine"], help="default: search.first_stage")
     p.add_argument("--rerank-depth", type=int, help="two-stage candidates M (default: search.rerank_depth)")
@@ -313,7 +344,7 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
 
 def _mine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--out", type=Path, default=layout.NEGATIVES)
+    p.add_argument("--out", type=Path, default=_AtLayout("negatives"))
 
 
 @command("mine", "mine hard negatives (BM25 and bi-encoder) for the labelling datasets")
@@ -328,8 +359,10 @@ def cmd_mine(args: argparse.Namespace, params: Params) -> int:
 
 def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
-    p.add_argument("--out-dir", type=Path, default=layout.TEACHER_DIR, help="saved teacher folder")
-    p.add_argument("--metrics", type=Path, default=layout.TEACHER_METRICS, help="fine-tuning report JSON")
+    p.add_argument("--out-dir", type=Path, default=_AtLayout("teacher_dir"), help="saved teacher folder")
+    p.add_argument(
+        "--metrics", type=Path, default=_AtLayout("teacher_metrics"), help="fine-tuning report JSON"
+    )
 
 
 @command("teacher-finetune", "fine-tune the teacher on gold labels and save it (or its reference)")
@@ -348,9 +381,9 @@ def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
 
 
 def _label_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--negatives", type=Path, default=layout.NEGATIVES)
-    p.add_argument("--teacher-dir", type=Path, default=layout.TEACHER_DIR)
-    p.add_argument("--out-dir", type=Path, default=layout.LABELS_DIR)
+    p.add_argument("--negatives", type=Path, default=_AtLayout("negatives"))
+    p.add_argument("--teacher-dir", type=Path, default=_AtLayout("teacher_dir"))
+    p.add_argument("--out-dir", type=Path, default=_AtLayout("labels_dir"))
     p.add_argument("--overwrite", action="store_true", help="replace labels made from other groups/teacher")
     p.add_argument(
         "--executor",
@@ -389,7 +422,7 @@ def _with_settings(params: Params, changes: dict[str, Any]) -> Params:
 
 
 def _register_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--student-dir", type=Path, default=layout.STUDENT_DIR, help="saved student")
+    p.add_argument("--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student")
     p.add_argument("--index-dir", type=Path, help="a search index built by this student (optional)")
     p.add_argument("--metrics", type=Path, help="evaluation results JSON (default: evaluation.output)")
 
@@ -475,6 +508,10 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, dict(args.overrides))
+        paths = Layout.of(params)
+        for key, value in vars(args).items():
+            if isinstance(value, _AtLayout):
+                setattr(args, key, value.resolve(paths))
         run = _COMMANDS[args.command][0]
         from d2llm.lock import pipeline_lock
 

@@ -552,6 +552,19 @@ class TrackingConfig(_Section):
     registered_model: str = "d2llm-student"
 
 
+class SelectionConfig(_Section):
+    """How each dev split is divided between the decisions it serves (docs/evaluation.md, "Selection").
+
+    Every dev split is cut once, by a hash of the pair (of the question, for answer selection),
+    into a *select* part, which chooses everything that is tuned (the teacher's epoch, the fusion
+    weights, the student's early-stopping step, recipes), and a *validate* part, which nothing
+    is tuned on: it gates the datasets worth distilling, decides promotion and gives the figure
+    reported as validation.
+    """
+
+    validate_fraction: float = Field(default=0.5, gt=0, lt=1)
+
+
 class PromotionConfig(_Section):
     main_metric: str = "mean_main"
     tolerance: float = Field(default=0.5, ge=0)  # points a task may regress
@@ -560,6 +573,11 @@ class PromotionConfig(_Section):
 class Params(_Section):
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Where this preset's negatives, teacher, labels, student, index and reports go (d2llm.layout).
+    # "." is the default preset's layout (dvc.yaml's paths); a preset of its own gets a folder of
+    # its own (and its own data.prepared_dir, validation.report_dir, evaluation.output), so that
+    # the presets' runs never overwrite each other's artefacts.
+    artifacts_dir: Path = Path(".")
     data: DataConfig = DataConfig()
     validation: ValidationConfig = ValidationConfig()
     teacher: TeacherConfig = TeacherConfig()
@@ -569,6 +587,7 @@ class Params(_Section):
     loss: LossConfig = LossConfig()
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
+    selection: SelectionConfig = SelectionConfig()
     search: SearchConfig = SearchConfig()
     tracking: TrackingConfig = TrackingConfig()
     promotion: PromotionConfig = PromotionConfig()

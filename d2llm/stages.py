@@ -108,7 +108,7 @@ STAGES: dict[str, Stage] = {
         Stage(
             "teacher-finetune",
             # Its report compares the teacher with the student's backbone read as a bi-encoder.
-            params=("teacher", "seed", *_BACKBONE_AS_BIENCODER),
+            params=("teacher", "seed", "selection", *_BACKBONE_AS_BIENCODER),
             inputs=(PREPARED,),
             gates=(VALIDATED,),
             code=(
@@ -129,7 +129,7 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "train",
-            params=("student", "loss", "training", "seed", "teacher.temperature"),
+            params=("student", "loss", "training", "seed", "selection", "teacher.temperature"),
             inputs=(LABELS, PREPARED),  # prepared: the dev split for early stopping
             code=(
                 "d2llm/training.py",
@@ -149,6 +149,7 @@ STAGES: dict[str, Stage] = {
             params=(
                 "evaluation",
                 "seed",
+                "selection",
                 "search.chunk_size",
                 "teacher.temperature",
                 "teacher.fusion",

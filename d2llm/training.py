@@ -47,9 +47,17 @@ HISTORY_FILE = "training_history.json"
 
 
 def load_training_dev_sets(params: Params, prepared_dir: Path) -> list[DevSet]:
-    """The dev splits early stopping watches (``training.dev_datasets``)."""
+    """The select parts of the dev splits early stopping watches (``training.dev_datasets``);
+    the validate parts are left for promotion and the reported validation figure."""
     cfg = params.training
-    return load_dev_sets(prepared_dir, cfg.dev_datasets, cfg.max_dev_pairs, params.seed)
+    return load_dev_sets(
+        prepared_dir,
+        cfg.dev_datasets,
+        cfg.max_dev_pairs,
+        params.seed,
+        "select",
+        params.selection.validate_fraction,
+    )
 
 
 def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int = 64) -> dict[str, float]:

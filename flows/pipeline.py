@@ -10,7 +10,9 @@ This module only composes d2llm library functions as tasks. What Prefect adds:
   cannot fix);
 - a "gpu" concurrency limit around the stages that use the accelerator
   (``prefect gcl create gpu --limit 1`` on a shared server; without it they run unthrottled);
-- one MLflow parent run per pipeline run, a nested run per stage.
+- one MLflow parent run per pipeline run, a nested run per stage; at the end the DVC stages'
+  outputs are committed as this run wrote them (d2llm.lineage) and their hashes tagged on
+  the parent run.
 
 Run it: ``python -m flows.pipeline`` (the README's ``make run``), or through the deployment in
 ``prefect.yaml`` / ``flows/deploy.py`` for scheduled retraining.
@@ -30,6 +32,7 @@ from d2llm.config import Params, load_params
 from d2llm.errors import D2LLMError
 from d2llm.fingerprint import code_fingerprint, path_fingerprint
 from d2llm.jsonfile import write_json
+from d2llm.layout import Layout
 from d2llm.lock import pipeline_lock
 from d2llm.stages import cache_key
 
@@ -111,9 +114,10 @@ def mine(params: Params, key: dict[str, Any]) -> str:
     from d2llm.mining import mine_negatives
     from d2llm.tracking import stage_run
 
+    out = Layout.of(params).negatives
     with stage_run("mine"):
-        mine_negatives(params, params.data.prepared_dir, layout.NEGATIVES)
-    return path_fingerprint(layout.NEGATIVES)
+        mine_negatives(params, params.data.prepared_dir, out)
+    return path_fingerprint(out)
 
 
 @task(
@@ -128,12 +132,13 @@ def teacher_finetune(params: Params, key: dict[str, Any]) -> str:
     from d2llm.teachers.finetune import finetune_teacher
     from d2llm.tracking import log_metrics_dict, stage_run
 
+    paths = Layout.of(params)
     with stage_run("teacher-finetune"), _gpu_slot():
-        report = finetune_teacher(params, params.data.prepared_dir, layout.TEACHER_DIR)
+        report = finetune_teacher(params, params.data.prepared_dir, paths.teacher_dir)
         report.pop("history", None)
         log_metrics_dict(report, prefix="teacher")
-    write_json(layout.TEACHER_METRICS, report, indent=1, default=str)
-    return path_fingerprint(layout.TEACHER_DIR)
+    write_json(paths.teacher_metrics, report, indent=1, default=str)
+    return path_fingerprint(paths.teacher_dir)
 
 
 @task(
@@ -159,10 +164,14 @@ def label(params: Params, key: dict[str, Any]) -> str:
     cfg = params.labelling
     where = "a Ray job" if cfg.job.enabled else f"the {cfg.executor} executor"
     get_run_logger().info("labelling with the %s engine on %s", cfg.engine, where)
+    paths = Layout.of(params)
     with stage_run("label"), _gpu_slot():
-        report = label_groups(params, layout.NEGATIVES, layout.TEACHER_DIR, layout.LABELS_DIR)
+        # overwrite, as the DVC stage does: this task only runs when its inputs changed, so labels
+        # in the folder that were made from other inputs are stale (finished shards of these same
+        # inputs are still reused: resumption).
+        report = label_groups(params, paths.negatives, paths.teacher_dir, paths.labels_dir, overwrite=True)
         log_metrics_dict(report, prefix="labelling")
-    return path_fingerprint(layout.LABELS_DIR)
+    return path_fingerprint(paths.labels_dir)
 
 
 @task(
@@ -178,14 +187,15 @@ def train(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     from d2llm.tracking import log_metrics_dict, log_training_curve, stage_run
     from d2llm.training import run_training, write_curves
 
+    paths = Layout.of(params)
     with stage_run("train"), _gpu_slot():
-        result = run_training(params, layout.LABELS_DIR, params.data.prepared_dir, layout.STUDENT_DIR)
+        result = run_training(params, paths.labels_dir, params.data.prepared_dir, paths.student_dir)
         log_training_curve(result.history)
         log_metrics_dict(result.to_dict(), prefix="train")
     summary = result.to_dict()
-    write_json(layout.TRAIN_METRICS, summary, indent=1, default=str)
-    write_curves(result.history, layout.PLOTS_DIR)
-    return {"fingerprint": path_fingerprint(layout.STUDENT_DIR), **summary}
+    write_json(paths.train_metrics, summary, indent=1, default=str)
+    write_curves(result.history, paths.plots_dir)
+    return {"fingerprint": path_fingerprint(paths.student_dir), **summary}
 
 
 @task(
@@ -196,9 +206,10 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
     from d2llm.evaluation.plots import gain_figure
     from d2llm.tracking import log_figure, log_metrics_dict, stage_run
 
+    paths = Layout.of(params)
     with stage_run("evaluate") as run:
         results = evaluate_systems(
-            params, params.data.prepared_dir, layout.TEACHER_DIR, layout.STUDENT_DIR, params.evaluation.output
+            params, params.data.prepared_dir, paths.teacher_dir, paths.student_dir, params.evaluation.output
         )
         log_metrics_dict(results["flat"], prefix="val")
         log_metrics_dict(results["test_flat"], prefix="test")
@@ -207,7 +218,26 @@ def evaluate(params: Params, key: dict[str, Any]) -> dict[str, Any]:
         if figure is not None:
             log_figure(figure, "evaluation/gains_vs_bi_encoder.png")
     fingerprint = path_fingerprint(params.evaluation.output)
-    return {"fingerprint": fingerprint, "table": format_table(results), "flat": results["flat"]}
+    return {
+        "fingerprint": fingerprint,
+        "table": format_table(results),
+        "flat": results["flat"],
+        "validation_data_id": results["validation_data"]["id"],
+    }
+
+
+@task(name="record-lineage", retries=0)
+def record_lineage(params: Params) -> Any:
+    """``dvc commit`` what this run wrote for the stages of dvc.yaml (d2llm.lineage), so that
+    ``dvc status`` is clean and ``dvc push`` shares this run's artefacts; skipped, with the
+    reason, when the run is not the one dvc.yaml describes (other params)."""
+    from d2llm.lineage import commit_run
+
+    dvc_stages = [name for name, stage in stages.STAGES.items() if stage.in_dvc]
+    lineage = commit_run(params, Path.cwd(), dvc_stages)
+    if lineage.skipped:
+        get_run_logger().info("DVC lineage not recorded: %s", lineage.skipped)
+    return lineage
 
 
 @task(name="register", retries=0)
@@ -223,6 +253,7 @@ def register(params: Params, metrics: dict[str, float], eval_data_id: str, stude
     from d2llm.tracking.model_card import model_card_from_files
     from d2llm.tracking.registry import TAG_STUDENT_FINGERPRINT, newest_version
 
+    paths = Layout.of(params)
     name = params.tracking.registered_model
     existing = newest_version(name, TAG_STUDENT_FINGERPRINT, student_fingerprint)
     if existing is not None:
@@ -233,10 +264,10 @@ def register(params: Params, metrics: dict[str, float], eval_data_id: str, stude
         model_name=name,
         results_file=params.evaluation.output,
         catalog_path=layout.CATALOG,
-        labels_dir=layout.LABELS_DIR,
+        labels_dir=paths.labels_dir,
     )
     version = log_student(
-        layout.STUDENT_DIR,
+        paths.student_dir,
         registered_model_name=name,
         metrics=metrics,
         eval_data_id=eval_data_id,
@@ -302,8 +333,10 @@ def training_pipeline(
 
 def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
     from d2llm.tracking import pipeline_run
+    from d2llm.tracking.runs import tag_lineage
 
     logger = get_run_logger()
+    paths = Layout.of(params)
     code = code_fingerprint()
     with pipeline_run(params, run_name="d2llm-training") as run:
         # Fingerprints of the artefacts made so far, keyed as in d2llm.stages; each task is
@@ -311,13 +344,16 @@ def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
         fetch(params)
         done: dict[str, str] = {stages.PREPARED: prepare(params)}
         validate(params, done[stages.PREPARED])
-        done[stages.NEGATIVES] = _run_cached(mine, layout.NEGATIVES, params, done, code)
-        done[stages.TEACHER] = _run_cached(teacher_finetune, layout.TEACHER_DIR, params, done, code)
-        done[stages.LABELS] = _run_cached(label, layout.LABELS_DIR, params, done, code)
-        trained = _run_cached(train, layout.STUDENT_DIR, params, done, code)
+        done[stages.NEGATIVES] = _run_cached(mine, paths.negatives, params, done, code)
+        done[stages.TEACHER] = _run_cached(teacher_finetune, paths.teacher_dir, params, done, code)
+        done[stages.LABELS] = _run_cached(label, paths.labels_dir, params, done, code)
+        trained = _run_cached(train, paths.student_dir, params, done, code)
         done[stages.STUDENT] = trained["fingerprint"]
         evaluation = _run_cached(evaluate, params.evaluation.output, params, done, code)
-        version = register(params, evaluation["flat"], done[stages.PREPARED], done[stages.STUDENT])
+        tag_lineage(run.info.run_id, record_lineage(params))
+        # Promotion compares versions on the exact validation pairs these metrics come from.
+        data_id = evaluation["validation_data_id"]
+        version = register(params, evaluation["flat"], data_id, done[stages.STUDENT])
         logger.info(
             "registered %s version %s (MLflow run %s)",
             params.tracking.registered_model,

@@ -1,7 +1,9 @@
 """Champion/challenger promotion as a Prefect flow.
 
 The registered version becomes ``challenger``; it is compared with ``champion`` on the same
-validation data (dev splits, ``evaluation.validation_datasets``; never the test sets) and
+validation pairs (the validate parts of the dev splits of ``evaluation.validation_datasets``;
+never the test sets: the champion is re-evaluated when its stored metrics come from other
+pairs) and
 promoted only if the main metric improves and no task regresses by more than
 ``promotion.tolerance`` points. The decision and the numbers are written on the model version.
 Running it twice changes nothing the second time; the first model ever becomes champion.
@@ -16,36 +18,15 @@ from prefect import flow, get_run_logger, task
 from d2llm.config import Params, load_params
 
 
-def _student_metrics_for(params: Params, model_uri: str) -> dict[str, float]:
-    """Measure a registered student on the current validation (dev) data: stored metrics were stale."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-
-    from d2llm.evaluation.evaluate import student_validation_metrics
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"{model_uri}", dst_path=tmp))
-        student_dir = next(p.parent for p in local.rglob("student.json"))
-        return student_validation_metrics(params, params.data.prepared_dir, student_dir)
-
-
 @task(name="promote-challenger", retries=2, retry_delay_seconds=5)
-def decide_and_promote(params: Params, version: str, eval_data_id: str | None) -> dict[str, Any]:
+def decide_and_promote(params: Params, version: str) -> dict[str, Any]:
     from mlflow import MlflowClient
 
-    from d2llm.tracking import configure, promote
-    from d2llm.tracking.promotion import describe_registry, stored_metrics
+    from d2llm.tracking.promotion import describe_registry
+    from d2llm.tracking.registry import promote_version
 
-    configure(params.tracking)
-    client = MlflowClient()
-    name = params.tracking.registered_model
-    metrics: Any = stored_metrics(client, name, version)
-    if not metrics:
-        metrics = lambda uri: _student_metrics_for(params, uri)  # noqa: E731
-    decision = promote(client, name, version, metrics, params.promotion, eval_data_id=eval_data_id)
-    registry = describe_registry(client, name)
+    _, decision = promote_version(params, version)
+    registry = describe_registry(MlflowClient(), params.tracking.registered_model)
     return {
         "verdict": "promoted" if decision.promote else "refused",
         "reason": decision.reason,
@@ -74,8 +55,7 @@ def promotion_flow(
         version = newest_version(name, client=client)
         if version is None:
             raise RuntimeError(f"no registered versions of {name!r} to promote")
-    eval_data = client.get_model_version(name, version).tags.get("d2llm.eval_data")
-    result = decide_and_promote(params, version, eval_data)
+    result = decide_and_promote(params, version)
     get_run_logger().info("%s v%s %s: %s", name, version, result["verdict"], result["reason"])
     return result
 

@@ -2,6 +2,11 @@
 student's early-stopping step, recipes, promotion). Test splits are read by
 ``d2llm.evaluation.evaluate`` alone, for the report.
 
+Each dev split is cut once into two parts (``in_validate_part``, a salted hash of the pair or
+question; d2llm.config.SelectionConfig): *select*, which tuning reads (the teacher's epoch and
+fusion weights, early stopping, recipes), and *validate*, which nothing is tuned on (the gate on
+the datasets worth distilling, promotion, the validation figure of the report).
+
 One ``DevSet`` per prepared pair dataset; its metric follows from the dataset's kind:
 
 | dataset kind | example | metric |
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
     from d2llm.config import Family, TaskKind
 
 DevMetric = Literal["ap", "spearman", "map"]
+# The two parts every dev split is cut into (d2llm.config.SelectionConfig).
+DevPart = Literal["select", "validate"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,7 @@ class DevSet:
     gold: np.ndarray  # is_positive (ap, map) or the gold score (spearman)
     metric: DevMetric
     family: Family  # the student's scoring key (nli, sts, asym): see table_family
+    part: DevPart = "select"
 
     @property
     def name(self) -> str:
@@ -94,8 +102,53 @@ def sample_rows(
     return df[df["text_a"].isin(kept)]
 
 
-def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, seed: int) -> DevSet:
-    """The dev split of a prepared pair dataset (a seeded sample of at most ``max_pairs``)."""
+def dev_part_keys(df: pd.DataFrame) -> pd.Series:
+    """The key that decides a dev row's part: its question (asym: a question's candidates stay
+    together), else its pair (either order)."""
+    import pandas as pd
+
+    from d2llm.data.schema import pair_key
+
+    if str(df["task"].iloc[0]) == "asym":
+        return df["text_a"]
+    keys = [pair_key(a, b, True) for a, b in zip(df["text_a"], df["text_b"], strict=True)]
+    return pd.Series(keys, index=df.index)
+
+
+def in_validate_part(df: pd.DataFrame, validate_fraction: float) -> pd.Series:
+    """Whether each dev row is in the *validate* part (else *select*), by a hash of its key.
+
+    The hash is salted so that the cut is independent of the hash splits made by ``prepare``
+    (TREC-QA's dev questions are those whose plain hash is below 0.3: unsalted, they would all
+    fall on one side).
+    """
+    from d2llm.data.sources import hash_fraction
+
+    fractions = dev_part_keys(df).map(lambda key: hash_fraction(f"dev-part:{key}"))
+    return fractions < validate_fraction
+
+
+def rankable_questions(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of questions with both a right and a wrong candidate: the only ones MAP ranks, so
+    a sample of pairs is not spent on questions that cannot count (most of WikiQA's)."""
+    by_question = df.groupby("text_a")["is_positive"]
+    mixed = by_question.transform("max").astype(bool) & ~by_question.transform("min").astype(bool)
+    return df[mixed]
+
+
+def load_dev_set(
+    prepared_dir: str | Path,
+    dataset: str,
+    max_pairs: int | None,
+    seed: int,
+    part: DevPart,
+    validate_fraction: float,
+) -> DevSet:
+    """One part of the dev split of a prepared pair dataset (a seeded sample of at most ``max_pairs``).
+
+    ``part`` is ``select`` (what tuning may read) or ``validate`` (what it may not): see
+    ``in_validate_part`` and d2llm.config.SelectionConfig.
+    """
     from d2llm.data.tables import load_pairs, table_family
 
     table = load_pairs(prepared_dir, dataset)
@@ -106,13 +159,24 @@ def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, 
     if len(tasks) != 1:
         raise DataError(f"dataset {dataset!r} mixes task kinds {tasks}; a dataset must have one")
     metric = dataset_metric(table)
+    if metric == "map":
+        df = rankable_questions(df)
+    if not df.empty:
+        validate = in_validate_part(df, validate_fraction)
+        df = df[validate] if part == "validate" else df[~validate]
+    if df.empty:
+        raise DataError(
+            f"the {part} part of {dataset!r}'s dev split is empty; change selection.validate_fraction"
+        )
     df = sample_rows(df, max_pairs, seed, whole_questions=metric == "map")
     if metric == "spearman":
         gold = df["label"].to_numpy(dtype=float)
     else:
         gold = df["is_positive"].to_numpy(dtype=float)
         if gold.min() == gold.max():
-            raise DataError(f"dev split of {dataset!r} has only one class: {metric} is undefined")
+            raise DataError(
+                f"the {part} part of {dataset!r}'s dev split has only one class: {metric} is undefined"
+            )
     return DevSet(
         dataset=dataset,
         task=tasks[0],
@@ -120,13 +184,32 @@ def load_dev_set(prepared_dir: str | Path, dataset: str, max_pairs: int | None, 
         gold=gold,
         metric=metric,
         family=table_family(table),
+        part=part,
     )
 
 
 def load_dev_sets(
-    prepared_dir: str | Path, datasets: Sequence[str], max_pairs: int | None, seed: int
+    prepared_dir: str | Path,
+    datasets: Sequence[str],
+    max_pairs: int | None,
+    seed: int,
+    part: DevPart,
+    validate_fraction: float,
 ) -> list[DevSet]:
-    return [load_dev_set(prepared_dir, name, max_pairs, seed) for name in datasets]
+    return [load_dev_set(prepared_dir, name, max_pairs, seed, part, validate_fraction) for name in datasets]
+
+
+def dev_sets_id(dev_sets: Sequence[DevSet]) -> str:
+    """sha256 of exactly what ``dev_sets`` hold (datasets, parts, pairs, gold): two reports with
+    the same id were measured on the same pairs."""
+    import hashlib
+    import json
+
+    digest = hashlib.sha256()
+    for dev in dev_sets:
+        record = {"name": dev.name, "part": dev.part, "pairs": dev.pairs, "gold": dev.gold.tolist()}
+        digest.update(json.dumps(record, ensure_ascii=False).encode())
+    return digest.hexdigest()
 
 
 def dev_score(dev: DevSet, scores: Sequence[float] | np.ndarray) -> float:

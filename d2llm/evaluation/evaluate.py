@@ -32,7 +32,7 @@ from d2llm.data.tables import load_pairs, table_family
 from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation import significance as S
-from d2llm.evaluation.dev import dataset_metric, sample_rows
+from d2llm.evaluation.dev import DevSet, dataset_metric, sample_rows
 from d2llm.jsonfile import write_json
 from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
 from d2llm.teachers.base import probabilities
@@ -53,6 +53,7 @@ IR_TABLE_NAMES = ("corpus", "queries", "qrels")
 IR_DEPTH = 100  # ranked documents kept per query: enough for R@100
 BASELINE = "bi-encoder"  # what every other system's gain is measured against
 RECOVERY_MIN_GAIN = 1.0  # points: the student's share of a smaller teacher gain is not reported
+PAIR_UNIT = "text_a"  # a pair-level bootstrap draws first texts, each with all of its pairs
 
 
 @runtime_checkable
@@ -84,7 +85,8 @@ class BiEncoderBaseline(MeanPoolEncoder):
 
     It remembers the vector of every text it encoded: the teacher's fusion mixes in this same
     bi-encoder (``load_systems`` hands it over), so the pairs both score, and SICK's sentences
-    under SICK-R's labels, are encoded once per evaluation.
+    under SICK-R's labels, are encoded once per evaluation. So it is no model of a served
+    bi-encoder's cost: a query seen before costs nothing (benchmarks time ``MeanPoolEncoder``).
     """
 
     name = "bi-encoder"
@@ -333,8 +335,10 @@ def evaluate_pair_dataset(
 ) -> dict[str, Any]:
     """Test-split metrics of every pair-scoring system on one dataset.
 
-    Class datasets (a non-empty ``label_name``): AP and best-threshold accuracy of
-    ``is_positive`` (entailment vs the rest); asym class datasets (answer selection, TREC-QA):
+    Class datasets (a non-empty ``label_name``): AP and accuracy of ``is_positive`` (entailment
+    vs the rest), the accuracy at each system's best threshold on the dataset's dev split
+    (``accuracy_threshold``; with no usable dev split, the best threshold on the test pairs
+    themselves, marked as an oracle); asym class datasets (answer selection, TREC-QA):
     MAP and MRR per question, and pooled AP. Score datasets: Spearman and Pearson with ``label``.
     ``memo`` (shared across datasets) reuses the scores of a system that saw the same pairs
     before: SICK and SICK-R are one set of pairs under two labels. The teacher keeps its own
@@ -358,32 +362,29 @@ def evaluate_pair_dataset(
         "metrics": {},
         "seconds": {},
     }
+    family = table_family(test)
+    thresholds: dict[str, float] = {}
     if kind == "pair_classification":
         entry["positive"] = "is_positive (entailment vs the rest)"
+        dev = threshold_rows(pairs, max_pairs, seed)
+        entry["accuracy_threshold"] = threshold_protocol(dev)
+        if dev is not None:
+            thresholds = dev_thresholds(name, dev, systems, tasks[0], family, memo)
     elif kind == "answer_selection":
         entry["protocol"] = "candidates ranked per question; MAP/MRR over questions with both labels"
     a, b = test["text_a"].tolist(), test["text_b"].tolist()
-    family = table_family(test)
     scored: dict[str, np.ndarray] = {}
-    for sys_name, system in systems.items():
-        if not isinstance(system, PairScorer):
-            continue
-        if isinstance(system, TeacherScorer):
-            system = system.for_dataset(name)
+    for sys_name, system in _pair_scorers(systems, name):
         log.info("%s: scoring %d test pairs with %s", name, len(test), sys_name)
         start = time.perf_counter()
-        scoring_key = scoring_key_for(system, tasks[0], family)
-        key = (sys_name, scoring_key, tuple(a), tuple(b))
-        if memo is not None and not isinstance(system, TeacherScorer) and key in memo:
-            scores = memo[key]
-        else:
-            scores = system.score_pairs(a, b, scoring_key)
-            if memo is not None:
-                memo[key] = scores
+        scores = _scores(system, sys_name, a, b, scoring_key_for(system, tasks[0], family), memo)
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
         scored[sys_name] = scores
         if kind == "pair_classification":
-            entry["metrics"][sys_name] = M.pair_classification_metrics(scores, test["is_positive"].to_numpy())
+            positive = test["is_positive"].to_numpy()
+            entry["metrics"][sys_name] = M.pair_classification_metrics(
+                scores, positive, thresholds.get(sys_name)
+            )
         elif kind == "answer_selection":
             entry["metrics"][sys_name] = M.answer_selection_metrics(a, scores, test["is_positive"].to_numpy())
         else:
@@ -393,13 +394,82 @@ def evaluate_pair_dataset(
     return entry
 
 
+def _pair_scorers(systems: dict[str, Any], dataset: str) -> list[tuple[str, Any]]:
+    """The systems that score pairs, in order; the teacher as its view for ``dataset``."""
+    return [
+        (name, system.for_dataset(dataset) if isinstance(system, TeacherScorer) else system)
+        for name, system in systems.items()
+        if isinstance(system, PairScorer)
+    ]
+
+
+def _scores(
+    system: Any,
+    sys_name: str,
+    a: list[str],
+    b: list[str],
+    key: ScoringKey,
+    memo: dict[Any, np.ndarray] | None,
+) -> np.ndarray:
+    """``system``'s scores of the pairs (a, b) under ``key``, from ``memo`` when it has them. Not
+    the teacher's: its fused scores depend on the dataset (it keeps its own memo of raw logits)."""
+    memo_key = (sys_name, key, tuple(a), tuple(b))
+    if memo is not None and not isinstance(system, TeacherScorer) and memo_key in memo:
+        return memo[memo_key]
+    scores = system.score_pairs(a, b, key)
+    if memo is not None:
+        memo[memo_key] = scores
+    return scores
+
+
+def threshold_rows(pairs: pd.DataFrame, max_pairs: int | None, seed: int) -> pd.DataFrame | None:
+    """The dev pairs an accuracy threshold is chosen on (sampled like the test pairs), or None
+    when the dataset has no dev split with both classes: its accuracy is then an oracle."""
+    dev = sample_rows(pairs[pairs["split"] == "dev"], max_pairs, seed)
+    if dev.empty or dev["is_positive"].all() or not dev["is_positive"].any():
+        return None
+    return dev
+
+
+def threshold_protocol(dev: pd.DataFrame | None) -> dict[str, Any]:
+    """Where the accuracy thresholds come from (``accuracy_threshold`` in the JSON)."""
+    if dev is None:
+        return {"split": "test", "oracle": True, "why": "no dev split with both classes"}
+    return {"split": "dev", "oracle": False, "n_pairs": len(dev)}
+
+
+def dev_thresholds(
+    name: str,
+    dev: pd.DataFrame,
+    systems: dict[str, Any],
+    task: TaskKind,
+    family: Family,
+    memo: dict[Any, np.ndarray] | None,
+) -> dict[str, float]:
+    """Each pair scorer's accuracy threshold: its best one on the dev pairs ``dev``.
+
+    Every system scores the dev pairs before any scores the test pairs: the teacher's memo keeps
+    one scoring, shared by the fused and the raw teacher, so it ends on the test pairs, which
+    SICK-R reuses after SICK.
+    """
+    a, b, positive = dev["text_a"].tolist(), dev["text_b"].tolist(), dev["is_positive"].to_numpy()
+    out = {}
+    for sys_name, system in _pair_scorers(systems, name):
+        log.info("%s: scoring %d dev pairs with %s (accuracy threshold)", name, len(dev), sys_name)
+        scores = _scores(system, sys_name, a, b, scoring_key_for(system, task, family), memo)
+        out[sys_name] = M.best_threshold_accuracy(scores, positive)[1]
+    return out
+
+
 def pair_comparisons(
     kind: str, metric: str, scored: dict[str, np.ndarray], test: pd.DataFrame, resamples: int, seed: int
 ) -> dict[str, dict[str, Any]]:
     """Each system's gain over the bi-encoder on the main metric, with its bootstrap interval.
 
-    Answer selection resamples questions (MAP is a mean over them); AP and Spearman resample
-    pairs and are recomputed on each resample (d2llm.evaluation.significance).
+    Answer selection resamples questions (MAP is a mean over them); AP and Spearman are
+    recomputed on each resample of the pairs' first texts (``text_a``: SICK's premises), each
+    drawn with all of its pairs, which are not independent of each other (a cluster bootstrap,
+    d2llm.evaluation.significance).
     """
     if BASELINE not in scored:
         return {}
@@ -418,9 +488,10 @@ def pair_comparisons(
             for name, scores in others.items()
         }
     labels = test["is_positive" if kind == "pair_classification" else "label"].to_numpy()
+    premises = test["text_a"].tolist()
     return {
         name: S.bootstrap_pair_metric_difference(
-            S.pair_metric(metric), scores, scored[BASELINE], labels, resamples, seed
+            S.pair_metric(metric), scores, scored[BASELINE], labels, resamples, seed, premises, PAIR_UNIT
         )
         for name, scores in others.items()
     }
@@ -540,17 +611,29 @@ def flat_metrics(
     return flat
 
 
-def evaluate_validation(
-    params: Params, prepared_dir: Path, systems: dict[str, Any]
-) -> dict[str, dict[str, float]]:
-    """Dev-split metrics (``evaluation.validation_datasets``) of the bi-encoder and the student.
+def validation_sets(params: Params, prepared_dir: str | Path) -> list[DevSet]:
+    """The *validate* parts of ``evaluation.validation_datasets``' dev splits: what promotion
+    compares and the report calls validation (no tuning step reads them)."""
+    from d2llm.evaluation.dev import load_dev_sets
+
+    ev = params.evaluation
+    return load_dev_sets(
+        prepared_dir,
+        ev.validation_datasets,
+        ev.max_validation_pairs,
+        params.seed,
+        "validate",
+        params.selection.validate_fraction,
+    )
+
+
+def evaluate_validation(dev_sets: list[DevSet], systems: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Validation metrics of the bi-encoder and the student on ``dev_sets`` (``validation_sets``).
 
     These, not the test sets, decide promotion: ``{system: {"<dataset>/<metric>": .., "mean_main": ..}}``.
     """
-    from d2llm.evaluation.dev import dev_score, load_dev_sets, mean_metric
+    from d2llm.evaluation.dev import dev_score, mean_metric
 
-    ev = params.evaluation
-    dev_sets = load_dev_sets(prepared_dir, ev.validation_datasets, ev.max_validation_pairs, params.seed)
     out: dict[str, dict[str, float]] = {}
     for sys_name in ("bi-encoder", "student"):
         system = systems.get(sys_name)
@@ -565,10 +648,23 @@ def evaluate_validation(
     return out
 
 
+def validation_data(dev_sets: list[DevSet]) -> dict[str, Any]:
+    """What the validation figures were measured on: ``id`` fingerprints the exact pairs and gold
+    labels (promotion compares two versions only on the same id), with a readable summary."""
+    from d2llm.evaluation.dev import dev_sets_id
+
+    return {
+        "id": dev_sets_id(dev_sets),
+        "part": "validate",
+        "sets": {dev.name: len(dev.pairs) for dev in dev_sets},
+    }
+
+
 def student_validation_metrics(
     params: Params, prepared_dir: str | Path, student_dir: str | Path
-) -> dict[str, float]:
-    """The flat validation metrics promotion compares, for one saved student."""
+) -> tuple[dict[str, float], str]:
+    """The flat validation metrics promotion compares, for one saved student, and the id of the
+    validation data they were measured on (``validation_data``)."""
     from d2llm.hub import pick_device
     from d2llm.student.model import D2LLMStudent, inference_options
 
@@ -579,7 +675,8 @@ def student_validation_metrics(
         **inference_options(params.student),
     )
     scorer = StudentScorer(student, params.evaluation.batch_size, params.search.chunk_size)
-    return evaluate_validation(params, Path(prepared_dir), {"student": scorer}).get("student", {})
+    sets = validation_sets(params, prepared_dir)
+    return evaluate_validation(sets, {"student": scorer}).get("student", {}), validation_data(sets)["id"]
 
 
 def _json_safe(value: Any) -> Any:
@@ -635,7 +732,8 @@ def evaluate_systems(
     for entry in datasets.values():
         _add_gain(entry)
     summary = summarize(datasets)
-    validation = evaluate_validation(params, prepared_dir, systems)
+    sets = validation_sets(params, prepared_dir)
+    validation = evaluate_validation(sets, systems)
     ordered = [s for s in SYSTEM_ORDER if s in systems] + [s for s in systems if s not in SYSTEM_ORDER]
     sources = {"prepared_dir": str(prepared_dir), "teacher_dir": _str(teacher_dir)}
     sources["student_dir"] = _str(student_dir)
@@ -648,6 +746,7 @@ def evaluate_systems(
             "datasets": datasets,
             "summary": summary,
             "validation": validation,
+            "validation_data": validation_data(sets),
             # Promotion and the registry read the dev-split numbers only: a model is never
             # chosen on the test sets this report shows.
             "flat": validation.get("student", {}),
@@ -698,12 +797,19 @@ def _gain_cell(comparison: dict[str, Any] | None) -> str:
     return f"{comparison['delta']:+.2f} [{low:+.2f}, {high:+.2f}]{mark}"
 
 
+def _oracle_accuracy(entry: dict[str, Any]) -> bool:
+    """Whether a class dataset's accuracy threshold was chosen on its test pairs; so were all of
+    them before the report recorded ``accuracy_threshold``."""
+    return entry.get("accuracy_threshold", {}).get("oracle", True)
+
+
 def format_table(results: dict[str, Any]) -> str:
     """A markdown table: one row per (dataset, metric), one column per system, points (x100).
 
     On each dataset's main metric (marked *): the fraction of the teacher's gain over the
     bi-encoder recovered by the student and, when the report has them, the student's gain over
     the bi-encoder with its paired-bootstrap 95% interval (``*`` = the interval excludes 0).
+    An accuracy whose threshold was not chosen on a dev split is labelled ``Acc (oracle)``.
     """
     systems = results["systems"]
     with_intervals = any(
@@ -717,6 +823,8 @@ def format_table(results: dict[str, Any]) -> str:
         for metric in _KIND_METRICS[entry["kind"]]:
             is_main = metric == entry["main_metric"]
             label = _METRIC_LABELS[metric] + (" *" if is_main else "")
+            if metric == "accuracy" and _oracle_accuracy(entry):
+                label += " (oracle)"
             cells = [_cell(entry["metrics"].get(s, {}).get(metric)) for s in systems]
             gain = entry.get("student_gain_recovered")
             recovered = "" if not is_main else ("-" if gain is None else f"{gain:.0%}")
@@ -729,6 +837,11 @@ def format_table(results: dict[str, Any]) -> str:
     rows.append(mean_row + ([""] if with_intervals else []))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines += [f"note: {n}" for n in results.get("notes", [])]
+    if any(e["kind"] == "pair_classification" and _oracle_accuracy(e) for e in results["datasets"].values()):
+        lines.append(
+            "note: Acc (oracle) = accuracy at the best threshold on the test pairs themselves "
+            "(no dev split to choose it on): optimistic"
+        )
     if "teacher" in systems and "student" in systems:
         lines.append(
             "note: recovered = (student - bi-encoder) / (teacher - bi-encoder) on the main metric, "

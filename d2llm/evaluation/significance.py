@@ -10,14 +10,19 @@ with replacement, recompute both systems' metric on the *same* resample, and rea
     delta*_r = metric(system, units[I_r]) - metric(bi-encoder, units[I_r]),  I_r ~ U{1..n}^n
 
 The unit is what the metric averages over or is computed from: a query (nDCG@10 per query),
-a question (AP per question, so MAP), or a pair (AP and Spearman are computed over the pairs,
-so a resample recomputes them). The two-sided p-value is the bootstrap's share of resamples on
-the other side of zero, doubled (capped at 1). Pure numpy; seeded.
+a question (AP per question, so MAP), or, for AP and Spearman over pairs, a *cluster* of pairs:
+the metric is recomputed on each resample, and pairs that share a text are not independent
+(SICK pairs one premise with several hypotheses), so evaluation draws the distinct first texts
+(``text_a``) with replacement and each brings all of its pairs: the cluster bootstrap of
+hierarchical data (Davison & Hinkley 1997). Resampling the pairs one by one would treat a
+premise's pairs as independent draws and give intervals that are too narrow. The two-sided
+p-value is the bootstrap's share of resamples on the other side of zero, doubled (capped at 1).
+Pure numpy; seeded.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -32,6 +37,26 @@ def _resample_indices(n: int, resamples: int, seed: int) -> np.ndarray:
     if resamples < 1:
         raise ValueError(f"resamples must be positive, got {resamples}")
     return np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+
+
+def cluster_resamples(clusters: Sequence[Hashable], resamples: int, seed: int) -> Iterator[np.ndarray]:
+    """Row indices of each resample of a cluster bootstrap over ``clusters`` (one key per row).
+
+    A resample draws as many clusters as there are distinct keys, with replacement, and each
+    drawn cluster brings all of its rows: the rows of one cluster are always drawn together, and
+    as often as each other. With every key distinct this is the plain bootstrap of the rows,
+    draw for draw (the same indices for the same seed).
+    """
+    ids: dict[Hashable, int] = {}
+    cluster = np.array([ids.setdefault(key, len(ids)) for key in clusters], dtype=np.int64)
+    rows = np.argsort(cluster, kind="stable")  # rows grouped by cluster, in row order within one
+    sizes = np.bincount(cluster)
+    starts = np.cumsum(sizes) - sizes
+    for drawn in _resample_indices(len(sizes), resamples, seed):
+        lengths = sizes[drawn]
+        # Output slot t of the k-th drawn cluster c holds rows[starts[c] + t - (its first slot)].
+        shift = np.repeat(starts[drawn] - (np.cumsum(lengths) - lengths), lengths)
+        yield rows[np.arange(lengths.sum()) + shift]
 
 
 def _summary(observed: float, deltas: np.ndarray, unit: str, n: int) -> dict[str, float | int | str]:
@@ -93,10 +118,15 @@ def bootstrap_pair_metric_difference(
     labels: np.ndarray,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
+    clusters: Sequence[Hashable] | None = None,
+    unit: str = "pair",
 ) -> dict[str, float | int | str]:
     """Paired bootstrap of ``metric(scores, labels) - metric(baseline_scores, labels)`` over pairs.
 
     For metrics that are not a mean over pairs (AP, Spearman): each resample recomputes them.
+    ``clusters`` (one key per pair, e.g. its ``text_a``) makes it a cluster bootstrap
+    (:func:`cluster_resamples`): the units are the distinct keys, named ``unit``; without it
+    every pair is its own unit.
     """
     scores = np.asarray(scores, dtype=np.float64)
     baseline_scores = np.asarray(baseline_scores, dtype=np.float64)
@@ -104,13 +134,18 @@ def bootstrap_pair_metric_difference(
     if not (scores.shape == baseline_scores.shape == labels.shape):
         raise ValueError("scores, baseline scores and labels must have one length")
     observed = metric(scores, labels) - metric(baseline_scores, labels)
+    if clusters is None:
+        clusters = range(scores.size)
+    elif len(clusters) != scores.size:
+        raise ValueError(f"{len(clusters)} cluster keys for {scores.size} pairs: expected one per pair")
+    n_units = len(set(clusters))
     deltas = []
-    for rows in _resample_indices(scores.size, resamples, seed):
+    for rows in cluster_resamples(clusters, resamples, seed):
         try:
             deltas.append(metric(scores[rows], labels[rows]) - metric(baseline_scores[rows], labels[rows]))
         except ValueError:  # e.g. a resample without a positive pair: AP undefined
             deltas.append(np.nan)
-    return _summary(observed, np.asarray(deltas), "pair", scores.size)
+    return _summary(observed, np.asarray(deltas), unit, n_units)
 
 
 def pair_metric(name: str) -> Callable[[np.ndarray, np.ndarray], float]:

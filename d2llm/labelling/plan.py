@@ -29,8 +29,10 @@ from d2llm.labelling.shards import (
     GROUPS_FILE,
     MANIFEST_FILE,
     SHARD_PATTERN,
+    damaged_shards,
     hash_groups,
     prepare_out_dir,
+    shard_digests,
     shard_is_valid,
     shard_ranges,
     write_atomic,
@@ -122,6 +124,20 @@ def _deal(rows: pd.DataFrame, size: int) -> tuple[list[list[tuple[str, str, list
     return full, sum(len(g[0]) for g in open_groups)
 
 
+def fusion_encoder(params: Params) -> dict[str, Any] | None:
+    """The bi-encoder that ``teacher.fusion: biencoder`` mixes into the labels (the student's
+    backbone read as a mean-pool bi-encoder, d2llm.biencoder.baseline_encoder), or None."""
+    if params.teacher.fusion != "biencoder":
+        return None
+    st = params.student
+    return {
+        "backbone": st.backbone,
+        "gguf_file": st.gguf_file,
+        "max_length": st.max_length,
+        "trust_remote_code": st.trust_remote_code,
+    }
+
+
 def teacher_identity(teacher_dir: str | Path) -> str:
     """Hash of every file of the saved teacher (config, weights, tokenizer)."""
     digest = hashlib.sha256()
@@ -140,7 +156,8 @@ def select_distilled(
     """The mined rows of the datasets worth distilling, and the decision per dataset with its reason.
 
     A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
-    least ``min_gain`` points on that dataset's dev split (the teacher's ``dev_report.json``).
+    least ``min_gain`` points on the *validate* part of that dataset's dev split (the teacher's
+    ``dev_report.json``; the select part chose the teacher's epoch and fusion weights).
     ``min_gain: None``, or a teacher that was never fine-tuned (no report), keeps every dataset.
     """
     names = list(dict.fromkeys(negatives["dataset"]))
@@ -160,7 +177,8 @@ def select_distilled(
             verdict = "distilled" if g["distil"] else "skipped"
             decisions[name] = (
                 f"{verdict}: teacher {g['teacher']:.2f} vs bi-encoder {g['bi-encoder']:.2f} "
-                f"dev {g['metric']} (gain {g['gain']:+.2f}, needed {min_gain:+.2f})"
+                f"{g['metric']} on the {g['part']} part of its dev split (gain {g['gain']:+.2f}, "
+                f"needed {min_gain:+.2f})"
             )
     for name, decision in decisions.items():
         log.info("labelling %s: %s", name, decision)
@@ -226,6 +244,9 @@ def plan_labelling(
         "shard_groups": cfg.shard_groups,
         "num_groups": len(groups),
         "teacher_quantization": cfg.quantization,  # labels of an int8 teacher are other labels
+        # With fusion the labels also depend on the bi-encoder mixed in: another backbone or
+        # max_length gives other labels (what d2llm.teachers.fusion.FusedScorer.load encodes with).
+        "fusion_encoder": fusion_encoder(params),
         "complete": False,
     }
     existing = prepare_out_dir(out_dir, manifest, overwrite)
@@ -236,8 +257,14 @@ def plan_labelling(
         "dropped_rows": groups.attrs.get("dropped_rows", 0),
         "out_dir": str(out_dir),
     }
-    if existing and existing.get("complete"):
+    damaged = damaged_shards(out_dir, existing) if existing and existing.get("complete") else []
+    if existing and existing.get("complete") and not damaged:
         return LabellingPlan(out_dir, manifest, groups, shards, [], summary, complete=True)
+    if damaged:
+        names = ", ".join(SHARD_PATTERN.format(s) for s in damaged[:5])
+        log.warning("label shard(s) %s no longer match their recorded sha256: re-scoring them", names)
+        for s in damaged:  # a damaged file is scored again, whatever shard_is_valid makes of it
+            (out_dir / SHARD_PATTERN.format(s)).unlink(missing_ok=True)
     previous_scoring = existing.get("scoring") if existing else None
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / MANIFEST_FILE, manifest)
@@ -285,7 +312,13 @@ def finalise_labelling(
         )
     if scoring is None:
         scoring = plan.previous_scoring or {"engine": cfg["engine"]}
-    complete = {**cfg, "complete": True, "num_shards": len(plan.shards), "scoring": scoring}
+    complete = {
+        **cfg,
+        "complete": True,
+        "num_shards": len(plan.shards),
+        "shard_sha256": shard_digests(plan.out_dir, len(plan.shards)),  # label verifies them on reuse
+        "scoring": scoring,
+    }
     write_json(plan.out_dir / MANIFEST_FILE, complete)
     scored = len(plan.missing)
     log.info(

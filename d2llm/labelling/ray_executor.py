@@ -8,8 +8,11 @@ rerun on any executor skips what is written.
 
 A shard whose actor dies (a killed process, a lost node, out of memory) goes back to the queue
 and is scored by another actor; a replacement actor is started in the dead one's place (at most
-``num_workers`` replacements per run), and a shard is tried at most ``max_attempts`` times. An
-ordinary exception raised while scoring (bad data, a bug) is not retried: it is raised here.
+``num_workers`` replacements per run, whatever the number of actors first started), and a shard
+is tried at most ``max_attempts`` times. A replacement gets no shard before it has answered a
+ready call (teacher loaded): one that cannot start is dropped, without costing a shard an
+attempt, and counts as a replacement. An ordinary exception raised while scoring (bad data, a
+bug) is not retried: it is raised here.
 
 The cluster: ``labelling.ray.address``, else ``RAY_ADDRESS``, else a local cluster started for
 this run and shut down after it. A process that has already called ``ray.init`` keeps its
@@ -141,6 +144,8 @@ class _WorkerPool:
         self.args = (params, teacher_dir, cfg.torch_threads)
         self.run_id = f"{os.getpid()}-{next(_runs)}"
         self.started = 0
+        self.replacements = 0  # at most cfg.num_workers per run
+        self.starting: dict[Any, Any] = {}  # ready call -> replacement actor loading the teacher
         self.actors: list[Any] = []
         self.scoring: dict[str, str] | None = None
 
@@ -188,9 +193,15 @@ class _WorkerPool:
                 actor, shard = idle.pop(), queue.popleft()
                 attempts[shard] += 1
                 in_flight[actor.score.remote(plan.shard_groups(shard))] = (actor, shard)
-            if not in_flight:
-                raise ArtifactError(f"no Ray labelling worker is left; shards {list(queue)[:10]} unscored")
-            [ready], _ = ray.wait(list(in_flight), num_returns=1)
+            if not in_flight and not self.starting:
+                raise ArtifactError(
+                    f"no Ray labelling worker is left ({self.replacements} replacements started, at most "
+                    f"labelling.ray.num_workers = {self.cfg.num_workers}); shards {list(queue)[:10]} unscored"
+                )
+            [ready], _ = ray.wait([*in_flight, *self.starting], num_returns=1)
+            if ready in self.starting:
+                idle += self._checked_replacement(ready)
+                continue
             actor, shard = in_flight.pop(ready)
             try:
                 tensors = ray.get(ready)
@@ -206,8 +217,7 @@ class _WorkerPool:
                 log.warning("Ray labelling worker died scoring shard %d; it goes to another worker", shard)
                 queue.appendleft(shard)
                 retried += 1
-                if self.started < 2 * self.cfg.num_workers:  # replace it, within a bound
-                    idle.append(self._start_actor())
+                self._replace()
                 continue
             write_shard(plan, shard, tensors)
             progress.update()
@@ -218,9 +228,34 @@ class _WorkerPool:
             "workers": workers,
             "lost_workers": lost,
             "retried_shards": retried,
+            "replacement_workers": self.replacements,
             "startup_seconds": scoring_from - started_at,  # actors started, teacher loaded
             "scoring_seconds": time.perf_counter() - scoring_from,
         }
+
+    def _replace(self) -> None:
+        """Start a replacement actor, within the bound; it is used once its ready call answers."""
+        if self.replacements >= self.cfg.num_workers:
+            return
+        self.replacements += 1
+        actor = self._start_actor()
+        self.starting[actor.scoring_info.remote()] = actor
+
+    def _checked_replacement(self, ready: Any) -> list[Any]:
+        """The replacement whose ready call answered, as a list of at most one usable actor: one
+        that could not start (teacher not loaded, node lost) is dropped and replaced in turn."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        actor = self.starting.pop(ready)
+        try:
+            ray.get(ready)
+        except RayActorError as err:
+            log.warning("a replacement Ray labelling worker could not start; it gets no shard: %s", err)
+            self._forget(actor)
+            self._replace()
+            return []
+        return [actor]
 
     def _forget(self, actor: Any) -> None:
         if actor in self.actors:

@@ -5,8 +5,9 @@ Layout of ``out_dir`` (docs/architecture.md, "Training groups"):
 - ``scores-00000.safetensors`` ...: per shard of ``labelling.shard_groups`` groups,
   ``group_id [G]``, ``in_batch [G, B, B, 2]``, ``hard [G, B, K+1, 2]`` (column 0: the positive),
   ``feature_cos [G, B, K+1, K+1]``;
-- ``labels.json``: the manifest (hash of the groups, teacher identity, scoring engine, layout,
-  ``complete``; once complete also ``num_shards`` and ``scoring``: engine, version, dtype).
+- ``labels.json``: the manifest (hash of the groups, teacher identity, the bi-encoder the fusion
+  mixes in, scoring engine, layout, ``complete``; once complete also ``num_shards``,
+  ``shard_sha256`` (one per shard) and ``scoring``: engine, version, dtype).
 
 Each shard is written to a temporary file and renamed, so a shard file is either whole or
 absent. This module knows the files only: what a labelling run plans and scores is
@@ -119,8 +120,31 @@ class Labels:
     feature_cos: torch.Tensor  # [N, B, K+1, K+1]
 
 
+def shard_digests(out_dir: Path, n_shards: int) -> list[str]:
+    """sha256 of each shard file (the complete manifest's ``shard_sha256``)."""
+    from d2llm.fingerprint import file_sha256
+
+    return [file_sha256(out_dir / SHARD_PATTERN.format(s)) for s in range(n_shards)]
+
+
+def damaged_shards(out_dir: Path, manifest: dict[str, Any]) -> list[int]:
+    """Shards of a complete labelling whose file is missing or no longer has its recorded sha256
+    (truncated, overwritten, bit rot). Manifests written before hashes were recorded: none."""
+    from d2llm.fingerprint import file_sha256
+
+    recorded = manifest.get("shard_sha256")
+    if recorded is None:
+        return []
+    paths = [out_dir / SHARD_PATTERN.format(s) for s in range(len(recorded))]
+    return [s for s, path in enumerate(paths) if not path.is_file() or file_sha256(path) != recorded[s]]
+
+
 def load_labels(out_dir: str | Path) -> Labels:
-    """Groups and the stacked teacher tensors of a complete labelling, row i = group_id i."""
+    """Groups and the stacked teacher tensors of a complete labelling, row i = group_id i.
+
+    A shard whose file does not match the sha256 its manifest recorded is an ArtifactError that
+    names it and the command that re-scores it (`d2llm label`), never a raw reader error.
+    """
     import pandas as pd
     import torch
     from safetensors.torch import load_file
@@ -135,7 +159,22 @@ def load_labels(out_dir: str | Path) -> Labels:
     groups = pd.read_parquet(out_dir / GROUPS_FILE)
     if hash_groups(groups) != manifest["groups_sha256"]:
         raise ArtifactError(f"{out_dir / GROUPS_FILE} does not match its manifest (edited after labelling?)")
-    parts = [load_file(str(out_dir / SHARD_PATTERN.format(s))) for s in range(manifest["num_shards"])]
+    bad = damaged_shards(out_dir, manifest)
+    if bad:
+        names = ", ".join(SHARD_PATTERN.format(s) for s in bad[:5])
+        raise ArtifactError(
+            f"label shard(s) {names} in {out_dir} are corrupt or missing (not the sha256 their manifest "
+            "recorded): run `d2llm label` to re-score them (the other shards are kept)"
+        )
+    parts = []
+    for s in range(manifest["num_shards"]):
+        path = out_dir / SHARD_PATTERN.format(s)
+        try:
+            parts.append(load_file(str(path)))
+        except Exception as err:  # no recorded hash (older labels): still name the file
+            raise ArtifactError(
+                f"label shard {path} is unreadable ({err}): run `d2llm label` to re-score it"
+            ) from None
     stacked = {k: torch.cat([p[k] for p in parts]) for k in ("group_id", "in_batch", "hard", "feature_cos")}
     if stacked["group_id"].tolist() != groups["group_id"].tolist():
         raise ArtifactError(f"score shards in {out_dir} do not cover groups 0..{len(groups) - 1} in order")

@@ -3,8 +3,10 @@
 Written by teacher fine-tuning (d2llm.teachers.finetune): the teacher's dev metrics
 (``dev_after``), the plain bi-encoder's on the same pairs (``dev_baseline``) and, with
 ``teacher.fusion: biencoder``, the fused teacher's (``dev_fused``) and the fusion weights
-(``fusion``, read by d2llm.teachers.fusion). Labelling reads it to gate the datasets worth
-distilling (``teacher_gains``).
+(``fusion``, read by d2llm.teachers.fusion), all on the *select* parts of the dev splits, and
+the same three on the *validate* parts (``validate_after``, ``validate_baseline``,
+``validate_fused``: the fusion weights fitted on select, applied there). Labelling reads it to
+gate the datasets worth distilling (``teacher_gains``, on validate).
 """
 
 from __future__ import annotations
@@ -28,24 +30,32 @@ def read_dev_report(teacher_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def teacher_gains(report: dict[str, Any], min_gain: float) -> dict[str, dict[str, Any]]:
-    """Per dev set: teacher and bi-encoder dev metric, the gain, and whether it is worth distilling.
+def teacher_gains(report: dict[str, Any], min_gain: float | None = None) -> dict[str, dict[str, Any]]:
+    """Per dev set: teacher and bi-encoder metric, the gain, and (given ``min_gain``) whether it is
+    worth distilling.
 
     A dataset is distilled only where the fine-tuned teacher beats the plain bi-encoder by at
-    least ``min_gain`` points on its dev split: elsewhere the student would learn to be worse.
+    least ``min_gain`` points: elsewhere the student would learn to be worse. The gain is read on
+    the *validate* parts of the dev splits (``validate_*``): the select parts chose the teacher's
+    epoch and fusion weights, and on them the fused gain is >= 0 by construction (``w = 1`` is
+    the bi-encoder). Reports written before the split have only the select figures (``dev_*``).
+    With fusion the fused scores are the teacher that labels the groups: those are judged.
     """
-    # With fusion the fused scores are the teacher that labels the groups: judge those.
-    after, base = report.get("dev_fused") or report.get("dev_after", {}), report.get("dev_baseline", {})
+    part = "validate" if "validate_baseline" in report else "dev"
+    teacher = report.get(f"{part}_fused") or report.get(f"{part}_after", {})
+    base = report.get(f"{part}_baseline", {})
     out = {}
-    for key, teacher_value in after.items():
+    for key, teacher_value in teacher.items():
         if key == "main" or key not in base:
             continue
         gain = teacher_value - base[key]
         out[key.split("/")[0]] = {
             "metric": key.split("/")[1],
+            "part": "validate" if part == "validate" else "select",
             "teacher": teacher_value,
             "bi-encoder": base[key],
             "gain": gain,
-            "distil": bool(gain >= min_gain),
         }
+        if min_gain is not None:
+            out[key.split("/")[0]]["distil"] = bool(gain >= min_gain)
     return out

@@ -27,7 +27,15 @@ from d2llm.batching import Encoding, iter_batches
 from d2llm.biencoder import baseline_encoder, pair_cosines
 from d2llm.data.tables import load_pairs
 from d2llm.errors import ArtifactError, DataError, ModelError
-from d2llm.evaluation.dev import DevSet, dataset_metric, dev_score, load_dev_set, mean_metric, sample_rows
+from d2llm.evaluation.dev import (
+    DevSet,
+    dataset_metric,
+    dev_score,
+    load_dev_set,
+    load_dev_sets,
+    mean_metric,
+    sample_rows,
+)
 from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
@@ -37,6 +45,7 @@ from d2llm.teachers.fusion import FusedScorer, fit_fusion
 if TYPE_CHECKING:
     import pandas as pd
 
+    from d2llm.biencoder import MeanPoolEncoder
     from d2llm.config import Params
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,10 @@ def evaluate_teacher(
 
 
 def baseline_dev_metrics(
-    params: Params, dev_sets: list[DevSet], cosines: dict[str, np.ndarray] | None = None
+    params: Params,
+    dev_sets: list[DevSet],
+    cosines: dict[str, np.ndarray] | None = None,
+    encoder: MeanPoolEncoder | None = None,
 ) -> dict[str, float]:
     """The same dev metrics for the student's backbone read as a plain bi-encoder (mean-pool cosine).
 
@@ -88,7 +100,7 @@ def baseline_dev_metrics(
     the two side by side and ``teacher_gains`` decides from them. ``cosines``, when given,
     receives the scores.
     """
-    encoder = baseline_encoder(params)
+    encoder = encoder or baseline_encoder(params)
     out = {}
     for dev in dev_sets:
         scores = pair_cosines(encoder, dev.pairs)
@@ -111,6 +123,46 @@ def fit_dev_fusion(
     return FusedScorer(by_dataset, tasks), {**fused, "main": mean_metric(fused)}
 
 
+def fused_dev_metrics(
+    fusion: FusedScorer,
+    dev_sets: list[DevSet],
+    log_odds: dict[str, np.ndarray],
+    cosines: dict[str, np.ndarray],
+) -> dict[str, float]:
+    """Dev metrics of the teacher fused with weights fitted elsewhere (the select part's, applied to
+    the validate part: an estimate of the fused teacher's gain that its fit did not see)."""
+    out = {}
+    for dev in dev_sets:
+        weights = fusion.for_dataset(dev.dataset, dev.task)
+        out[dev.name] = dev_score(dev, weights.log_odds(log_odds[dev.name], cosines[dev.name]))
+    return {**out, "main": mean_metric(out)}
+
+
+def validate_report(
+    teacher: Teacher, params: Params, prepared_dir: str | Path, fusion: FusedScorer | None
+) -> dict[str, dict[str, float]]:
+    """Teacher, bi-encoder and (with fusion) fused teacher on the *validate* parts of the dev
+    splits: what gates the datasets worth distilling (``teacher_gains``); nothing was tuned on it."""
+    ft = params.teacher.finetune
+    sets = load_dev_sets(
+        prepared_dir,
+        ft.datasets,
+        ft.max_dev_pairs,
+        params.seed,
+        "validate",
+        params.selection.validate_fraction,
+    )
+    log_odds: dict[str, np.ndarray] = {}
+    cosines: dict[str, np.ndarray] = {}
+    report = {
+        "validate_after": evaluate_teacher(teacher, sets, log_odds),
+        "validate_baseline": baseline_dev_metrics(params, sets, cosines),
+    }
+    if fusion is not None:
+        report["validate_fused"] = fused_dev_metrics(fusion, sets, log_odds, cosines)
+    return report
+
+
 def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str, Pair, float]], list[DevSet]]:
     """Training triples ``(task, pair, target)`` and one dev set per fine-tuning dataset.
 
@@ -128,7 +180,11 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
         rows = rows.assign(target_=targets)
         rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
         train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
-        dev_sets.append(load_dev_set(prepared_dir, name, ft.max_dev_pairs, params.seed))
+        # Only the select part chooses the epoch and the fusion weights (validate_report).
+        part = load_dev_set(
+            prepared_dir, name, ft.max_dev_pairs, params.seed, "select", params.selection.validate_fraction
+        )
+        dev_sets.append(part)
     return train, dev_sets
 
 
@@ -250,9 +306,11 @@ def finetune_teacher(
     dev_baseline = baseline_dev_metrics(params, dev_sets, cosines)
     dev_after = {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")}
     dev_report: dict[str, Any] = {"dev_after": dev_after, "dev_baseline": dev_baseline}
+    fusion = None
     if params.teacher.fusion == "biencoder":
-        table, dev_report["dev_fused"] = fit_dev_fusion(dev_sets, log_odds, cosines)
-        dev_report["fusion"] = table.to_json()
+        fusion, dev_report["dev_fused"] = fit_dev_fusion(dev_sets, log_odds, cosines)
+        dev_report["fusion"] = fusion.to_json()
+    dev_report.update(validate_report(teacher, params, prepared_dir, fusion))
     result = {
         "enabled": True,
         "kind": teacher.kind,
@@ -265,7 +323,9 @@ def finetune_teacher(
         "dev_baseline": dev_baseline,
         "dev_fused": dev_report.get("dev_fused"),
         "fusion": dev_report.get("fusion"),
-        "gains": teacher_gains(dev_report, 0.0),
+        **{k: v for k, v in dev_report.items() if k.startswith("validate_")},
+        # Teacher minus bi-encoder on the validate parts; the distil decision is labelling's gate.
+        "gains": teacher_gains(dev_report),
         "history": history,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,

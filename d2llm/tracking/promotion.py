@@ -42,6 +42,8 @@ TAG_EVAL_DATA = "d2llm.eval_data"  # identifies the evaluation data the metric t
 
 Metrics = Mapping[str, float]
 EvalFn = Callable[[str], Mapping[str, float]]  # model URI -> metrics
+# model URI -> (its metrics on the current validation data, that data's id)
+Reevaluate = Callable[[str], tuple[Mapping[str, float], str]]
 
 
 @dataclass(frozen=True)
@@ -79,8 +81,9 @@ def _check_finite(metrics: Metrics, who: str) -> None:
 def decide_promotion(champion: Metrics | None, challenger: Metrics, cfg: PromotionConfig) -> Decision:
     """Promote only if the main metric improves and no task regresses by more than ``cfg.tolerance``.
 
-    The first model (no champion) is always promoted. A challenger that lacks a metric the champion
-    has is refused: a missing task cannot be shown not to regress.
+    The first model (no champion) is always promoted. The two metric sets must name the same
+    validation sets (``promote`` makes sure they were measured on the same pairs): a mean over
+    other datasets is not comparable, so that is an ArtifactError, not a verdict.
     """
     main = cfg.main_metric
     _check_finite(challenger, "challenger")
@@ -92,9 +95,13 @@ def decide_promotion(champion: Metrics | None, challenger: Metrics, cfg: Promoti
     if main not in champion:
         raise ArtifactError(f"champion metrics lack the main metric {main!r} (have: {sorted(champion)})")
 
-    missing = sorted(set(champion) - set(challenger))
-    if missing:
-        return Decision(False, f"challenger was not evaluated on {missing}", main, None)
+    if set(champion) != set(challenger):
+        # Another set of validation datasets makes another mean: not a comparison at all.
+        raise ArtifactError(
+            f"champion and challenger were evaluated on different validation sets (only the champion: "
+            f"{sorted(set(champion) - set(challenger))}; only the challenger: "
+            f"{sorted(set(challenger) - set(champion))}); evaluate both on the same data"
+        )
     main_delta = challenger[main] - champion[main]
     deltas = {k: challenger[k] - champion[k] for k in sorted(champion) if k != main}
     regressions = {k: d for k, d in deltas.items() if d < -cfg.tolerance}
@@ -173,6 +180,15 @@ def _recorded_decision(client: MlflowClient, model_name: str, version: str, main
     )
 
 
+@dataclass(frozen=True)
+class Compared:
+    """The two metric sets ``promote`` decides on, and whether the champion had to be measured again."""
+
+    champion: dict[str, float] | None
+    challenger: dict[str, float]
+    champion_reevaluated: bool = False
+
+
 def _gather_metrics(
     client: MlflowClient,
     model_name: str,
@@ -180,41 +196,54 @@ def _gather_metrics(
     champion_version: str | None,
     eval_fn_or_metrics: EvalFn | Metrics,
     eval_data_id: str | None,
-) -> tuple[dict[str, float] | None, dict[str, float]]:
+    reevaluate: Reevaluate | None,
+) -> Compared:
     """Both metric sets, on the same evaluation data.
 
     With an evaluation function both versions are (re-)evaluated now, so the data is the same by
-    construction. With a metrics mapping the champion's stored metrics are used, and when both
-    sides name their evaluation data the names must match.
+    construction. With a metrics mapping the champion's stored metrics are used when they were
+    measured on the challenger's data (same ``d2llm.eval_data`` id); otherwise ``reevaluate``
+    measures the champion again on the challenger's data (the seed, the sample sizes, the
+    validation datasets or the prepared data may all have changed since it was registered).
     """
     if callable(eval_fn_or_metrics):
         challenger = normalize_metrics(eval_fn_or_metrics(f"models:/{model_name}/{challenger_version}"))
         champion = None
         if champion_version:
             champion = normalize_metrics(eval_fn_or_metrics(f"models:/{model_name}/{champion_version}"))
-        return champion, challenger
+        return Compared(champion, challenger)
     challenger = normalize_metrics(eval_fn_or_metrics)
     if champion_version is None:
-        return None, challenger
+        return Compared(None, challenger)
     champion = stored_metrics(client, model_name, champion_version)
-    if not champion:
-        raise ArtifactError(
-            f"champion {model_name} v{champion_version} has no stored metrics; pass an evaluation function "
-            "so both versions are evaluated on the same data"
-        )
     champion_data = client.get_model_version(model_name, champion_version).tags.get(TAG_EVAL_DATA)
-    if eval_data_id and champion_data and champion_data != eval_data_id:
+    if champion and eval_data_id and champion_data == eval_data_id:
+        return Compared(champion, challenger)
+    if reevaluate is None:
         raise ArtifactError(
             f"champion v{champion_version} was evaluated on {champion_data!r}, the challenger on "
             f"{eval_data_id!r}; pass an evaluation function to evaluate both on the same data"
         )
-    return champion, challenger
+    metrics, data_id = reevaluate(f"models:/{model_name}/{champion_version}")
+    if eval_data_id and data_id != eval_data_id:
+        raise ArtifactError(
+            f"champion v{champion_version} was re-evaluated on {data_id!r}, not on the challenger's "
+            f"validation data {eval_data_id!r}: the prepared data or the validation settings changed "
+            "after the challenger was evaluated; evaluate it again (`d2llm evaluate`) and register it"
+        )
+    return Compared(normalize_metrics(metrics), challenger, champion_reevaluated=True)
 
 
-def _describe(version: str, decision: Decision, against: str | None) -> str:
+def _describe(version: str, decision: Decision, against: str | None, reevaluated: bool = False) -> str:
     verdict = "PROMOTED to champion" if decision.promote else "NOT promoted"
     versus = f" against champion v{against}" if against else ""
-    return f"v{version} {verdict}{versus}: {decision.reason}."
+    again = (
+        f" The champion's stored metrics were measured on other validation pairs, so v{against} was "
+        "re-evaluated on this version's validation data first."
+        if reevaluated
+        else ""
+    )
+    return f"v{version} {verdict}{versus}: {decision.reason}.{again}"
 
 
 PROMOTION_HEADING = "Promotion: "  # starts the decision's paragraph in a version's description
@@ -236,8 +265,14 @@ def promote(
     eval_fn_or_metrics: EvalFn | Metrics,
     promotion_cfg: PromotionConfig,
     eval_data_id: str | None = None,
+    reevaluate: Reevaluate | None = None,
 ) -> Decision:
     """Make ``challenger_version`` the challenger and promote it to champion if it wins.
+
+    ``eval_fn_or_metrics``: the challenger's metrics (measured on ``eval_data_id``), or a function
+    that evaluates any version now. ``reevaluate`` measures the champion on the current validation
+    data when its stored metrics come from other pairs (see ``_gather_metrics``); the version's
+    description then says so.
 
     Idempotent: the decision depends only on the two metric sets, the tags it writes carry no
     timestamps, and a version that already holds ``champion`` is left alone (its recorded decision
@@ -255,13 +290,19 @@ def promote(
         return recorded or Decision(True, "already champion", main, None)
 
     client.set_registered_model_alias(model_name, CHALLENGER, version)
-    champion, challenger = _gather_metrics(
-        client, model_name, version, champion_version, eval_fn_or_metrics, eval_data_id
+    compared = _gather_metrics(
+        client, model_name, version, champion_version, eval_fn_or_metrics, eval_data_id, reevaluate
     )
+    champion, challenger = compared.champion, compared.challenger
     decision = decide_promotion(champion, challenger, promotion_cfg)
 
     numbers = json.loads(decision.to_json())
-    numbers.update(challenger=challenger, champion=champion, tolerance=promotion_cfg.tolerance)
+    numbers.update(
+        challenger=challenger,
+        champion=champion,
+        tolerance=promotion_cfg.tolerance,
+        champion_reevaluated=compared.champion_reevaluated,
+    )
     tags = {
         **metrics_to_tags(challenger),
         TAG_DECISION: "promoted" if decision.promote else "refused",
@@ -273,7 +314,7 @@ def promote(
         tags[TAG_EVAL_DATA] = eval_data_id
     for key, value in tags.items():
         client.set_model_version_tag(model_name, version, key, value)
-    decision_text = _describe(version, decision, champion_version)
+    decision_text = _describe(version, decision, champion_version, compared.champion_reevaluated)
     client.update_model_version(
         model_name, version, description=with_decision(registered.description, decision_text)
     )

@@ -219,8 +219,9 @@ def _version_tags(
 # --------------------------------------------------------------------------- CLI entry points
 
 
-def read_flat_metrics(metrics_file: str | Path) -> dict[str, float]:
-    """The ``flat`` student metrics (points) of an evaluation results JSON."""
+def read_flat_metrics(metrics_file: str | Path) -> tuple[dict[str, float], str | None]:
+    """The ``flat`` student metrics (points) of an evaluation results JSON, and the id of the
+    validation data they were measured on (``validation_data.id``; None in older reports)."""
     import json
 
     path = Path(metrics_file)
@@ -230,7 +231,8 @@ def read_flat_metrics(metrics_file: str | Path) -> dict[str, float]:
     flat = results.get("flat") if isinstance(results, dict) else None
     if not isinstance(flat, dict) or not flat:
         raise ArtifactError(f"{path} has no 'flat' student metrics to register")
-    return {str(k): float(v) for k, v in flat.items() if v is not None}
+    data_id = (results.get("validation_data") or {}).get("id")
+    return {str(k): float(v) for k, v in flat.items() if v is not None}, data_id
 
 
 def register_student(
@@ -239,26 +241,24 @@ def register_student(
     index_dir: str | Path | None = None,
     metrics_file: str | Path | None = None,
     catalog: str | Path = layout.CATALOG,
-    labels_dir: str | Path | None = layout.LABELS_DIR,
+    labels_dir: str | Path | None = None,
 ) -> ModelVersion:
-    """``configure`` + ``log_student`` with the evaluation metrics (the student's dev-split
-    metrics, ``flat``), a fingerprint of the prepared data they were measured on and the model
+    """``configure`` + ``log_student`` with the evaluation metrics (the student's validation
+    metrics, ``flat``), the id of the exact validation pairs they were measured on and the model
     card (built from params, the results, the prepared manifest, the catalogue and the labels
     when ``labels_dir`` exists; a card that cannot be built registers nothing)."""
-    from d2llm.fingerprint import path_fingerprint
     from d2llm.tracking.model_card import model_card_from_files
     from d2llm.tracking.runs import configure
 
     configure(params.tracking)
-    metrics = read_flat_metrics(metrics_file) if metrics_file is not None else None
+    metrics, data_id = read_flat_metrics(metrics_file) if metrics_file is not None else (None, None)
     card = model_card_from_files(
         params,
         model_name=params.tracking.registered_model,
         results_file=metrics_file,
         catalog_path=catalog,
-        labels_dir=labels_dir,
+        labels_dir=labels_dir or layout.Layout.of(params).labels_dir,
     )
-    data_id = path_fingerprint(params.data.prepared_dir)  # the data (dev splits) the metrics come from
     search = params.search
     return log_student(
         student_dir,
@@ -266,7 +266,7 @@ def register_student(
         params.tracking.registered_model,
         card=card,
         metrics=metrics,
-        eval_data_id=data_id if metrics and data_id != "missing" else None,
+        eval_data_id=data_id if metrics else None,
         search_settings={
             "mode": search.mode,
             "first_stage": search.first_stage,
@@ -281,7 +281,8 @@ def register_student(
 
 
 def promote_version(params: Params, version: str | int | None = None) -> tuple[str, Decision]:
-    """Promote ``version`` (default: the newest) using the metrics stored on the versions."""
+    """Promote ``version`` (default: the newest) on the metrics stored on it; the champion is
+    re-evaluated on the current validation data when its stored metrics come from other pairs."""
     import mlflow
 
     from d2llm.tracking.promotion import promote, stored_metrics
@@ -299,4 +300,26 @@ def promote_version(params: Params, version: str | int | None = None) -> tuple[s
     if not metrics:
         raise ArtifactError(f"{name} v{version} has no stored metrics: register it with --metrics")
     eval_data_id = client.get_model_version(name, version).tags.get(TAG_EVAL_DATA)
-    return version, promote(client, name, version, metrics, params.promotion, eval_data_id=eval_data_id)
+    decision = promote(
+        client,
+        name,
+        version,
+        metrics,
+        params.promotion,
+        eval_data_id=eval_data_id,
+        reevaluate=lambda uri: validation_of_version(params, uri),
+    )
+    return version, decision
+
+
+def validation_of_version(params: Params, model_uri: str) -> tuple[dict[str, float], str]:
+    """A registered student's validation metrics on the current validation data, and that
+    data's id: how a champion is compared with a challenger evaluated on other pairs."""
+    import mlflow
+
+    from d2llm.evaluation.evaluate import student_validation_metrics
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        student_dir = next(p.parent for p in local.rglob("student.json"))
+        return student_validation_metrics(params, params.data.prepared_dir, student_dir)

@@ -21,8 +21,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
-
 from d2llm.config import Params, TrackingConfig
 from d2llm.errors import ArtifactError, ConfigError
 
@@ -30,6 +28,8 @@ if TYPE_CHECKING:
     import mlflow
     import pandas as pd
     from matplotlib.figure import Figure
+
+    from d2llm.lineage import Lineage
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +122,6 @@ def git_commit(root: Path | None = None) -> tuple[str, bool] | None:
     return sha, bool(status.strip())
 
 
-def dvc_hashes(lock_path: Path) -> dict[str, str]:
-    """``{"<stage>:<deps|outs>:<path>": md5}`` from a ``dvc.lock``; empty if there is none."""
-    if not lock_path.exists():
-        return {}
-    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8")) or {}
-    hashes: dict[str, str] = {}
-    for stage, entry in (lock.get("stages") or {}).items():
-        for kind in ("deps", "outs"):
-            for item in entry.get(kind) or []:
-                digest = item.get("md5") or item.get("hash") or item.get("etag")
-                if digest and "path" in item:
-                    hashes[f"{stage}:{kind}:{item['path']}"] = str(digest)
-    return hashes
-
-
 def flatten(tree: Mapping[str, Any], prefix: str = "", sep: str = ".") -> dict[str, Any]:
     """Nested mappings to one level of dotted keys: ``{"a": {"b": 1}} -> {"a.b": 1}``."""
     flat: dict[str, Any] = {}
@@ -161,7 +146,10 @@ def metric_key(name: str) -> str:
 def pipeline_run(
     params: Params, run_name: str, root: Path | None = None, tags: Mapping[str, str] | None = None
 ) -> Iterator[mlflow.ActiveRun]:
-    """The parent run of one pipeline execution, tagged with git commit, DVC hashes and params.
+    """The parent run of one pipeline execution, tagged with git commit and params.
+
+    DVC hashes are tagged at the end, by ``tag_lineage``, once the run has written (and
+    committed) its own artefacts: the ``dvc.lock`` of the checkout describes another run's.
 
     Stage processes started inside it (e.g. by ``dvc repro``) nest under it through the
     ``D2LLM_MLFLOW_PARENT_RUN_ID`` environment variable.
@@ -176,8 +164,6 @@ def pipeline_run(
         run_tags["mlflow.source.git.commit"] = commit[0]
         run_tags["git.commit"] = commit[0]
         run_tags["git.dirty"] = str(commit[1]).lower()
-    for key, digest in dvc_hashes(root / "dvc.lock").items():
-        run_tags[f"dvc.{metric_key(key)}"] = digest
 
     previous = os.environ.get(PARENT_RUN_ENV)
     with mlflow.start_run(run_name=run_name, tags=run_tags) as run:
@@ -192,6 +178,20 @@ def pipeline_run(
                 os.environ.pop(PARENT_RUN_ENV, None)
             else:
                 os.environ[PARENT_RUN_ENV] = previous
+
+
+def tag_lineage(run_id: str, lineage: Lineage) -> None:
+    """Tag a pipeline run with the DVC hashes of what it wrote (``dvc.<stage>:<deps|outs>:<path>``),
+    or with why there are none (``dvc.lineage``)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    if lineage.skipped is not None:
+        client.set_tag(run_id, "dvc.lineage", f"not recorded: {lineage.skipped}")
+        return
+    client.set_tag(run_id, "dvc.lineage", "committed")
+    for key, digest in lineage.hashes.items():
+        client.set_tag(run_id, f"dvc.{metric_key(key)}", digest)
 
 
 def _param_value(value: Any) -> str:

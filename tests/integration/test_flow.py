@@ -93,6 +93,18 @@ def test_flow_runs_end_to_end_then_reuses_its_cache(prefect_harness: None, proje
     evaluate_run = next(run for run in children if run.data.tags.get("d2llm.stage") == "evaluate")
     logged = {a.path for a in client.list_artifacts(evaluate_run.info.run_id, "evaluation")}
     assert {"evaluation/metrics.json", "evaluation/gains_vs_bi_encoder.png"} <= logged
+    # The run committed what it wrote as the DVC stages' outputs: `dvc status` is clean, and
+    # the run's dvc.* tags are this run's hashes (those dvc.lock now holds), not another run's.
+    assert "Data and pipelines are up to date." in project.dvc("status").stdout
+    from d2llm.lineage import dvc_hashes
+
+    tags = parent.data.tags
+    assert tags["dvc.lineage"] == "committed"
+    committed = dvc_hashes(root / "dvc.lock")
+    assert "train:outs:models/student" in committed and "fetch-data:outs:data/raw/fetched.json" in committed
+    assert {k.removeprefix("dvc."): v for k, v in tags.items() if k.startswith("dvc.") and ":" in k} == {
+        k.replace("@", "_"): v for k, v in committed.items()
+    }
 
     # Nothing changed: every cached stage is reused, nothing is retrained.
     labels_before, student_before = _mtimes(root / "data" / "labels"), _mtimes(root / "models" / "student")
@@ -280,3 +292,75 @@ def test_the_flow_labels_on_a_ray_cluster(prefect_harness: None, project, ray_cl
     project.run("d2llm", "label", "--executor", "local", "--out-dir", "data/labels-local")
     for shard in sorted((root / "data" / "labels-local").glob("scores-*.safetensors")):
         assert (root / "data" / "labels" / shard.name).read_bytes() == shard.read_bytes(), shard.name
+
+
+def test_promotion_compares_a_champion_measured_on_other_pairs_on_the_challengers_pairs(
+    prefect_harness: None, project
+) -> None:
+    """Two versions trained with different seeds are validated on different seeded samples of
+    the validate parts: the champion is re-evaluated on the challenger's pairs before deciding."""
+    import json
+
+    from mlflow import MlflowClient
+
+    from d2llm.config import load_params
+    from d2llm.tracking.promotion import normalize_metrics
+    from d2llm.tracking.registry import validation_of_version
+    from flows.pipeline import training_pipeline
+
+    first = training_pipeline(params_file="params.yaml")
+    second = training_pipeline(params_file="params.yaml", overrides={"seed": 7})
+    assert (first["version"], second["version"]) == ("1", "2")
+    client = MlflowClient()
+    name = load_params("params.yaml").tracking.registered_model
+    v1, v2 = client.get_model_version(name, "1"), client.get_model_version(name, "2")
+    assert v1.tags["d2llm.eval_data"] != v2.tags["d2llm.eval_data"]  # other validation pairs
+    numbers = json.loads(v2.tags["d2llm.promotion.numbers"])
+    assert numbers["champion_reevaluated"] is True
+    assert "v1 was re-evaluated on this version's validation data" in v2.description
+    # The champion's figures in the decision are v1's student measured on v2's pairs.
+    seven = load_params("params.yaml", {"seed": 7})
+    again, data_id = validation_of_version(seven, f"models:/{name}/1")
+    assert data_id == v2.tags["d2llm.eval_data"]
+    assert numbers["champion"] == pytest.approx(normalize_metrics(again))
+    # Lineage: a run with overrides is not the run dvc.yaml describes, and says so.
+    assert client.get_run(second["run_id"]).data.tags["dvc.lineage"].startswith("not recorded")
+
+
+def test_two_presets_keep_their_own_artefacts_and_reuse_their_own_cache_in_either_order(
+    prefect_harness: None, decoder_project
+) -> None:
+    """`make run`, `make run-llm`, `make run` again: each preset has its own artefact root, so
+    neither replaces the other's teacher, labels or student, and each rerun reuses its own."""
+    import yaml
+
+    from flows.pipeline import training_pipeline
+
+    root = decoder_project.root
+    llm = decoder_project.read_params()  # the LLM path (causal teacher, decoder student)
+    default = yaml.safe_load(yaml.safe_dump(llm))
+    default["teacher"].update(kind="cross_encoder", model="backbones/tiny-bert", max_length=48)
+    default["teacher"]["finetune"]["lora"]["enabled"] = False
+    default["student"]["backbone"] = "backbones/tiny-bert"
+    llm["artifacts_dir"] = "outputs/llm"
+    llm["data"]["prepared_dir"] = "outputs/llm/data/prepared"
+    llm["validation"]["report_dir"] = "outputs/llm/reports/validation"
+    llm["evaluation"]["output"] = "outputs/llm/reports/metrics.json"
+    llm["tracking"].update(experiment="llm", registered_model="llm-student")
+    (root / "params.yaml").write_text(yaml.safe_dump(default, sort_keys=False), encoding="utf-8")
+    (root / "llm.yaml").write_text(yaml.safe_dump(llm, sort_keys=False), encoding="utf-8")
+
+    def artefacts(base: Path) -> dict[str, dict[str, float]]:
+        return {name: _mtimes(base / name) for name in ("models/teacher", "data/labels", "models/student")}
+
+    for first_file, second_file in (("params.yaml", "llm.yaml"), ("llm.yaml", "params.yaml")):
+        training_pipeline(params_file=first_file)
+        training_pipeline(params_file=second_file)
+    default_made, llm_made = artefacts(root), artefacts(root / "outputs" / "llm")
+    assert all(default_made.values()) and all(llm_made.values())
+    assert (root / "outputs" / "llm" / "reports" / "metrics.json").is_file()
+    # A third run of each reuses every cached stage: nothing is fine-tuned, labelled or trained again.
+    again_default = training_pipeline(params_file="params.yaml")
+    again_llm = training_pipeline(params_file="llm.yaml")
+    assert artefacts(root) == default_made and artefacts(root / "outputs" / "llm") == llm_made
+    assert again_default["version"] == "1" and again_llm["version"] == "1"  # not registered again

@@ -28,7 +28,7 @@ def _sentence(i: int) -> str:
     return f"a {SUBJECTS[i % len(SUBJECTS)]} {ACTIONS[(i // len(SUBJECTS)) % len(ACTIONS)]}"
 
 
-def _pairs_frame(dataset: str, task: str, classes: bool, n: int = 24) -> pd.DataFrame:
+def _pairs_frame(dataset: str, task: str, classes: bool, n: int = 72) -> pd.DataFrame:
     rows = []
     for i in range(n):
         split = ("train", "dev", "test")[i % 3]
@@ -47,7 +47,7 @@ def _pairs_frame(dataset: str, task: str, classes: bool, n: int = 24) -> pd.Data
     return pd.DataFrame(rows, columns=cols)
 
 
-def _qa_frame(per_split: int = 4, candidates: int = 4) -> pd.DataFrame:
+def _qa_frame(per_split: int = 8, candidates: int = 4) -> pd.DataFrame:
     """Answer selection (asym): each question has one right candidate among ``candidates``."""
     rows = []
     for split in ("train", "dev", "test"):
@@ -63,7 +63,8 @@ def _qa_frame(per_split: int = 4, candidates: int = 4) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny prepared folder: sick, snli, stsb_en, sick_r, trecqa pairs; cranfield and cisi IR tables."""
+    """A tiny prepared folder: sick, snli, stsb_en, sick_r, trecqa pairs (dev splits big enough to cut
+    into select and validate parts with both classes each); cranfield and cisi IR tables."""
     root = tmp_path_factory.mktemp("prepared")
     (root / "pairs").mkdir()
     for name, classes in (("sick", True), ("snli", True), ("stsb_en", False), ("sick_r", False)):
@@ -192,6 +193,55 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         quality["ndcg@10_two_stage"] - quality["ndcg@10_full"]
     )
     assert 0.0 <= quality["first_stage_recall@10"] <= 1.0
+
+
+def test_every_timed_ranker_encodes_its_queries_inside_the_timed_call(
+    tiny_bert_dir, prepared_dir, tmp_path, monkeypatch
+):
+    """A query vector remembered from before the timings (or from the warm-up round) would time
+    a ranking without its query pass, the largest part of a bi-encoder's cost. So every call of an
+    end-to-end ranker or a query encoder, warm-up included, must run the encoder once per query;
+    scoring-only calls (query vectors given, by design) run none. Counted on the encoder's
+    forward passes (the tiny BERT is every system's encoder), call by call."""
+    from benchmarks import common, ranking_cost
+
+    forwards: list[str] = []
+    per_call: dict[str, list[int]] = {}
+    timings = common.interleaved_timings
+
+    def counted(name, fn):
+        def call():
+            before = len(forwards)
+            fn()
+            per_call.setdefault(name, []).append(len(forwards) - before)
+
+        return call
+
+    def counting_timings(systems, repeats, warmup=1, clock="wall"):
+        return timings({n: counted(n, fn) for n, fn in systems.items()}, repeats, warmup, clock)
+
+    def hook(module, args, output):
+        if type(module).__name__ == "BertModel":
+            forwards.append(type(module).__name__)
+
+    monkeypatch.setattr(common, "interleaved_timings", counting_timings)
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    args += ["--sizes", "8", "--queries", "2", "--teacher-max-pairs", "4", "--pool-size", "20", "--no-ndcg"]
+    args += ["--student-dir", str(tmp_path / "none"), "--teacher-dir", str(tmp_path / "none")]
+    args += ["--iem-formats", "int8"]
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        ranking_cost.main(args)
+    finally:
+        handle.remove()
+
+    calls = 1 + 2  # one warm-up round, then --repeats 2
+    ends = ("student@8", "two-stage@8", "bi-encoder@8", "student-int8@8")
+    for name in (*ends, "encode:student", "encode:bi-encoder"):
+        assert per_call[name] == [2] * calls, f"{name}: encoder passes per call {per_call[name]}, 2 queries"
+    for name in ("score:student@8", "score:two-stage@8", "score:bi-encoder@8", "score:student-int8@8"):
+        assert per_call[name] == [0] * calls, name
+    assert all(n > 0 for n in per_call["teacher@4"])
 
 
 def test_ranking_cost_rejects_bad_sizes(tiny_bert_dir, prepared_dir, tmp_path):
@@ -365,6 +415,34 @@ def test_quality_reads_a_fresh_metrics_file(tiny_bert_dir, prepared_dir, tmp_pat
     assert rows["cisi"]["recovered"] is None  # the teacher is worse than the baseline: no gain
     assert report["mean"]["student"] == pytest.approx(56.25)
     assert report["mean"]["recovered"] is None  # mean teacher 55 = mean baseline 55: no gain to recover
+
+
+def test_quality_reports_a_recovered_share_only_where_the_evaluation_report_does():
+    """A teacher gain of 1 point or less (``RECOVERY_MIN_GAIN``) has no reported share: 0.5 points
+    of gain would make the student's +1.0 a 200% recovery. The benchmark and the evaluation
+    report apply the same rule, per dataset and to the means."""
+    from benchmarks.quality import mean_row, quality_rows
+    from d2llm.evaluation.evaluate import _add_gain
+
+    def entry(main: str, base: float, teacher: float, student: float) -> dict:
+        values = {"bi-encoder": base, "teacher": teacher, "student": student}
+        return {"main_metric": main, "metrics": {s: {main: v} for s, v in values.items()}}
+
+    datasets = {
+        "sick": entry("ap", 70.0, 80.0, 75.0),
+        "sick_r": entry("spearman", 60.0, 60.5, 61.0),  # a 0.5-point teacher gain
+        "stsb_en": entry("spearman", 80.0, 70.8, 81.0),
+    }
+    rows = quality_rows({"datasets": datasets})
+    shares = {r["dataset"]: r["recovered"] for r in rows}
+    assert shares == {"sick": pytest.approx(0.5), "sick_r": None, "stsb_en": None}
+    for name, values in datasets.items():
+        _add_gain(values)
+        assert values["student_gain_recovered"] == shares[name], name
+    # Means: bi-encoder 70, teacher 70.43, student 72.33: a 0.43-point gain, no share either.
+    mean = mean_row(rows)
+    assert mean["teacher"] - mean["bi-encoder"] == pytest.approx(1.3 / 3)
+    assert mean["recovered"] is None
 
 
 def test_quality_freshness_rules(tmp_path):

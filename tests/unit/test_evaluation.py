@@ -305,7 +305,7 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
             gain = entry["metrics"][system][main] - entry["metrics"]["bi-encoder"][main]
             assert comparison["delta"] == pytest.approx(gain), (name, system)
             assert comparison["ci95"][0] <= comparison["ci95"][1]
-            assert comparison["unit"] == ("query" if name == "tiny" else "pair")
+            assert comparison["unit"] == ("query" if name == "tiny" else "text_a")
             assert comparison["resamples"] <= params.evaluation.bootstrap_resamples
 
     table = format_table(results)
@@ -322,11 +322,14 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
         + " |"
     )
     assert any(line.startswith("| nli | AP * |") for line in lines)
+    # This NLI table has no dev split: its accuracy is the best threshold's on the test pairs.
+    assert nli["accuracy_threshold"]["oracle"] and any(x.startswith("| nli | Acc (oracle) |") for x in lines)
     assert any(line.startswith("| tiny | R@100 |") for line in lines)
     assert f"{ir['metrics']['bm25']['ndcg@10']:.2f}" in next(
         x for x in lines if x.startswith("| tiny | nDCG@10 *")
     )
-    assert lines[-2].startswith("| mean | main * | - |")  # BM25 has no pair-dataset numbers: no mean
+    mean_line = lines[-3]  # then the notes on the oracle accuracy and on "recovered"
+    assert mean_line.startswith("| mean | main * | - |")  # BM25 has no pair-dataset numbers: no mean
     assert results["summary"]["bm25"] == {"mean_main": None, "n_datasets": 1}
 
 
@@ -545,3 +548,85 @@ def test_answer_selection_gains_are_bootstrapped_over_questions():
     assert 0.0 <= gain["ci95"][0] < gain["delta"] < gain["ci95"][1] <= 100.0 * 2 / 3 + 1e-9
 
     assert "vs_bi_encoder" not in evaluate_pair_dataset("qa", test, systems)  # resamples 0: none
+
+
+def test_pair_gains_are_bootstrapped_over_premises_each_with_all_of_its_pairs():
+    """SICK pairs a premise with several hypotheses: the bootstrap units are the distinct
+    ``text_a`` (3 here, for 7 pairs), and the report says so."""
+    rows = [("p1", "h1", "entailment"), ("p1", "h2", "neutral"), ("p1", "h3", "contradiction"),
+            ("p2", "h1", "entailment"), ("p2", "h4", "neutral"), ("p3", "h2", "entailment"),
+            ("p3", "h5", "contradiction")]  # fmt: skip
+    test = _pairs_frame([(*r, "test") for r in rows], "class")
+    student = {(a, b): 1.0 if name == "entailment" else 0.2 for a, b, name in rows}
+    bi = {(a, b): 0.6 if b in ("h1", "h2") else 0.4 for a, b, _ in rows}
+    systems = {"bi-encoder": _TableScorer("bi-encoder", bi), "student": _TableScorer("student", student)}
+    gain = evaluate_pair_dataset("sick", test, systems, resamples=200, seed=0)["vs_bi_encoder"]["student"]
+    assert (gain["unit"], gain["n_units"]) == ("text_a", 3)
+    sts = test.assign(label=[4.8, 3.0, 1.0, 4.5, 2.5, 4.9, 0.5], label_name="")
+    gain = evaluate_pair_dataset("sick_r", sts, systems, resamples=200, seed=0)["vs_bi_encoder"]["student"]
+    assert (gain["unit"], gain["n_units"]) == ("text_a", 3)
+
+
+def test_accuracy_threshold_is_chosen_on_the_dev_split():
+    """On dev, entailments score 0.9 and 0.8, the rest 0.6 and 0.4: threshold 0.8. On test the
+    entailments score 0.9 and 0.7: the best test threshold (0.7) would give 100%, the dev
+    threshold gives 75%. Without a dev split the test-chosen figure is kept, marked an oracle."""
+    rows = [("a", "b", "entailment", "dev"), ("c", "d", "entailment", "dev"), ("e", "f", "neutral", "dev"),
+            ("g", "h", "contradiction", "dev"), ("i", "j", "entailment", "test"),
+            ("k", "l", "entailment", "test"), ("m", "n", "neutral", "test"),
+            ("o", "p", "contradiction", "test")]  # fmt: skip
+    table = dict(zip([(r[0], r[1]) for r in rows], [0.9, 0.8, 0.6, 0.4, 0.9, 0.7, 0.6, 0.5], strict=True))
+    systems = {"bi-encoder": _TableScorer("bi-encoder", table)}
+    pairs = _pairs_frame(rows, "class")
+    entry = evaluate_pair_dataset("sick", pairs, systems)
+    metrics = entry["metrics"]["bi-encoder"]
+    assert (metrics["accuracy"], metrics["threshold"], metrics["n_pairs"]) == (75.0, 0.8, 4)
+    assert entry["accuracy_threshold"] == {"split": "dev", "oracle": False, "n_pairs": 4}
+    results = {"systems": ["bi-encoder"], "datasets": {"sick": entry}, "summary": {}}
+    assert "| sick | Acc | 75.00 |  |" in format_table(results).splitlines()
+
+    oracle = evaluate_pair_dataset("sick", pairs[pairs["split"] == "test"], systems)
+    assert (oracle["metrics"]["bi-encoder"]["accuracy"], oracle["metrics"]["bi-encoder"]["threshold"]) == (
+        100.0,
+        0.7,
+    )
+    assert oracle["accuracy_threshold"]["oracle"] is True
+    table_lines = format_table({**results, "datasets": {"sick": oracle}}).splitlines()
+    assert "| sick | Acc (oracle) | 100.00 |  |" in table_lines
+    assert any(
+        line.startswith("note: Acc (oracle) = accuracy at the best threshold on the test")
+        for line in table_lines
+    )
+
+
+class _CountingTeacher:
+    """A teacher stand-in: logits from the second text's length; counts its scoring calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def score(self, pairs, task, show_progress=False):
+        from types import SimpleNamespace
+
+        self.calls += 1
+        z = torch.tensor([float(len(b)) for _, b in pairs])
+        return SimpleNamespace(logits=torch.stack([z, -z], dim=1))
+
+
+def test_dev_thresholds_cost_the_teacher_one_pass_over_the_dev_pairs_only():
+    """The fused and the raw teacher share one memo of raw logits; the dev pairs are scored by
+    every system before the test pairs, so SICK's test scoring is still reused by the raw view
+    and by SICK-R: two teacher passes in all (dev, test), not four."""
+    rows = [("a man", "a man walks", "entailment", "dev"), ("a dog", "a cat", "neutral", "dev"),
+            ("the sun", "the sun is up", "entailment", "test"),
+            ("a car", "a tree", "contradiction", "test")]  # fmt: skip
+    nli = _pairs_frame(rows, "class")
+    sts = nli.assign(label=[4.5, 1.0, 4.8, 0.3], label_name="")
+    teacher = _CountingTeacher()
+    fused = TeacherScorer(teacher)
+    raw = copy.copy(fused)
+    raw.name = "teacher-raw"
+    systems, memo = {"teacher": fused, "teacher-raw": raw}, {}
+    evaluate_pair_dataset("sick", nli, systems, memo=memo)
+    evaluate_pair_dataset("sick_r", sts, systems, memo=memo)
+    assert teacher.calls == 2

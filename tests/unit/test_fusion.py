@@ -71,3 +71,59 @@ def test_fused_scorer_falls_back_to_the_mean_of_the_same_task_kind_and_round_tri
 
 def _stats(teacher: np.ndarray, cosine: np.ndarray) -> tuple[float, float, float, float]:
     return float(teacher.mean()), float(teacher.std()), float(cosine.mean()), float(cosine.std())
+
+
+# --------------------------------------------------------------------------- dev fusion and the gate
+
+
+def _dev_set(name: str, gold: np.ndarray, metric: str = "spearman"):
+    from d2llm.evaluation.dev import DevSet
+
+    pairs = [(f"{name} a{i}", f"b{i}") for i in range(gold.size)]
+    return DevSet(name, "sym", pairs, gold, metric, "sts")  # type: ignore[arg-type]
+
+
+def test_fit_dev_fusion_fits_each_dev_set_on_its_own_and_reports_the_fused_metric() -> None:
+    from d2llm.teachers.finetune import fit_dev_fusion, fused_dev_metrics
+
+    teacher, cosine, gold = _toy(seed=1)
+    # Set "mix": both halves of the signal; set "bi": the teacher is noise, the cosine is right.
+    noise = np.random.default_rng(7).normal(size=gold.size)
+    devs = [_dev_set("mix", gold), _dev_set("bi", cosine)]
+    log_odds = {"mix/spearman": teacher, "bi/spearman": noise}
+    cosines = {"mix/spearman": cosine, "bi/spearman": cosine}
+    fusion, fused = fit_dev_fusion(devs, log_odds, cosines)
+    assert 0.3 <= fusion.by_dataset["mix"].weight <= 0.7
+    assert fusion.by_dataset["bi"].weight == 1.0  # w = 1 is the bi-encoder alone
+    assert fused["bi/spearman"] == pytest.approx(100.0)
+    assert fused["main"] == pytest.approx((fused["mix/spearman"] + fused["bi/spearman"]) / 2)
+    assert fusion.tasks == {"mix": "sym", "bi": "sym"}
+    # Applied to the same scores, the fitted weights give the fitted metric back.
+    assert fused_dev_metrics(fusion, devs, log_odds, cosines) == pytest.approx(fused)
+
+
+def test_the_gate_reads_the_fused_teacher_on_the_validate_part() -> None:
+    from d2llm.teachers.dev_report import teacher_gains
+
+    # On the select part the fused gain is >= 0 by construction (w = 1 is the bi-encoder) and
+    # the grid's best; on the validate part, fitted elsewhere, it is what the teacher is worth.
+    report = {
+        "dev_after": {"a/ap": 70.0, "b/ap": 95.0, "main": 82.5},
+        "dev_fused": {"a/ap": 81.0, "b/ap": 95.0, "main": 88.0},
+        "dev_baseline": {"a/ap": 80.0, "b/ap": 80.0, "main": 80.0},
+        "validate_after": {"a/ap": 69.0, "b/ap": 94.0, "main": 81.5},
+        "validate_fused": {"a/ap": 79.5, "b/ap": 94.0, "main": 86.75},
+        "validate_baseline": {"a/ap": 80.0, "b/ap": 81.0, "main": 80.5},
+    }
+    gains = teacher_gains(report, min_gain=0.25)
+    assert gains["a"] == {"metric": "ap", "part": "validate", "teacher": 79.5, "bi-encoder": 80.0,
+                          "gain": pytest.approx(-0.5), "distil": False}  # fmt: skip
+    assert gains["b"]["gain"] == pytest.approx(13.0) and gains["b"]["distil"]
+    # Without fusion the raw teacher is judged; without a min gain there is no verdict.
+    raw = {k: v for k, v in report.items() if "fused" not in k}
+    assert teacher_gains(raw, 0.25)["a"]["teacher"] == 69.0
+    assert "distil" not in teacher_gains(report)["a"]
+    # A report from before the split gates on what it has (the select figures).
+    old = {k: v for k, v in report.items() if k.startswith("dev_")}
+    assert teacher_gains(old, 0.25)["a"] == {"metric": "ap", "part": "select", "teacher": 81.0,
+                                             "bi-encoder": 80.0, "gain": 1.0, "distil": True}  # fmt: skip

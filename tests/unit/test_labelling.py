@@ -139,6 +139,52 @@ def test_damaged_shard_is_rescored_and_incomplete_labels_cannot_be_loaded(teache
     assert torch.equal(load_labels(out).in_batch, reference.in_batch)
 
 
+def test_a_truncated_shard_of_complete_labels_is_found_named_and_rescored(teacher_dir, tmp_path):
+    """A finished labels folder whose shard was cut short (disk full, a bad copy): `label` must
+    not call it current, and `load_labels` must name the shard and the command that repairs it."""
+    _negatives(6).to_parquet(tmp_path / "neg.parquet")
+    out = tmp_path / "labels"
+    params = params_from_dict(_params())
+    label_groups(params, tmp_path / "neg.parquet", teacher_dir, out)
+    reference = load_labels(out)
+    assert len(json.loads((out / MANIFEST_FILE).read_text())["shard_sha256"]) == 3
+    shard = out / "scores-00002.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ArtifactError, match=r"scores-00002\.safetensors .* corrupt.*run `d2llm label`"):
+        load_labels(out)
+    summary = label_groups(params, tmp_path / "neg.parquet", teacher_dir, out)
+    assert summary["scored_shards"] == 1 and summary["skipped_shards"] == 2
+    assert torch.equal(load_labels(out).hard, reference.hard)
+
+
+def test_labels_fused_with_another_bi_encoder_are_not_current(teacher_dir, tiny_bert_dir, tmp_path):
+    """With teacher.fusion the labels mix in the student's backbone read as a bi-encoder: labels
+    made at another student.max_length are other labels, refused unless overwritten."""
+    import shutil
+
+    from d2llm.teachers.dev_report import write_dev_report
+    from d2llm.teachers.fusion import FusedScorer, FusionWeights
+
+    fused_dir = tmp_path / "teacher"
+    shutil.copytree(teacher_dir, fused_dir)
+    weights = FusionWeights(weight=0.5, teacher_mean=0.0, teacher_std=1.0, cosine_mean=0.5, cosine_std=0.1)
+    write_dev_report(fused_dir, {"fusion": FusedScorer({"toy": weights}, {"toy": "sym"}).to_json()})
+    _negatives(4).to_parquet(tmp_path / "neg.parquet")
+    raw = _params(group_size=2, shard_groups=2)
+    raw["teacher"].update(fusion="biencoder")
+    raw["student"] = {"backbone": str(tiny_bert_dir), "max_length": 32}
+    out = tmp_path / "labels"
+    label_groups(params_from_dict(raw), tmp_path / "neg.parquet", fused_dir, out)
+    assert json.loads((out / MANIFEST_FILE).read_text())["fusion_encoder"]["max_length"] == 32
+    raw["student"]["max_length"] = 16
+    shorter = params_from_dict(raw)
+    with pytest.raises(ArtifactError, match="holds other labels"):
+        label_groups(shorter, tmp_path / "neg.parquet", fused_dir, out)
+    assert (
+        label_groups(shorter, tmp_path / "neg.parquet", fused_dir, out, overwrite=True)["scored_shards"] == 1
+    )
+
+
 def test_foreign_directory_is_refused(teacher_dir, tmp_path):
     _negatives(4).to_parquet(tmp_path / "neg.parquet")
     (tmp_path / "labels").mkdir()

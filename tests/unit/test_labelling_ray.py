@@ -142,3 +142,56 @@ def test_a_worker_killed_mid_run_loses_no_shard(ray_cluster, inputs, local_label
     assert summary["scored_shards"] == N_SHARDS
     _assert_same_labels(out, local_labels)
     assert not list(out.glob("*.tmp"))
+
+
+class FailingReplacementsWorker(LabellingWorker):
+    """Actor 0 dies scoring its shard, actor 1 (the first replacement) cannot load the teacher,
+    actor 2 dies scoring too; any later actor would work. The index is the actor name's last part."""
+
+    def __init__(self, *args):
+        import ray
+
+        self.index = int(ray.get_runtime_context().get_actor_name().rsplit("-", 1)[1])
+        if self.index == 1:
+            raise RuntimeError("this replacement cannot load the teacher")
+        super().__init__(*args)
+
+    def score(self, groups):
+        if self.index in (0, 2):
+            import os
+
+            os._exit(1)  # the process dies: a lost worker, not a scoring error
+        return super().score(groups)
+
+
+def test_replacements_are_checked_before_use_and_at_most_num_workers(
+    ray_cluster, inputs, local_labels, tmp_path, caplog
+):
+    """One shard to score with ``num_workers: 2`` (so one actor, and up to 2 replacements) and
+    ``max_attempts: 3``. Actor 0 dies on the shard; replacement 1 fails its ready call, so it
+    never gets the shard (the shard's attempts stay at 1) and counts as a replacement;
+    replacement 2 dies on the shard (attempt 2). That is 2 replacements, the bound: the run
+    stops with no worker left, although a 4th actor would have worked and the shard had an
+    attempt left. (Unchecked replacements would have spent the shard's 3 attempts on actors 0-2;
+    a bound of 2 x num_workers actors would have started actor 3 and finished.)"""
+    import json
+    import shutil
+
+    from ray import cloudpickle
+
+    from d2llm.errors import ArtifactError
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this module
+    out = tmp_path / "labels"
+    shutil.copytree(local_labels, out)
+    (out / SHARD_PATTERN.format(5)).unlink()
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "complete": False}))
+    params = params_from_dict(_params("ray"))
+    plan = plan_labelling(params, *inputs, out)
+    assert plan.missing == [5] and params.labelling.ray.max_attempts == 3
+
+    with pytest.raises(ArtifactError, match=r"no Ray labelling worker is left \(2 replacements started"):
+        score_on_ray(plan, params, inputs[1], worker_class=FailingReplacementsWorker)
+    assert "a replacement Ray labelling worker could not start" in caplog.text
+    assert not (out / SHARD_PATTERN.format(5)).exists()

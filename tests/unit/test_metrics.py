@@ -76,6 +76,11 @@ def test_pair_classification_metrics_are_points():
     assert out["ap"] == pytest.approx(100 * 5 / 6)
     assert out["accuracy"] == pytest.approx(75.0)
     assert out["n_pairs"] == 4 and out["n_positive"] == 2
+    # A threshold chosen elsewhere (evaluation: on the dev split) is applied as it is: >= 0.75
+    # predicts the first two pairs positive, 2 of 4 right; >= 0.85 only the first, 3 of 4.
+    given = M.pair_classification_metrics([0.9, 0.8, 0.7, 0.6], [True, False, True, False], threshold=0.75)
+    assert (given["accuracy"], given["threshold"], given["ap"]) == (pytest.approx(50.0), 0.75, out["ap"])
+    assert M.accuracy_at([0.9, 0.8, 0.7, 0.6], [1, 0, 1, 0], 0.85) == pytest.approx(0.75)
 
 
 # --------------------------------------------------------------------------- correlations

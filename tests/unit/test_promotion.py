@@ -60,11 +60,13 @@ def test_tolerance_zero_refuses_any_task_drop():
     assert not decide_promotion(CHAMPION, challenger, strict).promote
 
 
-def test_challenger_missing_a_champion_task_is_refused():
-    challenger = {"mean_main": 70.0, "sick/ap": 75.0}
-    decision = decide_promotion(CHAMPION, challenger, CFG)
-    assert not decision.promote
-    assert "cisi/ndcg@10" in decision.reason and "stsb_en/spearman" in decision.reason
+def test_metric_sets_over_other_datasets_are_not_compared():
+    # A mean over other validation sets is another mean: no verdict either way, in either direction.
+    with pytest.raises(ArtifactError, match=r"only the champion: \['cisi/ndcg@10', 'stsb_en/spearman'\]"):
+        decide_promotion(CHAMPION, {"mean_main": 70.0, "sick/ap": 75.0}, CFG)
+    extra = {**CHAMPION, "mean_main": 99.0, "trecqa/map": 90.0}  # a challenger with an extra dataset
+    with pytest.raises(ArtifactError, match=r"only the challenger: \['trecqa/map'\]"):
+        decide_promotion(CHAMPION, extra, CFG)
 
 
 def test_missing_main_metric_is_an_error():

@@ -9,6 +9,7 @@ from d2llm.evaluation import metrics as M
 from d2llm.evaluation.significance import (
     bootstrap_mean_difference,
     bootstrap_pair_metric_difference,
+    cluster_resamples,
     pair_metric,
 )
 
@@ -87,6 +88,48 @@ def test_resamples_where_the_metric_is_undefined_are_dropped():
     assert np.isfinite(out["ci95"]).all()
 
 
+def test_a_cluster_resample_draws_premises_each_with_all_of_its_pairs():
+    # Pairs 0, 2, 5 share premise p1, pairs 1 and 4 share p2, pair 3 has p3 alone: three units.
+    # Seed 2 draws the units [p3, p1, p1], then [p1, p2, p3] (np.random.default_rng(2)).
+    premises = ["p1", "p2", "p1", "p3", "p2", "p1"]
+    first, second = (rows.tolist() for rows in cluster_resamples(premises, resamples=2, seed=2))
+    assert first == [3, 0, 2, 5, 0, 2, 5]  # p3, then p1 twice: all three of its pairs each time
+    assert second == [0, 2, 5, 1, 4, 3]
+    # On any resample the pairs of one premise are drawn equally often (together or not at all).
+    for rows in cluster_resamples(premises, resamples=200, seed=0):
+        counts = np.bincount(rows, minlength=6)
+        assert counts[0] == counts[2] == counts[5] and counts[1] == counts[4], counts
+        assert counts[0] + counts[1] + counts[3] == 3  # three units drawn, one row of each counted
+    # Every pair its own unit: the plain bootstrap, draw for draw.
+    plain = np.random.default_rng(9).integers(0, 5, size=(20, 5))
+    assert [rows.tolist() for rows in cluster_resamples(range(5), 20, 9)] == plain.tolist()
+
+
+def test_copies_of_a_pair_under_one_premise_do_not_narrow_the_interval():
+    """Each pair repeated 4 times under its own premise carries no more information than one
+    copy: the cluster bootstrap gives exactly the interval of the single copies (AP does not
+    change when every pair is repeated), while resampling the 480 rows as independent pairs
+    would make it about half as wide (1/sqrt(4))."""
+    rng = np.random.default_rng(0)
+    labels = rng.random(120) < 0.4
+    good, weak = labels + rng.normal(0, 0.8, 120), labels + rng.normal(0, 1.2, 120)
+    ap = pair_metric("ap")
+    single = bootstrap_pair_metric_difference(ap, good, weak, labels, 500, 0)
+    copies = [np.repeat(x, 4) for x in (good, weak, labels)]
+    premises = [f"premise {i}" for i in np.repeat(np.arange(120), 4)]
+    clustered = bootstrap_pair_metric_difference(ap, *copies, 500, 0, premises, "text_a")
+    assert (clustered["unit"], clustered["n_units"]) == ("text_a", 120)
+    assert clustered["delta"] == pytest.approx(single["delta"])
+    assert clustered["ci95"] == pytest.approx(single["ci95"])
+    naive = bootstrap_pair_metric_difference(ap, *copies, 500, 0)
+    assert (naive["unit"], naive["n_units"]) == ("pair", 480)
+
+    def width(out):
+        return out["ci95"][1] - out["ci95"][0]
+
+    assert width(naive) < 0.65 * width(clustered)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
@@ -97,6 +140,12 @@ def test_resamples_where_the_metric_is_undefined_are_dropped():
         (
             lambda: bootstrap_pair_metric_difference(pair_metric("ap"), np.ones(3), np.ones(3), np.ones(2)),
             "one length",
+        ),
+        (
+            lambda: bootstrap_pair_metric_difference(
+                pair_metric("ap"), np.ones(3), np.ones(3), np.ones(3), clusters=["a", "b"]
+            ),
+            "2 cluster keys for 3 pairs",
         ),
     ],
 )

@@ -10,6 +10,7 @@ from toy_tasks import pair_table, rule_pairs
 from d2llm.batching import bucket_batches, collate, iter_batches, map_batched
 from d2llm.config import PromptConfig, TeacherConfig, params_from_dict
 from d2llm.errors import DataError, ModelError
+from d2llm.evaluation.dev import load_dev_set
 from d2llm.evaluation.metrics import average_precision
 from d2llm.teachers.base import probabilities
 from d2llm.teachers.causal_lm import CausalLMTeacher, is_chinese
@@ -248,13 +249,17 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
     assert set(result["history"][0]) == {"epoch", "step", "rule/ap", "main"}
     assert result["dev_after"]["rule/ap"] >= result["dev_before"]["rule/ap"] + 30  # points
     assert result["loss_last"] < result["loss_first"]
-    # The saved teacher is the best epoch's: it scores the dev pairs as the run measured them.
+    # The saved teacher is the best epoch's: it scores the dev pairs (the select part, which
+    # chose the epoch) as the run measured them.
     restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
-    pairs = list(zip(dev["text_a"], dev["text_b"], strict=True))
-    scores = probabilities(restored.score(pairs, "sym").logits)
-    assert 100 * average_precision(scores.tolist(), dev["is_positive"].tolist()) == pytest.approx(
+    select = load_dev_set(prepared, "rule", None, params.seed, "select", params.selection.validate_fraction)
+    scores = probabilities(restored.score(select.pairs, "sym").logits)
+    assert 100 * average_precision(scores.tolist(), select.gold.tolist()) == pytest.approx(
         result["dev_after"]["rule/ap"], abs=1e-3
     )
+    # The validate part, which chose nothing, is reported next to it, with the bi-encoder's.
+    assert set(result["validate_after"]) == set(result["validate_baseline"]) == {"rule/ap", "main"}
+    assert len(select.pairs) < len(dev)
 
 
 def test_finetune_without_the_before_evaluation_keeps_its_first_epoch(tiny_bert_dir, tmp_path):
@@ -269,9 +274,9 @@ def test_finetune_without_the_before_evaluation_keeps_its_first_epoch(tiny_bert_
     assert result["dev_before"] is None and result["history"][0] == {"epoch": 0, "step": 0}
     assert result["best_epoch"] == 1 and set(result["dev_after"]) == {"rule/ap", "main"}
     restored = load_teacher(params.teacher, tmp_path / "teacher", "cpu")
-    pairs = list(zip(dev["text_a"], dev["text_b"], strict=True))
-    scores = probabilities(restored.score(pairs, "sym").logits)
-    assert 100 * average_precision(scores.tolist(), dev["is_positive"].tolist()) == pytest.approx(
+    select = load_dev_set(prepared, "rule", None, params.seed, "select", params.selection.validate_fraction)
+    scores = probabilities(restored.score(select.pairs, "sym").logits)
+    assert 100 * average_precision(scores.tolist(), select.gold.tolist()) == pytest.approx(
         result["dev_after"]["rule/ap"], abs=1e-3
     )
 

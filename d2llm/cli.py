@@ -29,7 +29,7 @@ Command = Callable[[argparse.Namespace, Params], int | None]
 _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], str]] = {}
 # Commands that write no pipeline artefact run without the working copy's lock (d2llm.lock);
 # every other one refuses (or waits, --wait) while another pipeline run holds it.
-_READ_ONLY = {"index", "search"}
+_READ_ONLY = {"index", "search", "ir-select"}
 
 
 @dataclass(frozen=True)
@@ -226,6 +226,31 @@ def cmd_evaluate(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _ir_select_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
+    p.add_argument(
+        "--teacher-dir", type=Path, default=_AtLayout("teacher_dir"), help="saved teacher (its IR protocol)"
+    )
+    p.add_argument("--no-teacher", action="store_true", help="choose the passage scheme only")
+    p.add_argument(
+        "--output", type=Path, default=_AtLayout("reports_dir", "ir_selection.json"), help="report JSON"
+    )
+
+
+@command("ir-select", "choose the passage scheme and the teacher's IR protocol on the IR dev collection")
+@arguments(_ir_select_args)
+def cmd_ir_select(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.evaluation.ir_selection import format_report, select_ir_settings
+    from d2llm.jsonfile import write_json
+
+    teacher_dir = None if args.no_teacher or not args.teacher_dir.is_dir() else args.teacher_dir
+    report = select_ir_settings(params, args.prepared_dir or params.data.prepared_dir, teacher_dir)
+    write_json(args.output, report)
+    print(format_report(report))
+    print(f"report written to {args.output}")
+    return 0
+
+
 def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student")
     source = p.add_mutually_exclusive_group()
@@ -335,6 +360,8 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
         first_stage=args.first_stage or params.search.first_stage,
         rerank_depth=args.rerank_depth or params.search.rerank_depth,
         chunk_size=params.search.chunk_size,
+        aggregation=params.search.aggregation,
+        first_weight=params.search.first_weight,
     )
     for rank, hit in enumerate(hits, start=1):
         snippet = textwrap.shorten(hit.text, width=100, placeholder=" ...")

@@ -224,6 +224,10 @@ class TeacherFinetuneConfig(_Section):
     max_train_pairs: int | None = Field(default=None, ge=1)
     # Gold datasets (canonical names, e.g. "sick") the teacher is fine-tuned on.
     datasets: list[str] = Field(default_factory=lambda: ["sick"])
+    # Datasets whose dev splits choose the teacher's epoch, get fusion weights and are reported
+    # against the bi-encoder (the labelling gate reads them); None: the fine-tuning datasets.
+    # A dataset listed here and not above is measured zero-shot.
+    dev_datasets: list[str] | None = None
     lora: LoraConfig = LoraConfig(enabled=False)
     grad_clip: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); None: epochs decide
@@ -487,6 +491,11 @@ class EvaluationConfig(_Section):
     # D2LLM avoids): BM25, or the bi-encoder (the first stage a fused teacher is built on).
     teacher_rerank_depth: int = Field(default=100, ge=1)
     teacher_first_stage: Literal["bm25", "bi-encoder"] = "bm25"
+    # The fused teacher's weight on IR collections (which have no dev split of their own); None:
+    # the mean weight of the asym datasets. Chosen on ir_dev_dataset by `d2llm ir-select`.
+    ir_fusion_weight: float | None = Field(default=None, ge=0, le=1)
+    # The IR collection that chooses the IR settings (`d2llm ir-select`): never a test collection.
+    ir_dev_dataset: str = "cacm"
     batch_size: int = Field(default=64, ge=1)
     # Paired-bootstrap resamples for each system's 95% interval of its gain over the bi-encoder
     # on a test set's main metric (0: no intervals); d2llm.evaluation.significance.
@@ -506,9 +515,13 @@ class SearchConfig(_Section):
     chunk_size: int = Field(default=4096, ge=1)
     # Documents longer than the student's input are split into passages of at most
     # passage_window tokens (None: student.max_length minus special tokens), starting
-    # passage_stride tokens apart (None: 3/4 of the window); a document scores by its best passage.
+    # passage_stride tokens apart (None: 3/4 of the window). A document scores by its passages:
+    # best (its best passage), first (its first passage: the title and lead), or blend:
+    # (1 - first_weight) * best + first_weight * first (d2llm.search.rank_documents).
     passage_window: int | None = Field(default=None, ge=8)
     passage_stride: int | None = Field(default=None, ge=1)
+    aggregation: Literal["best", "first", "blend"] = "best"
+    first_weight: float = Field(default=0.5, ge=0, le=1)
     encode_chunk: int = Field(default=4096, ge=1)  # passages encoded and written per step
     # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, from there on the
     # approximate index ann_index names (built by `d2llm index`, saved as ann.faiss). IVF by

@@ -44,6 +44,12 @@ class PassageSpans:
     def text(self, texts: Sequence[str], i: int) -> str:
         return texts[int(self.doc[i])][int(self.start[i]) : int(self.end[i])]
 
+    def first_passages(self, n_docs: int | None = None) -> np.ndarray:
+        """The position of each document's first passage (passages of a document are contiguous
+        and documents in order, so this is where each document's run begins)."""
+        n = int(self.doc[-1]) + 1 if n_docs is None and self.doc.size else int(n_docs or 0)
+        return np.searchsorted(self.doc, np.arange(n))
+
 
 def passage_window(tokenizer: Any, max_length: int, window: int | None) -> int:
     """The window in tokens: ``window``, or all the student's ``max_length`` minus special tokens.

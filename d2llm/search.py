@@ -49,6 +49,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+Aggregation = Literal["best", "first", "blend"]  # a document's score from its passages' (search.aggregation)
 INDEX_FORMAT_VERSION = 2
 VECTORS_FILE = "vectors.npy"
 CACHE_FILE = "passage_cache.npy"
@@ -513,20 +514,53 @@ def first_stage_candidates(
     raise ValueError(f"unknown first stage {first_stage!r}; use 'bm25' or 'cosine'")
 
 
-def best_per_document(
-    positions: np.ndarray, scores: np.ndarray, passage_doc: np.ndarray, k: int
-) -> np.ndarray:
-    """Indices into ``scores`` of the best passage of each of the top-``k`` documents, best first.
+def rank_documents(
+    positions: np.ndarray,
+    scores: np.ndarray,
+    spans: PassageSpans,
+    k: int,
+    aggregation: Aggregation = "best",
+    first_weight: float = 0.5,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``k`` documents among the scored passages, best first: for each, the index into
+    ``scores`` of the passage shown with it, and the document's score.
 
-    A document scores by its best passage; ties are broken by passage position, as in
-    ``top_k_positions``.
+    ``positions[i]`` is the passage ``scores[i]`` belongs to. A document scores by its best
+    passage (``best``), its first passage (``first``: a title and its lead), or
+    ``(1 - first_weight) * best + first_weight * first`` (``blend``); the first two need the
+    document's first passage among ``positions`` (``with_first_passages``). Ties are broken by
+    document position, as ``top_k_positions`` breaks them by position.
     """
-    if passage_doc.size and passage_doc[-1] == passage_doc.size - 1:
-        return top_k_positions(scores, k)  # one passage per document
-    order = top_k_positions(scores, scores.size)
-    docs = passage_doc[positions[order]]
-    _, first = np.unique(docs, return_index=True)  # the first (best) occurrence of each document
-    return order[np.sort(first)[:k]]
+    docs = spans.doc[positions]
+    order = top_k_positions(scores, scores.size)  # best first; ties by position
+    uniq, at = np.unique(docs[order], return_index=True)
+    best_i = order[at]  # per document (in document order): its best passage
+    if aggregation == "best":
+        shown, doc_scores = best_i, scores[best_i]
+    else:
+        where = {int(p): i for i, p in enumerate(positions)}
+        first_of = spans.first_passages()
+        try:
+            first_i = np.array([where[int(first_of[d])] for d in uniq], dtype=np.int64)
+        except KeyError:
+            raise ValueError(
+                f"aggregation {aggregation!r} needs each document's first passage scored"
+            ) from None
+        if aggregation == "first":
+            shown, doc_scores = first_i, scores[first_i]
+        elif aggregation == "blend":
+            shown = best_i
+            doc_scores = (1.0 - first_weight) * scores[best_i] + first_weight * scores[first_i]
+        else:
+            raise ValueError(f"unknown aggregation {aggregation!r}; use 'best', 'first' or 'blend'")
+    top = top_k_positions(doc_scores, k)
+    return shown[top], doc_scores[top]
+
+
+def with_first_passages(positions: np.ndarray, spans: PassageSpans) -> np.ndarray:
+    """``positions`` and the first passage of each of their documents, sorted."""
+    firsts = spans.first_passages()[np.unique(spans.doc[positions])]
+    return np.union1d(positions, firsts)
 
 
 def _encode_query(student: Any, query: str):
@@ -545,8 +579,11 @@ def search(
     first_stage: Literal["bm25", "cosine"] = "cosine",
     rerank_depth: int = 100,
     chunk_size: int = 4096,
+    aggregation: Aggregation = "best",
+    first_weight: float = 0.5,
 ) -> list[SearchHit]:
-    """The top ``k`` documents for ``query`` by their best passage's IEM logit (asym branch).
+    """The top ``k`` documents for ``query`` by their passages' IEM logits (asym branch),
+    aggregated per document as ``rank_documents`` does (``search.aggregation``).
 
     ``mode`` defaults to ``search.mode``'s default (``DEFAULT_SEARCH_MODE``: two-stage).
     """
@@ -561,15 +598,18 @@ def search(
             raise ValueError(f"rerank_depth must be >= 1, got {rerank_depth}")
         # Sorted positions: the re-ranking then breaks ties exactly as full scoring does.
         positions = np.sort(first_stage_candidates(index, query, e_q, first_stage, rerank_depth))
+        if aggregation != "best":  # a candidate document is also read by its first passage
+            positions = with_first_passages(positions, index.spans)
         cache = index.passage_cache[positions]
         scores = iem_scores(student, e_q, cache, "asym", chunk_size)
     else:
         raise ValueError(f"unknown search mode {mode!r}; use 'full' or 'two_stage'")
     hits = []
-    for i in best_per_document(positions, scores, index.spans.doc, k):
+    shown, doc_scores = rank_documents(positions, scores, index.spans, k, aggregation, first_weight)
+    for i, score in zip(shown, doc_scores, strict=True):
         p = int(positions[i])
         doc_id = index.doc_ids[index.spans.doc[p]]
-        hits.append(SearchHit(doc_id, float(scores[i]), index.passage_text(p), index.passage_number(p)))
+        hits.append(SearchHit(doc_id, float(score), index.passage_text(p), index.passage_number(p)))
     return hits
 
 

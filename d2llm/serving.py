@@ -239,6 +239,8 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
                 first_stage=self.settings.get("first_stage", "cosine"),
                 rerank_depth=int(self.settings.get("rerank_depth", 100)),
                 chunk_size=int(self.settings.get("chunk_size", 4096)),
+                aggregation=self.settings.get("aggregation", "best"),
+                first_weight=float(self.settings.get("first_weight", 0.5)),
             )
             rows += [
                 {"query": query, "rank": rank, "doc_id": hit.doc_id, "score": hit.score}

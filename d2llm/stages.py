@@ -150,7 +150,7 @@ STAGES: dict[str, Stage] = {
                 "evaluation",
                 "seed",
                 "selection",
-                "search.chunk_size",
+                "search",  # IR rows run the shipped search: passages, aggregation, first stage, depth
                 "teacher.temperature",
                 "teacher.fusion",
                 *_BACKBONE_AS_BIENCODER,
@@ -161,9 +161,10 @@ STAGES: dict[str, Stage] = {
                 "d2llm/evaluation",
                 "d2llm/data/tables.py",
                 "d2llm/search.py",
+                "d2llm/passages.py",
+                "d2llm/ann.py",
                 "d2llm/biencoder.py",  # pair_cosines: the bi-encoder and fusion scores
-                "d2llm/teachers/fusion.py",
-                "d2llm/teachers/dev_report.py",  # where the fusion weights are read from
+                "d2llm/teachers",  # the teacher rows: its kinds, its fusion weights (dev report)
                 "d2llm/quantization.py",
             ),
         ),

@@ -4,12 +4,19 @@
   cosine). This is where the student starts from: the floor.
 - ``teacher``: the cross-encoder / LLM judge, score = probability of "yes". The ceiling, but
   one joint forward pass per (query, candidate). For IR it re-ranks the top
-  ``teacher_rerank_depth`` of ``teacher_first_stage`` (BM25 or the bi-encoder) per query: scoring
-  the whole corpus per query is exactly the cost D2LLM exists to avoid, and re-ranking a first
-  stage is how a cross-encoder is deployed.
-- ``student``: the D2LLM student, score = IEM logit; for IR the full corpus is ranked by the IEM
-  over cached passage projections (one query pass + N cheap IEM evaluations).
+  ``teacher_rerank_depth`` documents of ``teacher_first_stage`` (BM25 or the bi-encoder) per
+  query, reading each whole document at its own ``teacher.max_length``: scoring the whole
+  corpus per query is exactly the cost D2LLM exists to avoid, and re-ranking a first stage is
+  how a cross-encoder is deployed.
+- ``student``: the D2LLM student, score = IEM logit; for IR it is the shipped search itself: an
+  index built by ``d2llm.search.build_index`` and ``search`` as configured (``search.mode``,
+  first stage, re-rank depth, passages, ``search.aggregation``).
 - ``bm25``: lexical baseline, IR only.
+
+IR rows read documents as the shipped search does (``PassageCorpus``): split into passages of
+the student's window (``search.passage_window`` / ``passage_stride``), each passage scored on its
+own, a document by ``search.aggregation`` over its passages; BM25 and the bi-encoder rank the
+same passages.
 
 ``evaluate_systems`` reads test splits and IR queries/qrels; nothing else in the project reads
 them. Every number lands in one JSON file together with the data it came from.
@@ -18,10 +25,14 @@ them. Every number lands in one JSON file together with the data it came from.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
+import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
@@ -34,7 +45,8 @@ from d2llm.evaluation import metrics as M
 from d2llm.evaluation import significance as S
 from d2llm.evaluation.dev import DevSet, dataset_metric, sample_rows
 from d2llm.jsonfile import write_json
-from d2llm.search import Bm25Ranker, encode_corpus, iem_scores, top_k_positions
+from d2llm.passages import PassageSpans, passage_window, split_passages
+from d2llm.search import Aggregation, Bm25Ranker, encode_corpus, rank_documents, top_k_positions
 from d2llm.teachers.base import probabilities
 from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.fusion import FusedScorer
@@ -43,7 +55,7 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from d2llm.config import Family, Params, ScoringKey, TaskKind
+    from d2llm.config import Family, Params, ScoringKey, SearchConfig, TaskKind
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +82,61 @@ class PairScorer(Protocol):
 
 @runtime_checkable
 class Retriever(Protocol):
-    """Ranks a corpus for each query; returns the top ``depth`` (position, score) per query."""
+    """Ranks a collection's documents for each query; the top ``depth`` (document position, score)."""
 
     name: str
 
-    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking: ...
+    def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking: ...
+
+
+@dataclass(frozen=True)
+class PassageCorpus:
+    """An IR collection as the shipped search reads it: each document split into passages of the
+    student's window (d2llm.passages), scored passage by passage, ranked by ``aggregation``."""
+
+    doc_ids: list[str]
+    docs: list[str]
+    spans: PassageSpans
+    aggregation: Aggregation = "best"
+    first_weight: float = 0.5
+    scheme: dict[str, int] | None = None  # window and stride, in the student's tokens
+
+    @cached_property
+    def passages(self) -> list[str]:
+        return [self.spans.text(self.docs, i) for i in range(len(self.spans))]
+
+    @classmethod
+    def split(cls, doc_ids: list[str], docs: list[str], tokenizer: Any, max_length: int, cfg: SearchConfig):
+        """``docs`` cut as ``d2llm.search.build_index`` cuts them (``search.passage_*``)."""
+        window = passage_window(tokenizer, max_length, cfg.passage_window)
+        stride = cfg.passage_stride if cfg.passage_stride is not None else max(1, window * 3 // 4)
+        spans = split_passages(docs, tokenizer, window, stride)
+        scheme = {"window": window, "stride": stride}
+        return cls(doc_ids, docs, spans, cfg.aggregation, cfg.first_weight, scheme)
+
+    def rank(self, passage_scores: np.ndarray, depth: int) -> list[tuple[int, float]]:
+        """Documents by their passages' scores (one score per passage), best first."""
+        positions = np.arange(len(self.spans))
+        shown, scores = rank_documents(
+            positions, np.asarray(passage_scores), self.spans, depth, self.aggregation, self.first_weight
+        )
+        return [(int(self.spans.doc[p]), float(v)) for p, v in zip(shown, scores, strict=True)]
+
+    def document_scores(self, passage_scores: np.ndarray) -> np.ndarray:
+        """Every document's aggregated score (document order)."""
+        ranked = self.rank(passage_scores, len(self.docs))
+        out = np.empty(len(self.docs), dtype=np.float64)
+        for doc, score in ranked:
+            out[doc] = score
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "passages": len(self.spans),
+            "scheme": self.scheme,
+            "aggregation": self.aggregation,
+            **({"first_weight": self.first_weight} if self.aggregation == "blend" else {}),
+        }
 
 
 # --------------------------------------------------------------------------- systems
@@ -109,10 +171,13 @@ class BiEncoderBaseline(MeanPoolEncoder):
         # Cosine has no task branches: the same score serves sym and asym.
         return pair_cosines(self, list(zip(text_a, text_b, strict=True)), show_progress=True)
 
-    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
-        docs = self.encode(corpus, show_progress=True)
-        sims = (self.encode(queries) @ docs.T).numpy()
-        return [[(int(p), float(row[p])) for p in top_k_positions(row, depth)] for row in sims]
+    def passage_cosines(self, queries: Sequence[str], corpus: PassageCorpus) -> np.ndarray:
+        """``[Q, P]`` cosine of each query with each passage (unit vectors: a dot product)."""
+        passages = self.encode(corpus.passages, show_progress=True)
+        return (self.encode(queries) @ passages.T).numpy()
+
+    def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
+        return [corpus.rank(row, depth) for row in self.passage_cosines(queries, corpus)]
 
 
 class StudentScorer:
@@ -120,10 +185,19 @@ class StudentScorer:
 
     name = "student"
 
-    def __init__(self, student: Any, batch_size: int = 64, chunk_size: int = 4096):
+    def __init__(
+        self,
+        student: Any,
+        batch_size: int = 64,
+        chunk_size: int = 4096,
+        search_cfg: SearchConfig | None = None,
+    ):
+        from d2llm.config import SearchConfig
+
         self.student = student
         self.batch_size = batch_size
         self.chunk_size = chunk_size
+        self.search_cfg = search_cfg or SearchConfig()
 
     def _encode(self, texts: Sequence[str]) -> torch.Tensor:
         vectors, _ = encode_corpus(self.student, texts, self.batch_size, desc="student encode")
@@ -141,16 +215,36 @@ class StudentScorer:
         with torch.inference_mode():
             return self.student.score_vectors(e_a, e_b, task).reshape(-1).float().cpu().numpy()
 
-    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
+    def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
+        """The shipped search: an index of ``corpus`` (``build_index``, in a temporary folder) and
+        ``search`` per query with the ``search.*`` settings it was built for."""
+        import pandas as pd
         from tqdm.auto import tqdm
 
-        _, cache = encode_corpus(self.student, corpus, self.batch_size, desc="student corpus")
-        e_q = self._encode(queries)
+        from d2llm.search import build_index, search
+
+        cfg = self.search_cfg
+        position = {doc_id: i for i, doc_id in enumerate(corpus.doc_ids)}
+        frame = pd.DataFrame({"doc_id": corpus.doc_ids, "text": corpus.docs})
         ranking = []
-        for i in tqdm(range(len(queries)), desc="student IEM ranking", leave=False):
-            scores = iem_scores(self.student, e_q[i : i + 1], cache, "asym", self.chunk_size)
-            ranking.append([(int(p), float(scores[p])) for p in top_k_positions(scores, depth)])
+        with tempfile.TemporaryDirectory(prefix="d2llm-eval-index-") as tmp:
+            index = build_index(self.student, frame, tmp, "evaluation", self.batch_size, cfg)
+            for query in tqdm(queries, desc=f"student search ({cfg.mode})", leave=False):
+                hits = search(
+                    self.student, index, query, depth, cfg.mode, cfg.first_stage, cfg.rerank_depth,
+                    self.chunk_size, cfg.aggregation, cfg.first_weight,
+                )  # fmt: skip
+                ranking.append([(position[hit.doc_id], hit.score) for hit in hits])
         return ranking
+
+    def protocol(self) -> str:
+        cfg = self.search_cfg
+        if cfg.mode == "full":
+            return "the shipped search, full IEM over every passage"
+        return (
+            f"the shipped search, {cfg.first_stage} first stage top {cfg.rerank_depth} passages "
+            "re-ranked by the IEM"
+        )
 
 
 class TeacherScorer:
@@ -173,8 +267,10 @@ class TeacherScorer:
         fusion: FusedScorer | None = None,
         name: str = "teacher",
         first_stage: Any = None,
+        ir_fusion_weight: float | None = None,
     ):
         self.teacher = teacher
+        self.ir_fusion_weight = ir_fusion_weight  # evaluation.ir_fusion_weight (chosen on IR dev data)
         self.temperature = temperature
         self.rerank_depth = rerank_depth
         self.first_stage = first_stage if first_stage is not None else Bm25System()
@@ -211,25 +307,50 @@ class TeacherScorer:
             words += f"; {first} ranks {self.rerank_depth + 1}-{depth} follow in its order"
         return words
 
-    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
-        """The first stage's top ``rerank_depth`` re-ranked by the teacher, then the rest of the
-        first stage's top ``depth`` in its own order (scored below every re-ranked document),
-        so that deep metrics (R@100) see a ranking as deep as the other systems'."""
+    def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
+        """The first stage's top ``rerank_depth`` documents re-ranked by the teacher, then the rest
+        of the first stage's top ``depth`` in its own order (scored below every re-ranked
+        document), so that deep metrics (R@100) see a ranking as deep as the other systems'.
+
+        The teacher reads each candidate document whole, up to its own ``max_length``; fused,
+        its log-odds are mixed with the bi-encoder's score of that document (its passages'
+        cosines aggregated as the bi-encoder ranks them).
+        """
         hits = self.first_stage.rank(queries, corpus, max(depth, self.rerank_depth))
-        candidates = [[position for position, _ in row[: self.rerank_depth]] for row in hits]
+        candidates = [[doc for doc, _ in row[: self.rerank_depth]] for row in hits]
         # One scoring call over all (query, candidate) pairs: the teacher batches them by length.
-        pairs_a = [q for q, cand in zip(queries, candidates, strict=True) for _ in cand]
-        pairs_b = [corpus[p] for cand in candidates for p in cand]
-        scores = self.score_pairs(pairs_a, pairs_b, "asym")
+        pairs = [(q, corpus.docs[d]) for q, cand in zip(queries, candidates, strict=True) for d in cand]
+        logits = self._logits(pairs, "asym")
+        if self.fusion is not None:
+            logits = self._fused_documents(queries, corpus, candidates, logits)
+        scores = probabilities(logits, self.temperature).numpy()
         ranking, start = [], 0
         for cand, row in zip(candidates, hits, strict=True):
             s = scores[start : start + len(cand)]
             start += len(cand)
             head = [(int(cand[i]), float(s[i])) for i in top_k_positions(s, depth)]
             # Teacher scores are probabilities (>= 0): the tail keeps its order below them.
-            tail = [(int(p), -1.0 - i) for i, (p, _) in enumerate(row[len(cand) : depth])]
+            tail = [(int(d), -1.0 - i) for i, (d, _) in enumerate(row[len(cand) : depth])]
             ranking.append(head + tail)
         return ranking
+
+    def _fused_documents(
+        self, queries: Sequence[str], corpus: PassageCorpus, candidates: list[list[int]], logits: torch.Tensor
+    ) -> torch.Tensor:
+        """The teacher's logits of the candidate documents fused with the bi-encoder's document
+        scores, at the weights of this dataset (or, for an IR collection without its own, the
+        IR weight: ``FusedScorer.for_dataset``)."""
+        encoder = self.fusion.encoder  # type: ignore[union-attr]
+        if not isinstance(encoder, BiEncoderBaseline):
+            raise ArtifactError("the IR fusion needs the evaluation's bi-encoder (load_systems gives it)")
+        weights = self.fusion.for_dataset(self.dataset, "asym")  # type: ignore[union-attr]
+        if self.ir_fusion_weight is not None and self.dataset not in self.fusion.by_dataset:  # type: ignore[union-attr]
+            weights = dataclasses.replace(weights, weight=self.ir_fusion_weight)
+        cosines = encoder.passage_cosines(queries, corpus)
+        doc_cos = np.concatenate(
+            [corpus.document_scores(row)[cand] for row, cand in zip(cosines, candidates, strict=True)]
+        )
+        return weights.logits(logits, doc_cos)
 
 
 def scoring_key_for(system: Any, task: TaskKind, family: Family) -> ScoringKey:
@@ -245,13 +366,9 @@ def scoring_key_for(system: Any, task: TaskKind, family: Family) -> ScoringKey:
 class Bm25System:
     name = "bm25"
 
-    def rank(self, queries: Sequence[str], corpus: Sequence[str], depth: int) -> Ranking:
-        bm25 = Bm25Ranker(corpus)
-        out = []
-        for q in queries:
-            scores = bm25.scores(q)
-            out.append([(int(p), float(scores[p])) for p in top_k_positions(scores, depth)])
-        return out
+    def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
+        bm25 = Bm25Ranker(corpus.passages)  # the passages the other systems rank, not whole documents
+        return [corpus.rank(bm25.scores(q), depth) for q in queries]
 
 
 # --------------------------------------------------------------------------- loading
@@ -284,7 +401,12 @@ def load_systems(
         # teacher_first_stage names one of the systems above ("bm25" or "bi-encoder").
         first_stage = systems[ev.teacher_first_stage]
         scorer = TeacherScorer(
-            teacher, params.teacher.temperature, ev.teacher_rerank_depth, fusion, first_stage=first_stage
+            teacher,
+            params.teacher.temperature,
+            ev.teacher_rerank_depth,
+            fusion,
+            first_stage=first_stage,
+            ir_fusion_weight=ev.ir_fusion_weight,
         )
         systems["teacher"] = scorer
         if fusion is None and params.teacher.fusion != "none":
@@ -309,7 +431,7 @@ def load_systems(
             merged=True,
             **inference_options(params.student),
         )
-        systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size)
+        systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size, params.search)
     return systems, notes
 
 
@@ -506,11 +628,14 @@ def evaluate_ir_dataset(
     max_queries: int | None = None,
     seed: int = 0,
     resamples: int = 0,
+    passages: Any = None,
 ) -> dict[str, Any]:
     """nDCG@10, MRR@10 and R@100 of every retrieval system on one IR collection.
 
     Only queries with at least one relevant document are evaluated (the others are counted);
     each system ranks the whole corpus per query except the teacher (see the module docstring).
+    ``passages(doc_ids, docs) -> PassageCorpus`` cuts the documents as the shipped search does
+    (``ir_passages``); None reads each document as one passage.
     ``resamples`` > 0 adds each system's nDCG@10 gain over the bi-encoder with a paired-bootstrap
     95% interval over the queries (``vs_bi_encoder``).
     """
@@ -523,6 +648,11 @@ def evaluate_ir_dataset(
     qtexts = eval_queries["text"].astype(str).tolist()
     doc_ids = corpus["doc_id"].astype(str).tolist()
     docs = corpus["text"].astype(str).tolist()
+    collection = (
+        passages(doc_ids, docs)
+        if passages
+        else PassageCorpus(doc_ids, docs, PassageSpans.one_per_document(docs))
+    )
     wanted = set(qids)
     qrels_dict: dict[str, dict[str, int]] = {}
     for q, d, r in qrels[["query_id", "doc_id", "relevance"]].itertuples(index=False):
@@ -534,6 +664,7 @@ def evaluate_ir_dataset(
         "n_queries": len(qids),
         "n_queries_without_relevant": len(all_queries - judged),
         "n_docs": len(doc_ids),
+        "documents": collection.describe(),
         "main_metric": "ndcg@10",
         "metrics": {},
         "seconds": {},
@@ -546,13 +677,15 @@ def evaluate_ir_dataset(
             system = system.for_dataset(name)
         log.info("%s: ranking %d docs for %d queries with %s", name, len(docs), len(qids), sys_name)
         start = time.perf_counter()
-        ranking = system.rank(qtexts, docs, IR_DEPTH)
+        ranking = system.rank(qtexts, collection, IR_DEPTH)
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
         run = M.ranking_to_run(qids, doc_ids, ranking)
         per_query[sys_name], no_relevant = M.ir_per_query(qrels_dict, run)
         entry["metrics"][sys_name] = M.ir_summary(per_query[sys_name], no_relevant, run)
         if isinstance(system, TeacherScorer):
             entry["teacher_protocol"] = system.protocol(IR_DEPTH)
+        if isinstance(system, StudentScorer):
+            entry["student_protocol"] = system.protocol()
     if resamples and BASELINE in per_query:
         main = entry["main_metric"]
         base = {q: values[main] for q, values in per_query[BASELINE].items()}
@@ -564,6 +697,20 @@ def evaluate_ir_dataset(
             if name != BASELINE
         }
     return entry
+
+
+def ir_passages(params: Params) -> Any:
+    """``(doc_ids, docs) -> PassageCorpus``: documents cut into passages by the student's
+    tokenizer and window, as ``d2llm index`` cuts them (``search.*``)."""
+    from d2llm.hub import load_tokenizer
+
+    st = params.student
+    tokenizer = load_tokenizer(st.backbone, st.gguf_file, st.trust_remote_code)
+
+    def split(doc_ids: list[str], docs: list[str]) -> PassageCorpus:
+        return PassageCorpus.split(doc_ids, docs, tokenizer, st.max_length, params.search)
+
+    return split
 
 
 def _add_gain(entry: dict[str, Any]) -> None:
@@ -728,6 +875,7 @@ def evaluate_systems(
             max_queries=ev.max_queries,
             seed=params.seed,
             resamples=ev.bootstrap_resamples,
+            passages=ir_passages(params),
         )
     for entry in datasets.values():
         _add_gain(entry)

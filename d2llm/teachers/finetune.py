@@ -31,7 +31,6 @@ from d2llm.evaluation.dev import (
     DevSet,
     dataset_metric,
     dev_score,
-    load_dev_set,
     load_dev_sets,
     mean_metric,
     sample_rows,
@@ -170,7 +169,6 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
     """
     ft = params.teacher.finetune
     train: list[tuple[str, Pair, float]] = []
-    dev_sets: list[DevSet] = []
     for name in ft.datasets:
         try:
             df = load_pairs(prepared_dir, name)
@@ -180,12 +178,18 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
         rows = rows.assign(target_=targets)
         rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
         train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
-        # Only the select part chooses the epoch and the fusion weights (validate_report).
-        part = load_dev_set(
-            prepared_dir, name, ft.max_dev_pairs, params.seed, "select", params.selection.validate_fraction
-        )
-        dev_sets.append(part)
+    # Only the select parts choose the epoch and the fusion weights (validate_report).
+    fraction = params.selection.validate_fraction
+    dev_sets = load_dev_sets(
+        prepared_dir, teacher_dev_datasets(params), ft.max_dev_pairs, params.seed, "select", fraction
+    )
     return train, dev_sets
+
+
+def teacher_dev_datasets(params: Params) -> list[str]:
+    """The datasets the teacher's dev report covers (``teacher.finetune.dev_datasets``)."""
+    ft = params.teacher.finetune
+    return list(ft.dev_datasets if ft.dev_datasets is not None else ft.datasets)
 
 
 def _encode_training(

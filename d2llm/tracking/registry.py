@@ -272,6 +272,8 @@ def register_student(
             "first_stage": search.first_stage,
             "rerank_depth": search.rerank_depth,
             "chunk_size": search.chunk_size,
+            "aggregation": search.aggregation,
+            "first_weight": search.first_weight,
             "hnsw_ef_search": search.hnsw_ef_search,
             "ivf_nprobe": search.ivf_nprobe,
             "iem_dtype": params.student.iem.inference_dtype,

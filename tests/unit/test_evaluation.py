@@ -16,6 +16,7 @@ from d2llm.evaluation import metrics as M
 from d2llm.evaluation.evaluate import (
     BiEncoderBaseline,
     Bm25System,
+    PassageCorpus,
     StudentScorer,
     TeacherScorer,
     evaluate_pair_dataset,
@@ -23,6 +24,7 @@ from d2llm.evaluation.evaluate import (
     format_table,
     load_systems,
 )
+from d2llm.passages import PassageSpans
 from d2llm.search import build_index, search
 
 torch.set_num_threads(1)
@@ -182,11 +184,17 @@ def test_bi_encoder_is_masked_mean_pooling_cosine(tiny_bert_dir):
     torch.testing.assert_close(bi.encode(more), again, rtol=1e-4, atol=1e-5)
 
 
+def _whole(docs: dict[str, str]) -> PassageCorpus:
+    """A collection read one passage per document (every test document fits the window)."""
+    texts = list(docs.values())
+    return PassageCorpus(list(docs), texts, PassageSpans.one_per_document(texts))
+
+
 def test_teacher_ranking_reranks_bm25_top_m(models):
     teacher: TeacherScorer = models["teacher"]
     corpus = list(DOCS.values())
-    ranking = teacher.rank(["who plays a guitar"], corpus, depth=100)[0]
-    bm25 = [p for p, _ in Bm25System().rank(["who plays a guitar"], corpus, 100)[0]]
+    ranking = teacher.rank(["who plays a guitar"], _whole(DOCS), depth=100)[0]
+    bm25 = [p for p, _ in Bm25System().rank(["who plays a guitar"], _whole(DOCS), 100)[0]]
     head, tail = ranking[:5], ranking[5:]
     assert {p for p, _ in head} == set(bm25[:5])  # BM25's top 5, re-ordered by the teacher
     direct = teacher.score_pairs(["who plays a guitar"] * 5, [corpus[p] for p, _ in head], "asym")
@@ -195,7 +203,7 @@ def test_teacher_ranking_reranks_bm25_top_m(models):
     # so R@100 counts as deep a ranking as the other systems'.
     assert len(bm25) > 5 and [p for p, _ in tail] == bm25[5:]
     assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
-    assert len(teacher.rank(["who plays a guitar"], corpus, depth=3)[0]) == 3
+    assert len(teacher.rank(["who plays a guitar"], _whole(DOCS), depth=3)[0]) == 3
     # The report says what it did, with no tail where the re-ranked top fills the ranking.
     assert teacher.protocol(100) == "re-ranks BM25 top 5 per query; BM25 ranks 6-100 follow in its order"
     assert teacher.protocol(5) == teacher.protocol(3) == "re-ranks BM25 top 5 per query"
@@ -207,25 +215,73 @@ def test_teacher_ranking_can_rerank_the_bi_encoders_top_m(models):
     bi = models["bi-encoder"]
     teacher = copy.copy(models["teacher"])
     teacher.first_stage = bi
-    corpus, query = list(DOCS.values()), "who plays a guitar"
-    ranking = teacher.rank([query], corpus, depth=100)[0]
-    bi_top = {p for p, _ in bi.rank([query], corpus, 5)[0]}
-    bm25_top = {p for p, _ in Bm25System().rank([query], corpus, 5)[0]}
+    corpus, query, whole = list(DOCS.values()), "who plays a guitar", _whole(DOCS)
+    ranking = teacher.rank([query], whole, depth=100)[0]
+    bi_top = {p for p, _ in bi.rank([query], whole, 5)[0]}
+    bm25_top = {p for p, _ in Bm25System().rank([query], whole, 5)[0]}
     assert bi_top != bm25_top  # the test tells the two first stages apart
     assert {p for p, _ in ranking[:5]} == bi_top
     direct = teacher.score_pairs([query] * 5, [corpus[p] for p, _ in ranking[:5]], "asym")
     np.testing.assert_allclose([s for _, s in ranking[:5]], direct, rtol=1e-5)
-    assert [p for p, _ in ranking[5:]] == [p for p, _ in bi.rank([query], corpus, 100)[0][5:]]
+    assert [p for p, _ in ranking[5:]] == [p for p, _ in bi.rank([query], whole, 100)[0][5:]]
 
 
-def test_student_ranking_matches_search_over_an_index(models, tmp_path):
+def test_student_ranking_is_the_shipped_search_over_an_index(models, tmp_path):
     scorer: StudentScorer = models["student"]
     corpus = pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())})
     index = build_index(scorer.student, corpus, tmp_path / "index", "v0", batch_size=3)
-    ranking = scorer.rank(["who plays a guitar"], corpus["text"].tolist(), depth=4)[0]
-    hits = search(scorer.student, index, "who plays a guitar", k=4, mode="full")
+    ranking = scorer.rank(["who plays a guitar"], _whole(DOCS), depth=4)[0]
+    cfg = scorer.search_cfg  # two-stage by default, as `d2llm search` runs
+    hits = search(scorer.student, index, "who plays a guitar", 4, cfg.mode, cfg.first_stage, cfg.rerank_depth)
     assert [list(DOCS)[p] for p, _ in ranking] == [h.doc_id for h in hits]
     np.testing.assert_allclose([s for _, s in ranking], [h.score for h in hits], rtol=1e-5, atol=1e-6)
+
+
+def test_ir_systems_rank_the_passages_the_shipped_search_reads(models, tiny_bert_dir):
+    """A long document whose only match is in its second passage: BM25 and the bi-encoder find it
+    by its best passage and not by its first, as the shipped search's aggregation says."""
+    from transformers import AutoTokenizer
+
+    from d2llm.config import SearchConfig
+
+    filler = " ".join(["the weather report mentions clouds and light rain"] * 6)
+    docs = {"long": f"{filler} a musician plays a guitar on stage", **DOCS}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    ids, texts = list(docs), list(docs.values())
+    by = {
+        how: PassageCorpus.split(ids, texts, tokenizer, 32, SearchConfig(aggregation=how))
+        for how in ("best", "first")
+    }
+    assert len(by["best"].spans) > len(docs)  # the long document is several passages
+    assert by["best"].describe()["scheme"] == {"window": 30, "stride": 22}
+    query = "who plays a guitar"
+    for system in (Bm25System(), models["bi-encoder"]):
+        best = dict(system.rank([query], by["best"], 100)[0])
+        first = dict(system.rank([query], by["first"], 100)[0])
+        assert len(best) == len(first) == len(docs)  # documents, each once
+        assert best[0] > first[0]  # its second passage matches, its first does not
+
+
+def test_rank_documents_by_best_first_or_blend_by_hand():
+    from d2llm.search import rank_documents, with_first_passages
+
+    # Documents 0 (passages 0-2), 1 (passage 3), 2 (passages 4-5).
+    spans = PassageSpans(
+        np.array([0, 0, 0, 1, 2, 2]), np.zeros(6, dtype=np.int64), np.ones(6, dtype=np.int64)
+    )
+    scores = np.array([0.1, 0.9, 0.2, 0.5, 0.6, 0.3])
+    positions = np.arange(6)
+    shown, value = rank_documents(positions, scores, spans, 3, "best")
+    assert shown.tolist() == [1, 4, 3] and value.tolist() == pytest.approx([0.9, 0.6, 0.5])
+    shown, value = rank_documents(positions, scores, spans, 3, "first")
+    assert shown.tolist() == [4, 3, 0] and value.tolist() == pytest.approx([0.6, 0.5, 0.1])
+    shown, value = rank_documents(positions, scores, spans, 3, "blend", first_weight=0.25)
+    assert value.tolist() == pytest.approx([0.75 * 0.9 + 0.25 * 0.1, 0.75 * 0.6 + 0.25 * 0.6, 0.5])
+    assert shown.tolist() == [1, 4, 3]  # the best passage is shown with a blended score
+    # A subset of passages (a first stage) is completed with its documents' first passages.
+    assert with_first_passages(np.array([1, 5]), spans).tolist() == [0, 1, 4, 5]
+    with pytest.raises(ValueError, match="first passage"):
+        rank_documents(np.array([1, 5]), scores[[1, 5]], spans, 2, "first")
 
 
 # --------------------------------------------------------------------------- evaluate_systems

@@ -397,13 +397,16 @@ def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
 def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
     import json
 
+    from d2llm.teachers.dev_report import format_dev_table, read_dev_report
     from d2llm.teachers.finetune import finetune_teacher
 
     result = finetune_teacher(params, args.prepared_dir or params.data.prepared_dir, args.out_dir)
     summary = json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(summary + "\n", encoding="utf-8")
-    print(summary)
+    report = read_dev_report(args.out_dir)
+    print(format_dev_table(report) if report else summary)
+    print(f"report written to {args.metrics}")
     return 0
 
 

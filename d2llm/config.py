@@ -463,10 +463,21 @@ class TrainingConfig(_Section):
     # NLI, Spearman for STS, MAP for answer selection; d2llm.evaluation.dev) is maximised.
     # List every distilled family and those that must not get worse.
     dev_datasets: list[str] = Field(default_factory=lambda: ["sick"], min_length=1)
+    # How the dev sets make the one number maximised: "datasets", their plain mean; "task_kinds",
+    # the mean of the sym sets' mean and the asym (ranking) sets' mean, so that neither kind
+    # pays for the other however many sets each has.
+    dev_mean: Literal["datasets", "task_kinds"] = "datasets"
+    # Dev sets measured at every evaluation and reported (training history), but neither in the
+    # mean nor in the tolerance guard: they watch generality beyond the datasets trained on.
+    watch_datasets: list[str] = Field(default_factory=list)
     max_dev_pairs: int | None = Field(default=1000, ge=1)  # per dev dataset (a seeded sample)
     # A step is kept as the best only if no dev set is more than this many points below its
     # value at step 0 (the starting student), so no family pays for another; null: mean only.
     dev_tolerance: float | None = Field(default=None, ge=0)
+    # Train on at most this many of each dataset's labelled groups (the first ones: groups are
+    # dealt from a seeded shuffle, so they are a random subset); null: all. For curves of the
+    # student's gain against the amount of labelled data without labelling again.
+    max_groups_per_dataset: int | None = Field(default=None, ge=1)
     # Order of the labelled groups in an epoch: "shuffle" (a seeded permutation, so datasets
     # come in proportion to their group counts; the paper) or "balanced" (round-robin over the
     # datasets in a seeded order, a small dataset's groups repeated, so each dataset gets an
@@ -614,6 +625,7 @@ class Params(_Section):
         no_dev = {f"{name}_titles" for name in builtin_ir} | {f"{name}_train" for name in ir}
         for key, names in (
             ("training.dev_datasets", self.training.dev_datasets),
+            ("training.watch_datasets", self.training.watch_datasets),
             ("evaluation.validation_datasets", self.evaluation.validation_datasets),
         ):
             for name in names:

@@ -197,28 +197,37 @@ def mine_dataset(
     where = {text: i for i, text in enumerate(pool)}
     known = _positives(df)
     anchors = list(dict.fromkeys(pos_rows["text_a"].tolist()))
+    gold = _labelled_negatives(train, known) if cfg.labelled_negatives else {}
+    # Anchors whose gold negatives fill all K never read a ranking: rank only the others (with
+    # labelled_negatives = K on a QA dataset, that is no ranking at all).
+    ranked = [a for a in anchors if len(gold.get(a, [])[: cfg.labelled_negatives]) < cfg.num_negatives]
+    row_of = {anchor: i for i, anchor in enumerate(ranked)}
 
     excluded: list[set[int]] = []
-    for anchor in anchors:
+    for anchor in ranked:
         texts = known[anchor] | {anchor}
         ex = {where[t] for t in texts if t in where}
         if whole_docs:  # a document holds its own body (and title): exclude by containment too
             ex |= {i for i, doc in enumerate(pool) if any(t in doc for t in texts)}
         excluded.append(ex)
-    depth = cfg.depth_max + max(len(e) for e in excluded)
+    depth = cfg.depth_max + max((len(e) for e in excluded), default=0)
 
     picks: dict[str, list[list[int]]] = {}
-    if cfg.method in ("bm25", "both"):
-        picks["bm25"] = bm25_rankings(anchors, pool, depth)
-    if cfg.method in ("biencoder", "both"):
+    if ranked and cfg.method in ("bm25", "both"):
+        picks["bm25"] = bm25_rankings(ranked, pool, depth)
+    if ranked and cfg.method in ("biencoder", "both"):
         assert encoder is not None
-        picks["biencoder"] = biencoder_rankings(encoder, anchors, pool, depth, cfg.chunk_size)
+        picks["biencoder"] = biencoder_rankings(encoder, ranked, pool, depth, cfg.chunk_size)
 
-    gold = _labelled_negatives(train, known) if cfg.labelled_negatives else {}
     negatives: dict[str, list[str]] = {}
     short = 0
-    for i, anchor in enumerate(anchors):
-        windows = [window(r[i], excluded[i], cfg.depth_min, cfg.depth_max) for r in picks.values()]
+    for anchor in anchors:
+        i = row_of.get(anchor)
+        windows = (
+            []
+            if i is None
+            else [window(r[i], excluded[i], cfg.depth_min, cfg.depth_max) for r in picks.values()]
+        )
         chosen = gold.get(anchor, [])[: cfg.labelled_negatives]
         for j in interleave(*windows):
             if len(chosen) == cfg.num_negatives:

@@ -23,17 +23,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from d2llm.config import Params, ScoringKey
 from d2llm.errors import ArtifactError
-from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric
+from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric, task_kind_mean
 from d2llm.jsonfile import write_json
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from d2llm.distributed import DistContext
+    from d2llm.labelling.shards import Labels
     from d2llm.losses import D2LLMLoss, GroupSlice
     from d2llm.student.model import D2LLMStudent
 
@@ -46,13 +48,14 @@ HISTORY_FILE = "training_history.json"
 # --------------------------------------------------------------------------- dev evaluation
 
 
-def load_training_dev_sets(params: Params, prepared_dir: Path) -> list[DevSet]:
-    """The select parts of the dev splits early stopping watches (``training.dev_datasets``);
-    the validate parts are left for promotion and the reported validation figure."""
+def load_training_dev_sets(params: Params, prepared_dir: Path, watch: bool = False) -> list[DevSet]:
+    """The select parts of the dev splits early stopping reads (``training.dev_datasets``), or with
+    ``watch`` those it only reports (``training.watch_datasets``); the validate parts are left for
+    promotion and the reported validation figure."""
     cfg = params.training
     return load_dev_sets(
         prepared_dir,
-        cfg.dev_datasets,
+        cfg.watch_datasets if watch else cfg.dev_datasets,
         cfg.max_dev_pairs,
         params.seed,
         "select",
@@ -60,11 +63,17 @@ def load_training_dev_sets(params: Params, prepared_dir: Path) -> list[DevSet]:
     )
 
 
+def dev_mean(per_set: dict[str, float], dev_sets: list[DevSet], how: str) -> float:
+    """The one number early stopping maximises (``training.dev_mean``)."""
+    return task_kind_mean(per_set, dev_sets) if how == "task_kinds" else mean_metric(per_set)
+
+
 def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int = 64) -> dict[str, float]:
     """Each dev set's metric (points) from the student's IEM scores, and their mean as ``main``.
 
     The mean over every family is what early stopping maximises, so a step that helps one
-    family by hurting another by as much is not taken as progress.
+    family by hurting another by as much is not taken as progress (``Distiller`` replaces it by
+    ``dev_mean`` when the sets are weighed by task kind).
     """
     was_training = student.training
     student.eval()
@@ -165,6 +174,24 @@ def group_families(groups: Any, families: dict[str, str], layout: str) -> dict[s
         else:
             out[dataset] = task
     return out
+
+
+def first_groups(labels: Labels, per_dataset: int | None) -> Labels:
+    """``labels`` with at most ``per_dataset`` groups of each dataset (the first by group id)."""
+    from d2llm.labelling.shards import Labels
+
+    if per_dataset is None:
+        return labels
+    rank = labels.groups.groupby("dataset").cumcount()
+    keep = np.flatnonzero((rank < per_dataset).to_numpy())
+    index = torch.as_tensor(keep)
+    return Labels(
+        labels.groups.iloc[keep].reset_index(drop=True),
+        labels.group_id[index],
+        labels.in_batch[index],
+        labels.hard[index],
+        labels.feature_cos[index],
+    )
 
 
 def labelled_group(labels: Any, index: int, families: dict[str, str] | None = None) -> LabelledGroup:
@@ -366,6 +393,7 @@ class Distiller:
         device: torch.device,
         inputs: str,
         families: dict[str, str] | None = None,
+        watch_sets: list[DevSet] | None = None,
     ) -> None:
         from d2llm.losses import D2LLMLoss
         from d2llm.optim import warmup_decay_scheduler
@@ -373,6 +401,7 @@ class Distiller:
 
         cfg = params.training
         self.params, self.cfg, self.labels, self.dev_sets = params, cfg, labels, dev_sets
+        self.watch_sets = watch_sets or []
         self.out_dir, self.ranks = out_dir, ranks
         self.families = group_families(labels.groups, families or {}, params.student.iem.branches)
         self.checkpoint_dir = out_dir / CHECKPOINT_DIR
@@ -453,10 +482,13 @@ class Distiller:
 
     def _evaluate_and_keep_best(self) -> bool:
         state = self.state
-        per_set = evaluate_dev(self.student, self.dev_sets)
-        metric = per_set.pop("main")
+        measured = evaluate_dev(self.student, [*self.dev_sets, *self.watch_sets])
+        per_set = {dev.name: measured[dev.name] for dev in self.dev_sets}
+        metric = dev_mean(per_set, self.dev_sets, self.cfg.dev_mean)
         record = {"step": state.step, "dev_metric": metric, "lr": self.scheduler.get_last_lr()[0]}
         record.update({f"dev/{name}": value for name, value in per_set.items()})
+        # Watched sets are reported, never selected on (training.watch_datasets).
+        record.update({f"watch/{dev.name}": measured[dev.name] for dev in self.watch_sets})
         state.history.append(record)
         if state.initial_metric is None:
             state.initial_metric, state.initial_per_set = metric, per_set
@@ -580,13 +612,14 @@ def train_student(
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_everything(params.seed)
     with distributed_context(params.training.distributed, pick_device(params.device)) as (ranks, device):
-        labels = load_labels(labels_dir)
+        labels = first_groups(load_labels(labels_dir), params.training.max_groups_per_dataset)
         if len(labels.groups) == 0:
             raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
         dev_sets = load_training_dev_sets(params, prepared_dir)
         inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size)
         families = dataset_families(prepared_dir, set(labels.groups["dataset"]))
-        trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs, families)
+        watch_sets = load_training_dev_sets(params, prepared_dir, watch=True)
+        trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs, families, watch_sets)
         if resume:
             trainer.resume()
         ranks.broadcast_parameters(list(trainer.trainable.values()))

@@ -366,6 +366,13 @@ def _run_pipeline(params: Params, promote: bool) -> dict[str, Any]:
         from flows.promotion import promotion_flow
 
         decision = promotion_flow(version=version, params=params)
+    from d2llm.teachers.dev_report import format_dev_table, read_dev_report
+
+    teacher_report = read_dev_report(Layout.of(params).teacher_dir)
+    if teacher_report:
+        print("Teacher vs bi-encoder on the dev splits (points; select chose, validate did not):")
+        print(format_dev_table(teacher_report))
+    print("Test sets (IR through the shipped search):")
     print(evaluation["table"])
     print(f"MLflow run: {run.info.run_id}  registered model: {params.tracking.registered_model} v{version}")
     if decision is not None:

@@ -229,3 +229,13 @@ def mean_metric(values: dict[str, float]) -> float:
     """The mean over dev sets: the single number selection maximises (NaN when there is none)."""
     finite = [v for v in values.values() if math.isfinite(v)]
     return float(np.mean(finite)) if finite else math.nan
+
+
+def task_kind_mean(values: dict[str, float], dev_sets: Sequence[DevSet]) -> float:
+    """The mean of the sym sets' mean and the asym sets' mean (a kind without sets is left out):
+    ranking and sentence-pair judgements weigh the same, however many sets each kind has."""
+    kinds = {dev.name: dev.task for dev in dev_sets}
+    by_kind = [
+        mean_metric({n: v for n, v in values.items() if kinds.get(n) == kind}) for kind in ("sym", "asym")
+    ]
+    return mean_metric({kind: v for kind, v in zip(("sym", "asym"), by_kind, strict=True)})

@@ -59,3 +59,24 @@ def teacher_gains(report: dict[str, Any], min_gain: float | None = None) -> dict
         if min_gain is not None:
             out[key.split("/")[0]]["distil"] = bool(gain >= min_gain)
     return out
+
+
+def format_dev_table(report: dict[str, Any]) -> str:
+    """The teacher against the bi-encoder per dev set, raw and fused, on both parts of the dev
+    splits (select: what chose the epoch and weights; validate: what nothing was tuned on), in
+    points, as a markdown table."""
+    parts = [p for p in ("dev", "validate") if f"{p}_baseline" in report]
+    header = ["dev set"]
+    for part in parts:
+        label = "select" if part == "dev" else "validate"
+        header += [f"{label}: bi-encoder", f"{label}: raw teacher", f"{label}: fused teacher"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    names = [k for k in report.get("dev_baseline", {}) if k != "main"]
+    for name in [*names, "main"]:
+        cells = [name if name != "main" else "mean"]
+        for part in parts:
+            for key in ("baseline", "after", "fused"):
+                value = report.get(f"{part}_{key}", {}).get(name)
+                cells.append("-" if value is None else f"{value:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -127,3 +127,19 @@ def test_the_gate_reads_the_fused_teacher_on_the_validate_part() -> None:
     old = {k: v for k, v in report.items() if k.startswith("dev_")}
     assert teacher_gains(old, 0.25)["a"] == {"metric": "ap", "part": "select", "teacher": 81.0,
                                              "bi-encoder": 80.0, "gain": 1.0, "distil": True}  # fmt: skip
+
+
+def test_the_dev_table_shows_raw_and_fused_teacher_next_to_the_bi_encoder_on_both_parts() -> None:
+    from d2llm.teachers.dev_report import format_dev_table
+
+    report = {
+        "dev_baseline": {"a/ap": 70.0, "main": 70.0},
+        "dev_after": {"a/ap": 80.0, "main": 80.0},
+        "dev_fused": {"a/ap": 81.5, "main": 81.5},
+        "validate_baseline": {"a/ap": 71.0, "main": 71.0},
+        "validate_after": {"a/ap": 79.0, "main": 79.0},
+    }
+    lines = format_dev_table(report).splitlines()
+    assert lines[0].count("|") == 8 and "validate: fused teacher" in lines[0]
+    assert lines[2] == "| a/ap | 70.00 | 80.00 | 81.50 | 71.00 | 79.00 | - |"
+    assert lines[3].startswith("| mean | 70.00")

@@ -146,3 +146,21 @@ def test_labelled_negatives_come_first_then_mined_ones_fill_k(tmp_path):
 def test_labelled_negatives_cannot_exceed_k():
     with pytest.raises(ValueError, match="labelled_negatives"):
         _params("bm25", num_negatives=2, labelled_negatives=3)
+
+
+def test_anchors_filled_by_gold_negatives_are_never_ranked(tmp_path):
+    """With labelled_negatives = K, an answer-selection dataset (every question has K wrong
+    candidates) needs no ranking at all: no bi-encoder is even loaded."""
+    from d2llm.mining import mine_dataset
+
+    rows = []
+    for q in range(4):
+        rows.append((f"question {q} ?", f"the right answer {q}", "train", True))
+        rows += [(f"question {q} ?", f"wrong answer {q}-{j}", "train", False) for j in range(3)]
+    df = pd.DataFrame(rows, columns=["text_a", "text_b", "split", "is_positive"])
+    df["label"], df["task"], df["source"] = df["is_positive"].astype(float), "asym", "qa"
+    df["label_name"] = df["is_positive"].map({True: "yes", False: "no"})
+    cfg = _params("both", num_negatives=2, labelled_negatives=2).mining
+    mined = mine_dataset("qa", df, tmp_path, cfg, encoder=None)  # "both" would need the encoder
+    assert len(mined) == 4
+    assert all(all(n.startswith("wrong answer") for n in negs) for negs in mined["negatives"])

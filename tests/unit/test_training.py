@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,6 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -389,6 +391,41 @@ def test_distilling_a_teacher_with_learnable_structure_raises_the_dev_metric(
     assert sum(losses[-10:]) < 0.25 * sum(losses[:10])
 
 
+def test_watched_dev_sets_are_reported_and_never_selected_on(
+    rule_workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """``training.watch_datasets``: measured at every evaluation, absent from the mean and the guard."""
+    from d2llm.training import train_student
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(rule_workspace["prepared"], prepared)
+    # A watched set the student gets worse on could not stop or steer early stopping.
+    pair_table(rule_pairs(96, seed=9), "dev").to_parquet(prepared / "pairs" / "watched.parquet", index=False)
+    params = _rule_params(tiny_bert_dir, max_steps=20, eval_every=10, warmup_ratio=0.1)
+    raw = params.model_dump(mode="json")
+    raw["training"]["watch_datasets"] = ["watched"]
+    watched = train_student(params_from_dict(raw), rule_workspace["labels"], prepared, tmp_path / "w")
+    plain = train_student(params, rule_workspace["labels"], prepared, tmp_path / "p")
+    assert all("watch/watched/ap" in h for h in watched.history if "dev_metric" in h)
+    assert [h["dev_metric"] for h in watched.history if "dev_metric" in h] == pytest.approx(
+        [h["dev_metric"] for h in plain.history if "dev_metric" in h]
+    )
+    assert watched.best_step == plain.best_step
+
+
+def test_task_kind_mean_weighs_sym_and_asym_sets_equally() -> None:
+    from d2llm.evaluation.dev import DevSet, mean_metric, task_kind_mean
+
+    def dev(name: str, task: str) -> DevSet:
+        return DevSet(name, task, [], np.zeros(0), "map" if task == "asym" else "ap", "nli")  # type: ignore[arg-type]
+
+    sets = [dev("a", "sym"), dev("b", "sym"), dev("c", "sym"), dev("q", "asym")]
+    values = {"a/ap": 80.0, "b/ap": 70.0, "c/ap": 90.0, "q/map": 60.0}
+    assert mean_metric(values) == pytest.approx(75.0)  # the three sym sets outvote the ranking one
+    assert task_kind_mean(values, sets) == pytest.approx((80.0 + 60.0) / 2)
+    assert task_kind_mean({k: v for k, v in values.items() if k != "q/map"}, sets) == pytest.approx(80.0)
+
+
 def test_evaluations_fall_every_interval_and_at_the_end_without_a_near_duplicate() -> None:
     from d2llm.training import is_evaluation_step
 
@@ -484,3 +521,17 @@ def test_interpolate_student_script_runs_from_the_bi_encoder_to_the_trained_stud
     assert main[("last", 0.0)] == pytest.approx(result.initial_metric, abs=1e-3)
     assert main[("best", 1.0)] == pytest.approx(result.best_metric, abs=1e-3)
     assert main[("last", 1.0)] == pytest.approx(evals[-1], abs=1e-3)
+
+
+def test_first_groups_keeps_the_first_n_of_each_dataset_with_their_tensors() -> None:
+    from d2llm.labelling.shards import Labels
+    from d2llm.training import first_groups
+
+    groups = pd.DataFrame({"group_id": range(5), "dataset": ["a", "b", "a", "a", "b"]})
+    tensors = [torch.arange(5).float().reshape(5, 1) * k for k in (1, 2, 3)]
+    labels = Labels(groups, torch.arange(5), *tensors)
+    kept = first_groups(labels, 2)
+    assert kept.groups["dataset"].tolist() == ["a", "b", "a", "b"]
+    assert kept.group_id.tolist() == [0, 1, 2, 4]
+    assert kept.hard.reshape(-1).tolist() == [0.0, 2.0, 4.0, 8.0]  # the rows follow their groups
+    assert first_groups(labels, None) is labels

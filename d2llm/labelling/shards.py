@@ -139,15 +139,10 @@ def damaged_shards(out_dir: Path, manifest: dict[str, Any]) -> list[int]:
     return [s for s, path in enumerate(paths) if not path.is_file() or file_sha256(path) != recorded[s]]
 
 
-def load_labels(out_dir: str | Path) -> Labels:
-    """Groups and the stacked teacher tensors of a complete labelling, row i = group_id i.
-
-    A shard whose file does not match the sha256 its manifest recorded is an ArtifactError that
-    names it and the command that re-scores it (`d2llm label`), never a raw reader error.
-    """
+def read_groups(out_dir: str | Path) -> pd.DataFrame:
+    """The groups of a complete labelling, checked against their manifest, without the score
+    shards (``load_labels`` reads those): what a report of the labelled data needs."""
     import pandas as pd
-    import torch
-    from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
     manifest_file = out_dir / MANIFEST_FILE
@@ -159,6 +154,21 @@ def load_labels(out_dir: str | Path) -> Labels:
     groups = pd.read_parquet(out_dir / GROUPS_FILE)
     if hash_groups(groups) != manifest["groups_sha256"]:
         raise ArtifactError(f"{out_dir / GROUPS_FILE} does not match its manifest (edited after labelling?)")
+    return groups
+
+
+def load_labels(out_dir: str | Path) -> Labels:
+    """Groups and the stacked teacher tensors of a complete labelling, row i = group_id i.
+
+    A shard whose file does not match the sha256 its manifest recorded is an ArtifactError that
+    names it and the command that re-scores it (`d2llm label`), never a raw reader error.
+    """
+    import torch
+    from safetensors.torch import load_file
+
+    out_dir = Path(out_dir)
+    groups = read_groups(out_dir)
+    manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
     bad = damaged_shards(out_dir, manifest)
     if bad:
         names = ", ".join(SHARD_PATTERN.format(s) for s in bad[:5])

@@ -464,18 +464,23 @@ def model_card_from_files(
     names = [*(manifest.get("pairs") or {}), *(manifest.get("ir") or [])]
     catalogued = {dataset_source(n, manifest) for n in names} - {c.name for c in params.data.custom}
     catalog = load_catalog(catalog_path) if catalogued else None
-    labelled = labelled_groups(labels_dir) if labels_dir is not None and Path(labels_dir).is_dir() else None
+    labelled = None
+    if labels_dir is not None and Path(labels_dir).is_dir():
+        labelled = labelled_groups(labels_dir, params.training.max_groups_per_dataset)
     return build_model_card(
         params, results, manifest, catalog, model_name=model_name, labelled_datasets=labelled
     )
 
 
-def labelled_groups(labels_dir: str | Path) -> dict[str, int]:
-    """Groups per dataset of a complete labelling: what the teacher gate let through."""
-    from d2llm.labelling import load_labels
+def labelled_groups(labels_dir: str | Path, per_dataset: int | None = None) -> dict[str, int]:
+    """Groups per dataset the student trained on: those of a complete labelling (what the teacher
+    gate let through), at most ``per_dataset`` each (``training.max_groups_per_dataset``)."""
+    from d2llm.labelling.shards import read_groups
 
-    counts = load_labels(labels_dir).groups["dataset"].value_counts(sort=False)
-    return {str(name): int(n) for name, n in counts.items()}
+    counts = read_groups(labels_dir)["dataset"].value_counts(sort=False)
+    return {
+        str(name): int(n) if per_dataset is None else min(int(n), per_dataset) for name, n in counts.items()
+    }
 
 
 def _read_results(path: str | Path) -> dict[str, Any]:

@@ -530,3 +530,24 @@ def test_cpu_clock_counts_work_not_waiting():
     wall = interleaved_timings(systems, repeats=2, warmup=0, clock="wall")["sleep"]
     cpu = interleaved_timings(systems, repeats=2, warmup=0, clock="cpu")["sleep"]
     assert min(wall) >= 0.05 and max(cpu) < 0.025  # sleeping takes time but no CPU
+
+
+def test_student_dev_compares_students_on_the_select_parts(
+    tiny_bert_dir, prepared_dir, saved_models, tmp_path
+):
+    from benchmarks import student_dev
+    from d2llm.evaluation.dev import load_dev_sets
+
+    student_dir, _ = saved_models
+    args = [a for a in _tiny_args(tiny_bert_dir, prepared_dir, tmp_path) if a not in ("--repeats", "2")]
+    args += ["--student", f"tiny={student_dir}", "--dev", "sick", "trecqa"]
+    report = student_dev.main(args)
+    assert report["part"] == "select"
+    assert set(report["systems"]) == {"bi-encoder", "tiny"}
+    tiny = report["systems"]["tiny"]
+    assert set(tiny) == {"sick/ap", "trecqa/map", "mean", "task-kind mean"}
+    assert tiny["mean"] == pytest.approx((tiny["sick/ap"] + tiny["trecqa/map"]) / 2)
+    assert tiny["task-kind mean"] == pytest.approx(tiny["mean"])  # one sym set, one asym set
+    sets = load_dev_sets(prepared_dir, ["sick", "trecqa"], 1300, 42, "select", 0.5)
+    assert report["sets"] == {d.name: len(d.pairs) for d in sets}
+    assert (tmp_path / "student_dev.json").is_file()

@@ -288,6 +288,9 @@ class MiningConfig(_Section):
     # split (NLI: its neutral/contradicted hypotheses; QA: its wrong candidate answers), the rest
     # mined. Paper: 0 (all mined). They are the confusers the task is judged on.
     labelled_negatives: int = Field(default=0, ge=0)
+    # Mine from at most this many candidate texts per dataset (a fixed hash-chosen subset; null:
+    # all, the paper): encoding a 30 000-sentence pool to fill a few anchors' K costs minutes.
+    max_pool: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _depth_range(self) -> MiningConfig:

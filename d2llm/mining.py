@@ -180,6 +180,15 @@ def _pool(prepared_dir: Path, name: str, train: pd.DataFrame) -> tuple[list[str]
     return list(dict.fromkeys(train["text_b"].tolist())), False
 
 
+def capped_pool(pool: list[str], size: int) -> list[str]:
+    """``size`` texts of ``pool`` chosen by a hash of the text (the same on every machine and run),
+    in pool order."""
+    from d2llm.data.sources import hash_fraction
+
+    keep = set(sorted(pool, key=hash_fraction)[:size])
+    return [text for text in pool if text in keep]
+
+
 def mine_dataset(
     name: str, df: pd.DataFrame, prepared_dir: Path, cfg: MiningConfig, encoder: BiEncoder | None
 ) -> pd.DataFrame:
@@ -194,6 +203,8 @@ def mine_dataset(
             "remove it from labelling.datasets or check how its positives are defined"
         )
     pool, whole_docs = _pool(prepared_dir, name, train)
+    if cfg.max_pool is not None and len(pool) > cfg.max_pool:
+        pool = capped_pool(pool, cfg.max_pool)
     where = {text: i for i, text in enumerate(pool)}
     known = _positives(df)
     anchors = list(dict.fromkeys(pos_rows["text_a"].tolist()))

@@ -164,3 +164,12 @@ def test_anchors_filled_by_gold_negatives_are_never_ranked(tmp_path):
     mined = mine_dataset("qa", df, tmp_path, cfg, encoder=None)  # "both" would need the encoder
     assert len(mined) == 4
     assert all(all(n.startswith("wrong answer") for n in negs) for negs in mined["negatives"])
+
+
+def test_capped_pool_is_a_fixed_subset_in_pool_order():
+    from d2llm.mining import capped_pool
+
+    pool = [f"candidate sentence {i}" for i in range(100)]
+    kept = capped_pool(pool, 10)
+    assert len(kept) == 10 and kept == [t for t in pool if t in set(kept)]  # pool order
+    assert capped_pool(list(reversed(pool)), 10) == list(reversed(kept))  # chosen by text, not position

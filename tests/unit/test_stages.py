@@ -110,7 +110,7 @@ def _candidates(dotted: str, value: Any) -> list[Any]:
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, int | float):
-        return [value + 1, value * 0.5, 0.5, value * 2]
+        return [value + 1, value * 0.5, 0.5, value * 2, value - 1]  # - 1: a value at its upper bound
     if isinstance(value, list):
         return [value[:-1], [*value, *value[:1]], ["x"]]
     literals = [choice for choice in _literal_choices(dotted) if choice != value]
@@ -175,7 +175,7 @@ def test_changing_each_setting_changes_exactly_the_keys_of_the_stages_that_read_
         ("teacher.temperature", 2.0, "train"),
         ("teacher.temperature", 2.0, "evaluate"),
         # int8 labels are other labels; the student's inference settings change its evaluation.
-        ("labelling.quantization", "int8", "label"),
+        ("labelling.quantization", "none", "label"),  # the preset labels with int8
         ("student.iem.inference_dtype", "bfloat16", "evaluate"),
         ("student.inference_quantization", "int8", "evaluate"),
     ],

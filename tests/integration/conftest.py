@@ -60,9 +60,14 @@ TINY_PARAMS: dict[str, Any] = {
             "max_steps": 2,
             "max_dev_pairs": 48,
             "datasets": ["sick"],
+            "dev_datasets": ["sick"],
         },
     },
-    "mining": {"method": "bm25", "num_negatives": 2, "depth_min": 1, "depth_max": 10, "max_length": 48},
+    "mining": {
+        "method": "bm25", "num_negatives": 2, "depth_min": 1, "depth_max": 10, "max_length": 48,
+        "labelled_negatives": 1,
+    },
+    "search": {"passage_window": 32, "passage_stride": 16},  # fits the tiny student's 48 tokens
     "labelling": {"group_size": 4, "shard_groups": 2, "max_groups_per_dataset": 4, "datasets": ["sick"]},
     "student": {
         "backbone": BACKBONE,
@@ -78,6 +83,7 @@ TINY_PARAMS: dict[str, Any] = {
         "eval_every": 2,
         "bf16": False,
         "dev_datasets": ["sick"],
+        "watch_datasets": [],
         "max_dev_pairs": 48,
     },
     "evaluation": {

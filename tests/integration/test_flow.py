@@ -287,7 +287,12 @@ def test_the_flow_labels_on_a_ray_cluster(prefect_harness: None, project, ray_cl
     )
     [label_run] = [run for run in children if run.data.tags.get("d2llm.stage") == "label"]
     workers = {k: v for k, v in label_run.data.metrics.items() if k.endswith("workers")}
-    assert sorted(workers.values()) == [0, 2], workers  # 2 actors, none lost
+    # 2 actors, none lost, none replaced
+    assert workers == {
+        "labelling/workers": 2,
+        "labelling/lost_workers": 0,
+        "labelling/replacement_workers": 0,
+    }
 
     project.run("d2llm", "label", "--executor", "local", "--out-dir", "data/labels-local")
     for shard in sorted((root / "data" / "labels-local").glob("scores-*.safetensors")):

@@ -103,6 +103,16 @@ def _tiny_args(tiny_bert_dir: Path, prepared_dir: Path, out_dir: Path) -> list[s
         "teacher.batch_size": 4,
         "labelling.group_size": 4,
         "mining.num_negatives": 2,
+        "mining.labelled_negatives": 1,
+        "search.passage_window": 24,  # fits the tiny student's 32 tokens
+        "search.passage_stride": 12,
+        # only the datasets the tiny prepared folder has
+        "training.dev_datasets": "[sick, stsb_en, sick_r, trecqa]",
+        "training.watch_datasets": "[snli]",
+        "evaluation.validation_datasets": "[sick, stsb_en, sick_r, trecqa]",
+        "labelling.datasets": "[sick, snli, stsb_en, trecqa]",
+        "teacher.finetune.datasets": "[sick, snli, stsb_en, trecqa]",
+        "teacher.finetune.dev_datasets": "[sick, stsb_en, sick_r, trecqa]",
     }
     args = ["--params", str(ROOT / "params.yaml"), "--prepared-dir", str(prepared_dir)]
     args += ["--out-dir", str(out_dir), "--threads", "1", "--repeats", "2"]

@@ -64,7 +64,11 @@ TINY_PARAMS: dict[str, Any] = {
         },
     },
     "mining": {
-        "method": "bm25", "num_negatives": 2, "depth_min": 1, "depth_max": 10, "max_length": 48,
+        "method": "bm25",
+        "num_negatives": 2,
+        "depth_min": 1,
+        "depth_max": 10,
+        "max_length": 48,
         "labelled_negatives": 1,
     },
     "search": {"passage_window": 32, "passage_stride": 16},  # fits the tiny student's 48 tokens

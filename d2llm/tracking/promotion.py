@@ -202,9 +202,11 @@ def _gather_metrics(
 
     With an evaluation function both versions are (re-)evaluated now, so the data is the same by
     construction. With a metrics mapping the champion's stored metrics are used when they were
-    measured on the challenger's data (same ``d2llm.eval_data`` id); otherwise ``reevaluate``
-    measures the champion again on the challenger's data (the seed, the sample sizes, the
-    validation datasets or the prepared data may all have changed since it was registered).
+    measured on the challenger's data (same ``d2llm.eval_data`` id, or neither recording one:
+    metrics from reports older than the id, compared on the caller's word); otherwise
+    ``reevaluate`` measures the champion again on the challenger's data (the seed, the sample
+    sizes, the validation datasets or the prepared data may all have changed since it was
+    registered).
     """
     if callable(eval_fn_or_metrics):
         challenger = normalize_metrics(eval_fn_or_metrics(f"models:/{model_name}/{challenger_version}"))
@@ -217,7 +219,7 @@ def _gather_metrics(
         return Compared(None, challenger)
     champion = stored_metrics(client, model_name, champion_version)
     champion_data = client.get_model_version(model_name, champion_version).tags.get(TAG_EVAL_DATA)
-    if champion and eval_data_id and champion_data == eval_data_id:
+    if champion and champion_data == eval_data_id:
         return Compared(champion, challenger)
     if reevaluate is None:
         raise ArtifactError(

@@ -693,19 +693,24 @@ def test_promotion_refuses_metrics_from_different_evaluation_data(registered: st
     promote(client, name, "1", BASE, PromotionConfig(), eval_data_id="data-A")
     with pytest.raises(ArtifactError, match="evaluated on 'data-A'"):
         promote(client, name, "2", {**BASE, "mean_main": 99.0}, PromotionConfig(), eval_data_id="data-B")
+    # metrics with no data id are not taken as measured on the champion's data either
+    with pytest.raises(ArtifactError, match="evaluated on 'data-A', the challenger on None"):
+        promote(client, name, "2", {**BASE, "mean_main": 99.0}, PromotionConfig())
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def test_cli_register_and_promote(store, student_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture):
     from d2llm.cli import main
-    from d2llm.fingerprint import path_fingerprint
 
     (tmp_path / "params.yaml").write_text(
         "tracking:\n  experiment: test-exp\n  registered_model: cli-student\npromotion:\n  tolerance: 1.0\n"
     )
     _card_inputs(tmp_path)  # what the model card is built from
     results = tmp_path / "metrics.json"
-    results.write_text(json.dumps({"flat": {"mean_main": 55.0, "cisi/ndcg@10": 31.0}}))
+    validation = {"id": "validation-pairs-1"}  # what `d2llm evaluate` writes: the validation pairs' id
+    results.write_text(
+        json.dumps({"flat": {"mean_main": 55.0, "cisi/ndcg@10": 31.0}, "validation_data": validation})
+    )
     assert (
         main(
             [
@@ -725,10 +730,12 @@ def test_cli_register_and_promote(store, student_dir: Path, tmp_path: Path, caps
     assert "registered cli-student version 1" in out and "cli-student v1 promoted to champion" in out
     version = mlflow.MlflowClient().get_model_version_by_alias("cli-student", "champion")
     assert version.tags["metric.cisi/ndcg_10"] == "31.0"
-    assert version.tags["d2llm.eval_data"] == path_fingerprint(tmp_path / "data" / "prepared")
+    assert version.tags["d2llm.eval_data"] == "validation-pairs-1"
     assert version.description.startswith("Use: ")  # the model card's summary
 
-    results.write_text(json.dumps({"flat": {"mean_main": 56.0, "cisi/ndcg@10": 29.5}}))  # -1.5 > tolerance
+    results.write_text(
+        json.dumps({"flat": {"mean_main": 56.0, "cisi/ndcg@10": 29.5}, "validation_data": validation})
+    )  # cisi -1.5 > tolerance, on the same validation pairs
     assert (
         main(
             [

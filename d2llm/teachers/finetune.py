@@ -141,11 +141,12 @@ def validate_report(
     teacher: Teacher, params: Params, prepared_dir: str | Path, fusion: FusedScorer | None
 ) -> dict[str, dict[str, float]]:
     """Teacher, bi-encoder and (with fusion) fused teacher on the *validate* parts of the dev
-    splits: what gates the datasets worth distilling (``teacher_gains``); nothing was tuned on it."""
+    splits: what gates the datasets worth distilling (``teacher_gains``); nothing was tuned on it.
+    It covers the dev report's datasets (zero-shot ones included) and every trained one (the gate's)."""
     ft = params.teacher.finetune
     sets = load_dev_sets(
         prepared_dir,
-        ft.datasets,
+        list(dict.fromkeys([*teacher_dev_datasets(params), *ft.datasets])),
         ft.max_dev_pairs,
         params.seed,
         "validate",

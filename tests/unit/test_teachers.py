@@ -262,6 +262,23 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
     assert len(select.pairs) < len(dev)
 
 
+def test_the_validate_report_covers_zero_shot_dev_sets_too(tiny_bert_dir, tmp_path):
+    """A dev set the teacher is not trained on (``dev_datasets`` beyond ``datasets``) gets its
+    validate-part row next to its select-part one, as the trained sets do."""
+    prepared = tmp_path / "prepared"
+    (prepared / "pairs").mkdir(parents=True)
+    train, dev = pair_table(rule_pairs(64, seed=3), "train"), pair_table(rule_pairs(48, seed=4), "dev")
+    pd.concat([train, dev]).to_parquet(prepared / "pairs" / "rule.parquet")
+    pair_table(rule_pairs(48, seed=5), "dev").to_parquet(prepared / "pairs" / "held.parquet")
+    params = _params(
+        tiny_bert_dir, "cross_encoder", datasets=["rule"], dev_datasets=["rule", "held"], max_steps=2
+    )
+    result = finetune_teacher(params, prepared, tmp_path / "teacher")
+
+    assert set(result["dev_after"]) == {"rule/ap", "held/ap", "main"}
+    assert set(result["validate_after"]) == set(result["validate_baseline"]) == {"rule/ap", "held/ap", "main"}
+
+
 def test_finetune_without_the_before_evaluation_keeps_its_first_epoch(tiny_bert_dir, tmp_path):
     """``eval_before: false`` skips the chance-level scoring of a fresh head; epoch 1 is kept."""
     prepared = tmp_path / "prepared"

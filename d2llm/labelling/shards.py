@@ -142,9 +142,13 @@ def damaged_shards(out_dir: Path, manifest: dict[str, Any]) -> list[int]:
 def read_groups(out_dir: str | Path) -> pd.DataFrame:
     """The groups of a complete labelling, checked against their manifest, without the score
     shards (``load_labels`` reads those): what a report of the labelled data needs."""
+    return _complete_manifest_and_groups(Path(out_dir))[1]
+
+
+def _complete_manifest_and_groups(out_dir: Path) -> tuple[dict[str, Any], pd.DataFrame]:
+    """The manifest of a complete labelling and its groups, checked against it."""
     import pandas as pd
 
-    out_dir = Path(out_dir)
     manifest_file = out_dir / MANIFEST_FILE
     if not manifest_file.is_file():
         raise ArtifactError(f"{out_dir} holds no labels ({MANIFEST_FILE} missing; run `d2llm label`)")
@@ -154,7 +158,7 @@ def read_groups(out_dir: str | Path) -> pd.DataFrame:
     groups = pd.read_parquet(out_dir / GROUPS_FILE)
     if hash_groups(groups) != manifest["groups_sha256"]:
         raise ArtifactError(f"{out_dir / GROUPS_FILE} does not match its manifest (edited after labelling?)")
-    return groups
+    return manifest, groups
 
 
 def load_labels(out_dir: str | Path) -> Labels:
@@ -167,8 +171,7 @@ def load_labels(out_dir: str | Path) -> Labels:
     from safetensors.torch import load_file
 
     out_dir = Path(out_dir)
-    groups = read_groups(out_dir)
-    manifest = json.loads((out_dir / MANIFEST_FILE).read_text(encoding="utf-8"))
+    manifest, groups = _complete_manifest_and_groups(out_dir)
     bad = damaged_shards(out_dir, manifest)
     if bad:
         names = ", ".join(SHARD_PATTERN.format(s) for s in bad[:5])

@@ -215,9 +215,13 @@ def test_bad_data_stops_the_flow_before_training_and_leaves_the_registry_alone(
     assert _registry(project.root)[0] == []
 
 
-def test_a_tampered_raw_file_stops_the_flow_at_fetch_data(prefect_harness: None, project) -> None:
+def test_a_tampered_raw_file_stops_the_flow_at_fetch_data(
+    prefect_harness: None, project, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from d2llm.errors import DataError
     from flows.pipeline import training_pipeline
+
+    monkeypatch.delenv("D2LLM_DATA_MIRROR", raising=False)  # a mirror in the environment would repair it
 
     train_file = project.root / "data" / "raw" / "sick" / "SICK_train.txt"
     os.chmod(train_file, 0o644)

@@ -66,7 +66,7 @@ def arguments(add: Callable[[argparse.ArgumentParser], None]) -> Callable[[Comma
     return attach
 
 
-def _parse_override(text: str) -> tuple[str, Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     import yaml
 
     if "=" not in text:
@@ -508,7 +508,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--set",
         dest="overrides",
         action="append",
-        type=_parse_override,
+        type=parse_override,
         default=[],
         metavar="KEY=VALUE",
         help="override a config value, e.g. -S training.lr=1e-4 (repeatable)",

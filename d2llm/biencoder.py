@@ -26,11 +26,14 @@ if TYPE_CHECKING:
 
 
 class MeanPoolEncoder:
-    def __init__(self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64) -> None:
+    def __init__(
+        self, model: Any, tokenizer: Any, max_length: int = 128, batch_size: int = 64, cpu_bf16: bool = False
+    ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.batch_size = batch_size
+        self.cpu_bf16 = cpu_bf16  # bf16 autocast on a CPU (student.cpu_bf16)
 
     @classmethod
     def from_ref(
@@ -41,12 +44,13 @@ class MeanPoolEncoder:
         max_length: int = 128,
         batch_size: int = 64,
         device: str = "auto",
+        cpu_bf16: bool = False,
     ) -> MeanPoolEncoder:
         from d2llm.hub import load_pretrained, load_tokenizer, pick_device
 
         tokenizer = load_tokenizer(ref, gguf_file, trust_remote_code)
         model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
-        return cls(model, tokenizer, max_length, batch_size)
+        return cls(model, tokenizer, max_length, batch_size, cpu_bf16)
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """L2-normalised mean-pooled vectors ``[N, d]`` on the CPU, in input order."""
@@ -54,6 +58,7 @@ class MeanPoolEncoder:
         import torch.nn.functional as F
 
         from d2llm.batching import map_batched
+        from d2llm.hub import cpu_bf16_autocast
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
@@ -67,7 +72,7 @@ class MeanPoolEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             return (F.normalize(pooled.float(), dim=-1),)
 
-        with torch.inference_mode():
+        with torch.inference_mode(), cpu_bf16_autocast(device, self.cpu_bf16):
             (vectors,) = map_batched(
                 encodings,
                 run,
@@ -89,6 +94,7 @@ def baseline_encoder(params: Params) -> MeanPoolEncoder:
         student.trust_remote_code,
         max_length=student.max_length,
         device=params.device,
+        cpu_bf16=student.cpu_bf16,
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import random
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +122,15 @@ def pick_device(preference: str = "auto") -> torch.device:
     if preference == "auto":
         preference = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(preference)
+
+
+def cpu_bf16_autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
+    """bf16 autocast when ``enabled`` and ``device`` is the CPU; a no-op context otherwise."""
+    import torch
+
+    if enabled and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def seed_everything(seed: int) -> None:

@@ -73,10 +73,20 @@ class BiEncoder(MeanPoolEncoder):
 
     @classmethod
     def load(
-        cls, ref: str, cfg: MiningConfig, device: str = "auto", gguf_file: str | None = None
+        cls,
+        ref: str,
+        cfg: MiningConfig,
+        device: str = "auto",
+        gguf_file: str | None = None,
+        cpu_bf16: bool = False,
     ) -> BiEncoder:
         encoder = cls.from_ref(
-            ref, gguf_file, max_length=cfg.max_length, batch_size=cfg.batch_size, device=device
+            ref,
+            gguf_file,
+            max_length=cfg.max_length,
+            batch_size=cfg.batch_size,
+            device=device,
+            cpu_bf16=cpu_bf16,
         )
         return encoder  # type: ignore[return-value]
 
@@ -275,7 +285,8 @@ def mine_negatives(
     cfg = params.mining
     prepared_dir = Path(prepared_dir)
     if encoder is None and cfg.method in ("biencoder", "both"):
-        encoder = BiEncoder.load(params.student.backbone, cfg, params.device, params.student.gguf_file)
+        student = params.student
+        encoder = BiEncoder.load(student.backbone, cfg, params.device, student.gguf_file, student.cpu_bf16)
     frames = []
     for name in params.labelling.datasets:
         mined = mine_dataset(name, load_pairs(prepared_dir, name), prepared_dir, cfg, encoder)

@@ -426,9 +426,16 @@ class Distiller:
         steps_per_epoch = math.ceil(len(labels.groups) / self.groups_per_step)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
         self.scheduler = warmup_decay_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio)
-        self.use_bf16 = cfg.bf16 and device.type == "cuda"
+        self.use_bf16 = self.uses_bf16(params, device)
         self.state = LoopState(inputs=inputs)
         self._order: tuple[int, list[int]] = (-1, [])  # (epoch, its group order), see next_group
+
+    @staticmethod
+    def uses_bf16(params: Params, device: torch.device) -> bool:
+        """bf16 autocast of the training steps: training.bf16 on CUDA, student.cpu_bf16 on a CPU."""
+        if device.type == "cuda":
+            return params.training.bf16
+        return params.student.cpu_bf16 and device.type == "cpu"
 
     # ------------------------------------------------------------------ checkpoints
 

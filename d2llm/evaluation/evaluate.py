@@ -388,13 +388,16 @@ def load_systems(
         max_length=params.student.max_length,
         batch_size=ev.batch_size,
         device=params.device,
+        cpu_bf16=params.student.cpu_bf16,
     )
     if not ev.include_teacher:
         notes.append("teacher skipped: evaluation.include_teacher is false")
     elif teacher_dir is None or not Path(teacher_dir).is_dir():
         notes.append(f"teacher skipped: no saved teacher at {teacher_dir}")
     else:
-        teacher = load_teacher(params.teacher, teacher_dir, params.device)
+        teacher = load_teacher(params.teacher, teacher_dir, params.device).quantize(ev.teacher_quantization)
+        if ev.teacher_quantization != "none":
+            notes.append(f"teacher scored with {ev.teacher_quantization} dynamic quantisation (as labelling)")
         fusion = FusedScorer.load(params, teacher_dir, required=False)
         if fusion is not None:
             fusion.encoder = systems["bi-encoder"]  # the same model: share its vectors

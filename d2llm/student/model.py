@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from d2llm.config import ScoringKey, StudentConfig, TrainingConfig
 from d2llm.errors import DataError, ModelError
+from d2llm.hub import cpu_bf16_autocast
 from d2llm.student.backbone import (
     apply_lora,
     enable_gradient_checkpointing,
@@ -226,6 +227,7 @@ class D2LLMStudent(nn.Module):
         if 0 in lengths:
             raise DataError(f"text #{lengths.index(0)} ({texts[lengths.index(0)]!r}) has no tokens to encode")
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        autocast = cpu_bf16_autocast(self.device, self.cfg.cpu_bf16)
         was_training = self.training
         if was_training:  # train()/eval() walk every module: skip it on the usual (eval) path
             self.eval()
@@ -236,7 +238,8 @@ class D2LLMStudent(nn.Module):
                 features = [{key: encoded[key][i] for key in encoded} for i in idx]
                 batch = self.tokenizer.pad(features, padding_side="right", return_tensors="pt")
                 batch = batch.to(self.device)
-                out[idx] = self.embed(batch).float().cpu()
+                with autocast:
+                    out[idx] = self.embed(batch).float().cpu()
         finally:
             if was_training:
                 self.train()

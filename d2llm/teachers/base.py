@@ -145,10 +145,17 @@ class Teacher(ABC):
         }
 
     def quantize(self, kind: str) -> Teacher:
-        """In place, for labelling only: every Linear layer of the teacher's modules dynamically
-        quantised (``"int8"``; ``"none"`` leaves it as it is). Returns self."""
+        """In place, for scoring only (labelling, test rows): every Linear layer of the teacher's
+        modules dynamically quantised (``"int8"``; ``"none"`` leaves it as it is). Returns self.
+
+        Dynamic int8 kernels exist on the CPU only: on a GPU the teacher keeps its dtype (bf16
+        autocast already does what int8 buys on a CPU), with a warning.
+        """
         from d2llm.quantization import apply_quantization
 
+        if kind != "none" and self.device.type != "cpu":
+            log.warning("%s quantisation is CPU-only: the teacher on %s stays as is", kind, self.device)
+            return self
         for module in self.modules():
             apply_quantization(module, kind, inplace=True)
         if kind != "none":

@@ -25,7 +25,8 @@ def test_gpu_run_records_throughput_and_the_dev_table_on_cpu(tiny_decoder_projec
     )  # fmt: skip
     record = json.loads((project.root / "runs" / "gpu" / "gpu_run.json").read_text(encoding="utf-8"))
 
-    assert [*record["steps"]] == ["fetch-data", "prepare", "validate", "mine", "teacher-finetune", "label", "train"]
+    stages = ["fetch-data", "prepare", "validate", "mine", "teacher-finetune", "label", "train"]
+    assert [*record["steps"]] == stages
     assert all(step["returncode"] == 0 for step in record["steps"].values())
     check = record["vllm_check"]
     assert check["status"] == "skipped" and ("vllm" in check["reason"] or "CUDA" in check["reason"])

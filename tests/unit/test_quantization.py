@@ -83,3 +83,34 @@ def test_labels_written_before_the_quantization_key_count_as_float32(tmp_path: P
     int8 = {**now, "teacher_quantization": "int8"}
     with pytest.raises(Exception, match="holds other labels"):
         prepare_out_dir(tmp_path, int8, overwrite=False)
+
+
+def test_cpu_bf16_encodes_close_to_float32_and_changes_nothing_on_other_devices(
+    tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """student.cpu_bf16: the bi-encoder and the student encode under bf16 autocast on a CPU."""
+    from d2llm.biencoder import MeanPoolEncoder
+    from d2llm.hub import cpu_bf16_autocast
+
+    exact = MeanPoolEncoder.from_ref(str(tiny_bert_dir), device="cpu")
+    low = MeanPoolEncoder.from_ref(str(tiny_bert_dir), device="cpu", cpu_bf16=True)
+    e, b = exact.encode(TEXTS), low.encode(TEXTS)
+    assert b.dtype == torch.float32 and not torch.equal(b, e)  # bf16 really computes
+    assert F.cosine_similarity(b, e, dim=-1).min() > 0.99
+
+    raw = {"backbone": str(tiny_bert_dir), "max_length": 16, "pma": {"num_heads": 4},
+           "iem": {"hidden_size": 16, "branch_size": 8}}  # fmt: skip
+    torch.manual_seed(0)
+    out = D2LLMStudent.from_config(StudentConfig.model_validate(raw)).save_pretrained(tmp_path / "s")
+    exact_student = D2LLMStudent.from_pretrained(out, merged=True)
+    meta = json.loads((out / "student.json").read_text(encoding="utf-8"))
+    meta["student"]["cpu_bf16"] = True  # as a student trained with the option saves it
+    (out / "student.json").write_text(json.dumps(meta), encoding="utf-8")
+    bf16_student = D2LLMStudent.from_pretrained(out, merged=True)
+    assert bf16_student.cfg.cpu_bf16 and bf16_student.fingerprint() == exact_student.fingerprint()
+    s_exact, s_low = exact_student.encode(TEXTS), bf16_student.encode(TEXTS)
+    assert not torch.equal(s_low, s_exact)
+    assert F.cosine_similarity(s_low, s_exact, dim=-1).min() > 0.99
+
+    assert not isinstance(cpu_bf16_autocast(torch.device("meta"), True), torch.autocast)
+    assert not isinstance(cpu_bf16_autocast(torch.device("cpu"), False), torch.autocast)

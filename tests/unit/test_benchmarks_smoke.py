@@ -561,3 +561,59 @@ def test_student_dev_compares_students_on_the_select_parts(
     sets = load_dev_sets(prepared_dir, ["sick", "trecqa"], 1300, 42, "select", 0.5)
     assert report["sets"] == {d.name: len(d.pairs) for d in sets}
     assert (tmp_path / "student_dev.json").is_file()
+
+
+def test_teacher_dev_scores_teachers_and_biencoders_on_the_same_pairs(
+    tiny_bert_dir, prepared_dir, saved_models, tmp_path
+):
+    """Raw metrics are the teacher report's (evaluate_teacher on the same sample); a teacher with
+    fusion weights also gets a fused row; family means average the family's sets."""
+    import shutil
+
+    from benchmarks import teacher_dev
+    from d2llm.config import TeacherConfig
+    from d2llm.evaluation.dev import load_dev_sets
+    from d2llm.teachers.dev_report import write_dev_report
+    from d2llm.teachers.factory import load_teacher
+    from d2llm.teachers.finetune import evaluate_teacher
+    from d2llm.teachers.fusion import FusedScorer, FusionWeights
+
+    _, teacher_dir = saved_models
+    fused_dir = tmp_path / "fused_teacher"
+    shutil.copytree(teacher_dir, fused_dir)
+    weights = FusionWeights(weight=0.5, teacher_mean=0.0, teacher_std=1.0, cosine_mean=0.5, cosine_std=0.2)
+    fusion = FusedScorer(
+        {"sick": weights, "sick_r": weights, "trecqa": weights},
+        {"sick": "sym", "sick_r": "sym", "trecqa": "asym"},
+    )
+    write_dev_report(fused_dir, {"fusion": fusion.to_json()})
+
+    args = [a for a in _tiny_args(tiny_bert_dir, prepared_dir, tmp_path) if a not in ("--repeats", "2")]
+    args += ["--teacher", f"plain={teacher_dir}", "--teacher", f"fused={fused_dir}"]
+    args += ["--biencoder", f"a={tiny_bert_dir}", "--biencoder", f"b={tiny_bert_dir}"]
+    args += ["--dev", "sick", "sick_r", "trecqa", "--max-pairs", "40", "--part", "validate"]
+    report = teacher_dev.main(args)
+
+    sets = load_dev_sets(prepared_dir, ["sick", "sick_r", "trecqa"], 40, 42, "validate", 0.5)
+    assert report["sets"] == {d.name: len(d.pairs) for d in sets}
+    teacher = load_teacher(
+        TeacherConfig(model=str(tiny_bert_dir), max_length=48, batch_size=4), teacher_dir, "cpu"
+    )
+    expected = evaluate_teacher(teacher, sets)
+    plain, with_fusion = report["teachers"]["plain"], report["teachers"]["fused"]
+    for name in ("sick/ap", "sick_r/spearman", "trecqa/map"):
+        assert plain["raw"][name] == pytest.approx(expected[name], abs=1e-6)
+        assert with_fusion["raw"][name] == pytest.approx(expected[name], abs=1e-6)
+    assert plain["fused"] is None and set(with_fusion["fused"]) == {
+        "sick/ap",
+        "sick_r/spearman",
+        "trecqa/map",
+    }
+    assert with_fusion["fused"] != with_fusion["raw"]  # half the weight on the cosine changes the ranking
+    assert report["biencoders"]["a"] == report["biencoders"]["b"]
+    assert plain["labelling_pairs_per_second"] > 0
+    families = report["families"]["plain raw"]
+    assert families["NLI"] == pytest.approx(expected["sick/ap"])
+    assert families["STS"] == pytest.approx(expected["sick_r/spearman"])
+    assert families["QA"] == pytest.approx(expected["trecqa/map"])
+    assert (tmp_path / "teacher_dev.json").is_file()

@@ -230,11 +230,11 @@ class CausalLMTeacher(Teacher):
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.lm.base_model(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions)
         last = out.last_hidden_state[:, -1]
-        head = self.lm.get_output_embeddings()
-        rows = head.weight[[self.yes_id, self.no_id]]
+        weight, bias = _head_parameters(self.lm.get_output_embeddings())
+        rows = weight[[self.yes_id, self.no_id]]
         logits = last @ rows.T.to(last.dtype)
-        if getattr(head, "bias", None) is not None:
-            logits = logits + head.bias[[self.yes_id, self.no_id]]
+        if bias is not None:
+            logits = logits + bias[[self.yes_id, self.no_id]].to(logits.dtype)
         return _output_path(self.lm.config, logits), last
 
     def _save_weights(self, out_dir: Path) -> WeightsKind:
@@ -244,6 +244,17 @@ class CausalLMTeacher(Teacher):
         self.lm.save_pretrained(out_dir / MODEL_DIR)
         self.tokenizer.save_pretrained(out_dir)
         return "full"
+
+
+def _head_parameters(head: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The LM head's weight and bias as float tensors. An int8-quantised head (``quantize("int8")``
+    for labelling) holds them packed, behind methods: unpack and dequantise those."""
+    weight = head.weight() if callable(head.weight) else head.weight
+    bias = getattr(head, "bias", None)
+    bias = bias() if callable(bias) else bias
+    if weight.is_quantized:
+        weight = weight.dequantize()
+    return weight, bias
 
 
 def _output_path(config: Any, logits: torch.Tensor) -> torch.Tensor:

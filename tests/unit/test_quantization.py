@@ -73,6 +73,26 @@ def test_int8_teacher_scores_close_to_float32(tiny_bert_dir: Path) -> None:
     assert (got.logits - expected.logits).abs().max() < 0.1 * expected.logits.abs().max() + 1e-3
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
+def test_int8_causal_lm_teacher_scores_close_to_float32(
+    model_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """labelling.quantization: int8 on a causal-LM teacher: its LM head is quantised too, and the
+    yes/no rows are read from the packed int8 weights (a float head has them as a tensor)."""
+    cfg = TeacherConfig(kind="causal_lm", model=str(request.getfixturevalue(model_fixture)), max_length=128)
+    pairs = list(zip(TEXTS, TEXTS[1:] + TEXTS[:1], strict=True))
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg, None, "cpu")
+    expected = teacher.score(pairs, "asym", with_features=True)
+    teacher.quantize("int8")
+    assert is_quantized(teacher.lm) and teacher.scoring_info()["quantization"].startswith("int8")
+    got = teacher.score(pairs, "asym", with_features=True)
+    assert not torch.equal(got.logits, expected.logits)  # int8 really rounds
+    assert F.cosine_similarity(got.features, expected.features, dim=-1).min() > 0.95
+    d_got, d_exp = got.logits[:, 0] - got.logits[:, 1], expected.logits[:, 0] - expected.logits[:, 1]
+    assert (d_got - d_exp).abs().max() < 0.1 * d_exp.abs().max() + 1e-3
+
+
 def test_labels_written_before_the_quantization_key_count_as_float32(tmp_path: Path) -> None:
     from d2llm.labelling.shards import MANIFEST_FILE, prepare_out_dir
 

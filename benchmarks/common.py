@@ -90,6 +90,16 @@ def start(
     return argv, args, params
 
 
+def dev_sample(args: argparse.Namespace, params: Params) -> list[Any]:
+    """The seeded sample of ``args.dev``'s dev splits a dev benchmark scores: ``--max-pairs`` per
+    set from the ``--part`` (select or validate) of each split (d2llm.evaluation.dev)."""
+    from d2llm.evaluation.dev import load_dev_sets
+
+    prepared = args.prepared_dir or params.data.prepared_dir
+    fraction = params.selection.validate_fraction
+    return load_dev_sets(prepared, args.dev, args.max_pairs, params.seed, args.part, fraction)
+
+
 def run(
     name: str,
     argv: Sequence[str] | None,

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, format_table, load_benchmark_params, setup_torch, write_report
+from benchmarks.common import base_parser, dev_sample, format_table, start, write_report
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -29,22 +29,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
-
     from d2llm.biencoder import baseline_encoder, pair_cosines
-    from d2llm.evaluation.dev import dev_score, load_dev_sets, mean_metric, task_kind_mean
+    from d2llm.evaluation.dev import dev_score, mean_metric, task_kind_mean
     from d2llm.hub import pick_device
     from d2llm.student.model import D2LLMStudent
     from d2llm.training import evaluate_dev
 
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    params = load_benchmark_params(args)
-    setup_torch(args.threads, args.seed)
-    prepared = args.prepared_dir or params.data.prepared_dir
-    sets = load_dev_sets(
-        prepared, args.dev, args.max_pairs, params.seed, args.part, params.selection.validate_fraction
-    )
+    argv, args, params = start(argv, parse_args)
+    sets = dev_sample(args, params)
     rows: dict[str, dict[str, float]] = {}
     encoder = baseline_encoder(params)
     rows["bi-encoder"] = {dev.name: dev_score(dev, pair_cosines(encoder, dev.pairs)) for dev in sets}

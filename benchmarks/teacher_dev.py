@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, format_table, load_benchmark_params, setup_torch, write_report
+from benchmarks.common import base_parser, dev_sample, format_table, start, write_report
 
 NAME = "teacher_dev"
 # The task family of each dev set's dataset (docs/evaluation.md): what the per-family rows average.
@@ -128,18 +128,10 @@ def score_teacher(params: Any, folder: Path, sets: list[Any], fusion_cosines: di
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    import sys
+    from d2llm.evaluation.dev import mean_metric
 
-    from d2llm.evaluation.dev import load_dev_sets, mean_metric
-
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parse_args(argv)
-    params = load_benchmark_params(args)
-    setup_torch(args.threads, args.seed)
-    prepared = args.prepared_dir or params.data.prepared_dir
-    sets = load_dev_sets(
-        prepared, args.dev, args.max_pairs, params.seed, args.part, params.selection.validate_fraction
-    )
+    argv, args, params = start(argv, parse_args)
+    sets = dev_sample(args, params)
     biencoders, cosines = score_biencoders(params, args.biencoder, sets)
     first = _named(args.biencoder[0], "--biencoder")[0]
     teachers = {}

@@ -59,6 +59,7 @@ class MeanPoolEncoder:
 
         from d2llm.batching import map_batched
         from d2llm.hub import cpu_bf16_autocast
+        from d2llm.quantization import is_quantized
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
@@ -72,7 +73,9 @@ class MeanPoolEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             return (F.normalize(pooled.float(), dim=-1),)
 
-        with torch.inference_mode(), cpu_bf16_autocast(device, self.cpu_bf16):
+        # int8 kernels take float32 inputs: an int8 model runs without bf16 autocast.
+        bf16 = self.cpu_bf16 and not is_quantized(self.model)
+        with torch.inference_mode(), cpu_bf16_autocast(device, bf16):
             (vectors,) = map_batched(
                 encodings,
                 run,

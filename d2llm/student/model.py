@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from d2llm.config import ScoringKey, StudentConfig, TrainingConfig
 from d2llm.errors import DataError, ModelError
 from d2llm.hub import cpu_bf16_autocast
+from d2llm.quantization import apply_quantization, is_quantized
 from d2llm.student.backbone import (
     apply_lora,
     enable_gradient_checkpointing,
@@ -141,8 +142,6 @@ class D2LLMStudent(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
         self.iem.set_branch_format(iem_dtype or self.cfg.iem.inference_dtype)
-        from d2llm.quantization import apply_quantization
-
         self.backbone = apply_quantization(self.backbone, quantization or self.cfg.inference_quantization)
         self._merged_from = fingerprint
         return self.eval()
@@ -227,7 +226,8 @@ class D2LLMStudent(nn.Module):
         if 0 in lengths:
             raise DataError(f"text #{lengths.index(0)} ({texts[lengths.index(0)]!r}) has no tokens to encode")
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        autocast = cpu_bf16_autocast(self.device, self.cfg.cpu_bf16)
+        # int8 kernels take float32 inputs: an int8 backbone runs without bf16 autocast.
+        autocast = cpu_bf16_autocast(self.device, self.cfg.cpu_bf16 and not is_quantized(self.backbone))
         was_training = self.training
         if was_training:  # train()/eval() walk every module: skip it on the usual (eval) path
             self.eval()

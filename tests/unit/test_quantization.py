@@ -132,5 +132,15 @@ def test_cpu_bf16_encodes_close_to_float32_and_changes_nothing_on_other_devices(
     assert not torch.equal(s_low, s_exact)
     assert F.cosine_similarity(s_low, s_exact, dim=-1).min() > 0.99
 
+    # With an int8 backbone (inference_quantization) bf16 autocast is left off: int8 kernels
+    # take float32 inputs. Both encode, and as the int8 model alone does.
+    int8_student = D2LLMStudent.from_pretrained(out, merged=True, quantization="int8")
+    assert int8_student.cfg.cpu_bf16 and is_quantized(int8_student.backbone)
+    int8_plain = D2LLMStudent.from_pretrained(out, merged=True, quantization="int8")
+    int8_plain.cfg = int8_plain.cfg.model_copy(update={"cpu_bf16": False})
+    assert torch.equal(int8_student.encode(TEXTS), int8_plain.encode(TEXTS))
+    int8_encoder = MeanPoolEncoder(quantize_linear_int8(low.model), low.tokenizer, cpu_bf16=True)
+    assert F.cosine_similarity(int8_encoder.encode(TEXTS), e, dim=-1).min() > 0.95
+
     assert not isinstance(cpu_bf16_autocast(torch.device("meta"), True), torch.autocast)
     assert not isinstance(cpu_bf16_autocast(torch.device("cpu"), False), torch.autocast)

@@ -30,20 +30,8 @@ from typing import Any
 from benchmarks.common import base_parser, dev_sample, format_table, start, write_report
 
 NAME = "teacher_dev"
-# The task family of each dev set's dataset (docs/evaluation.md): what the per-family rows average.
-FAMILIES = {
-    "sick": "NLI",
-    "snli": "NLI",
-    "rte": "NLI",
-    "stsb_en": "STS",
-    "sick_r": "STS",
-    "trecqa": "QA",
-    "trecqa_train_all": "QA",
-    "wikiqa": "QA",
-    "selqa": "QA",
-    "msrp": "paraphrase",
-    "twitter_url": "paraphrase",
-}
+# How the table names the dev sets' families (DevSet.family, from d2llm.data.schema.dataset_family).
+FAMILY_NAMES = {"nli": "NLI", "sts": "STS", "asym": "QA"}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -68,11 +56,11 @@ def _named(spec: str, what: str) -> tuple[str, str]:
     return name, value
 
 
-def family_means(values: dict[str, float]) -> dict[str, float]:
-    """The mean of each family's dev sets (``<dataset>/<metric>`` keys)."""
+def family_means(values: dict[str, float], sets: list[Any]) -> dict[str, float]:
+    """The mean of each family's dev sets (``values`` keyed by dev set name)."""
     groups: dict[str, list[float]] = {}
-    for key, value in values.items():
-        groups.setdefault(FAMILIES.get(key.split("/")[0], "other"), []).append(value)
+    for dev in sets:
+        groups.setdefault(FAMILY_NAMES[dev.family], []).append(values[dev.name])
     return {family: sum(v) / len(v) for family, v in groups.items()}
 
 
@@ -145,10 +133,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if result["fused"] is not None:
             rows[f"{name} fused ({first})"] = result["fused"]
     columns = [dev.name for dev in sets]
-    families = list(dict.fromkeys(FAMILIES.get(c.split("/")[0], "other") for c in columns))
+    families = list(dict.fromkeys(FAMILY_NAMES[dev.family] for dev in sets))
     table = []
     for system, values in rows.items():
-        by_family = family_means(values)
+        by_family = family_means(values, sets)
         cells = [values[c] for c in columns] + [by_family[f] for f in families] + [mean_metric(values)]
         table.append([system, *(round(v, 2) for v in cells)])
     print(f"{args.part} parts of the dev splits, {args.max_pairs} pairs per set at most (points)")
@@ -161,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sets": {d.name: len(d.pairs) for d in sets},
         "biencoders": biencoders,
         "teachers": teachers,
-        "families": {system: family_means(values) for system, values in rows.items()},
+        "families": {system: family_means(values, sets) for system, values in rows.items()},
     }
     write_report(NAME, args.out_dir, argv, report)
     return report

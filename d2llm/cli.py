@@ -439,6 +439,31 @@ def cmd_label(args: argparse.Namespace, params: Params) -> int:
     return 0
 
 
+def _label_stats_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels-dir", type=Path, default=_AtLayout("labels_dir"))
+    p.add_argument("--json", type=Path, help="also write the rows as JSON here")
+
+
+@command("label-stats", "how sure the teacher is of each dataset's positives and negatives (labels folder)")
+@arguments(_label_stats_args)
+def cmd_label_stats(args: argparse.Namespace, params: Params) -> int:
+    from d2llm.jsonfile import write_json
+    from d2llm.labelling.shards import load_labels
+    from d2llm.labelling.stats import DOUBTED_POSITIVE, doubted_datasets, format_label_stats, label_stats
+
+    stats = label_stats(load_labels(args.labels_dir), params.teacher.temperature)
+    print(format_label_stats(stats))
+    doubted = doubted_datasets(stats)
+    if doubted:
+        print(
+            f"positives below a mean s of {DOUBTED_POSITIVE}: {', '.join(doubted)} "
+            f"(loss.ci_variant is {params.loss.ci_variant}; docs/model.md says why that matters)"
+        )
+    if args.json:
+        write_json(args.json, [r.to_dict() for r in stats], indent=1)
+    return 0
+
+
 def _with_settings(params: Params, changes: dict[str, Any]) -> Params:
     """``params`` with dotted settings replaced, validated again like params.yaml."""
     if not changes:

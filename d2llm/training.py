@@ -622,6 +622,8 @@ def train_student(
         labels = first_groups(load_labels(labels_dir), params.training.max_groups_per_dataset)
         if len(labels.groups) == 0:
             raise ArtifactError(f"no labelled groups in {labels_dir}: run `d2llm label` first")
+        if params.loss.ci_variant == "paper":
+            warn_doubted_positives(labels, params.teacher.temperature)
         dev_sets = load_training_dev_sets(params, prepared_dir)
         inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size)
         families = dataset_families(prepared_dir, set(labels.groups["dataset"]))
@@ -647,6 +649,25 @@ def train_student(
                 out_dir / HISTORY_FILE, {"summary": result.to_dict(), "history": result.history}, indent=1
             )
     return result
+
+
+def warn_doubted_positives(labels: Labels, temperature: float) -> list[str]:
+    """Warn about datasets whose positives the teacher doubts (d2llm.labelling.stats): with the
+    paper's teacher-weighted in-batch CI, lowering every logit lowers their loss."""
+    from d2llm.labelling.stats import DOUBTED_POSITIVE, doubted_datasets, label_stats
+
+    stats = label_stats(labels, temperature)
+    doubted = doubted_datasets(stats)
+    if doubted:
+        means = ", ".join(f"{r.dataset} {r.positive:.2f}" for r in stats if r.dataset in doubted)
+        log.warning(
+            "the teacher gives the positives of %s a mean probability below %.1f: the paper's "
+            "teacher-weighted in-batch CI then rewards lowering every logit, not ranking "
+            "(docs/model.md); loss.ci_variant: authors trains those sets with plain InfoNCE",
+            means,
+            DOUBTED_POSITIVE,
+        )
+    return doubted
 
 
 def run_training(

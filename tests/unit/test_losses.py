@@ -77,6 +77,29 @@ def test_ci_authors_variant_uses_plain_info_nce_in_batch() -> None:
     assert value == pytest.approx((a0 + a1) / 2 + (h0 + h1) / 2, rel=1e-12)
 
 
+def test_paper_in_batch_ci_rewards_lowering_every_logit_when_the_teacher_doubts_its_positives() -> None:
+    """Why the default preset uses ``ci_variant: authors`` (docs/results.md).
+
+    A QA teacher gives its positives ~0.2 and the in-batch negatives ~0: the paper's weights are
+    0.2 on the positive and ~1 on each negative, so shifting every logit down by c lowers the
+    in-batch loss without ranking anything better. Plain InfoNCE is unchanged by the shift.
+    """
+    b = 4
+    z_in = torch.randn(b, b, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    s_in = torch.full((b, b), 0.01, dtype=torch.float64).fill_diagonal_(0.2)
+    z_hn, s_hn = z_in[:, :2].clone(), s_in[:, :2].clone()  # unused by the in-batch part (alpha 0)
+
+    def in_batch(variant: str, shift: float) -> float:
+        ci = ContrastiveImitationLoss(alpha=0.0, variant=variant)
+        return ci(z_in - shift, s_in, z_hn - shift, s_hn).item()
+
+    paper = [in_batch("paper", c) for c in (0.0, 5.0, 10.0)]
+    assert paper[0] > paper[1] > paper[2]  # lower everything, lower loss
+    assert paper[2] < 0.01
+    authors = [in_batch("authors", c) for c in (0.0, 5.0, 10.0)]
+    assert authors == pytest.approx([authors[0]] * 3, rel=1e-12)
+
+
 def test_ci_rejects_unknown_variant_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="unknown CI variant"):
         ContrastiveImitationLoss(variant="mine")

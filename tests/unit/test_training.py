@@ -553,3 +553,79 @@ def test_first_groups_keeps_the_first_n_of_each_dataset_with_their_tensors() -> 
     assert kept.group_id.tolist() == [0, 1, 2, 4]
     assert kept.hard.reshape(-1).tolist() == [0.0, 2.0, 4.0, 8.0]  # the rows follow their groups
     assert first_groups(labels, None) is labels
+
+
+def _labels_with_probabilities(per_dataset: dict[str, tuple[float, float, float]]):
+    """Labels of one group of 2 anchors (K=1) per dataset, the teacher's probabilities given as
+    (positive, hard negative, in-batch negative); logits [log s, log(1-s)] give them back."""
+    from d2llm.labelling.shards import Labels
+
+    def logits(p: torch.Tensor) -> torch.Tensor:
+        return torch.stack([p.log(), (1 - p).log()], dim=-1)
+
+    hard, in_batch = [], []
+    for pos, hn, ib in per_dataset.values():
+        hard.append(torch.tensor([[pos, hn], [pos, hn]], dtype=torch.float64))
+        in_batch.append(torch.tensor([[pos, ib], [ib, pos]], dtype=torch.float64))
+    groups = pd.DataFrame({"group_id": range(len(per_dataset)), "dataset": list(per_dataset)})
+    n = len(per_dataset)
+    return Labels(
+        groups,
+        torch.arange(n),
+        logits(torch.stack(in_batch)),
+        logits(torch.stack(hard)),
+        torch.zeros(n, 2, 2, 2),
+    )
+
+
+def test_label_stats_by_hand_and_the_doubted_datasets() -> None:
+    from d2llm.labelling.stats import doubted_datasets, format_label_stats, label_stats
+
+    labels = _labels_with_probabilities({"nli": (0.8, 0.3, 0.1), "qa": (0.2, 0.25, 0.01)})
+    stats = label_stats(labels)
+    assert [r.dataset for r in stats] == ["nli", "qa"]
+    nli, qa = stats
+    assert (nli.groups, nli.anchors) == (1, 2)
+    assert (nli.positive, nli.hard_negative, nli.in_batch_negative) == pytest.approx((0.8, 0.3, 0.1))
+    assert (qa.positive, qa.hard_negative, qa.in_batch_negative) == pytest.approx((0.2, 0.25, 0.01))
+    assert (nli.positive_first, qa.positive_first) == (1.0, 0.0)  # qa's hard negative is above
+    assert doubted_datasets(stats) == ["qa"]
+    assert doubted_datasets(stats, threshold=0.9) == ["nli", "qa"]
+    assert "| qa | 1 | 0.20 | 0.25 | 0.01 | 0% |" in format_label_stats(stats)
+    # tau_T = 2 halves the log-odds: 0.8 -> sigmoid(log(4) / 2) = 2/3
+    assert label_stats(labels, temperature=2.0)[0].positive == pytest.approx(2 / 3)
+
+
+def test_paper_ci_training_warns_about_datasets_whose_positives_the_teacher_doubts(caplog) -> None:
+    from d2llm.training import warn_doubted_positives
+
+    labels = _labels_with_probabilities({"nli": (0.8, 0.3, 0.1), "qa": (0.2, 0.05, 0.01)})
+    with caplog.at_level("WARNING", logger="d2llm.training"):
+        assert warn_doubted_positives(labels, 1.0) == ["qa"]
+    assert "qa 0.20" in caplog.text and "loss.ci_variant: authors" in caplog.text
+    caplog.clear()
+    sure = _labels_with_probabilities({"nli": (0.8, 0.3, 0.1)})
+    with caplog.at_level("WARNING", logger="d2llm.training"):
+        assert warn_doubted_positives(sure, 1.0) == []
+    assert caplog.text == ""
+
+
+def test_label_stats_command_prints_the_table_and_writes_json(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path, capsys
+) -> None:
+    import json
+
+    from d2llm.cli import main
+    from d2llm.labelling import load_labels
+    from d2llm.losses import teacher_probabilities
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(_params(tiny_bert_dir).model_dump(mode="json")))
+    out = tmp_path / "stats.json"
+    args = ["--params", str(params_file), "label-stats", "--labels-dir", str(workspace["labels"])]
+    assert main([*args, "--json", str(out)]) == 0
+    assert "| toy | 3 |" in capsys.readouterr().out
+    rows = json.loads(out.read_text())
+    positives = teacher_probabilities(load_labels(workspace["labels"]).hard)[..., 0]
+    assert rows[0]["dataset"] == "toy" and rows[0]["anchors"] == 12
+    assert rows[0]["positive"] == pytest.approx(positives.mean().item())

@@ -35,6 +35,7 @@ from d2llm.evaluation.dev import (
     mean_metric,
     sample_rows,
 )
+from d2llm.hub import cpu_bf16_autocast
 from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
@@ -253,10 +254,13 @@ def train_teacher(
             shuffle=True, seed=params.seed + epoch,
         )  # fmt: skip
         for batch in batches:
-            logits, _ = teacher.forward({k: v.to(teacher.device) for k, v in batch.tensors.items()})
+            with cpu_bf16_autocast(teacher.device, ft.cpu_bf16):
+                logits, _ = teacher.forward({k: v.to(teacher.device) for k, v in batch.tensors.items()})
             y = target_t[batch.indices].to(logits.device)
             # softmax([z_yes, z_no])[0] == sigmoid(z_yes - z_no): BCE on the difference is stable.
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits[:, 0] - logits[:, 1], y)
+            # float(): under bf16 autocast the logits are bf16; the loss is taken in float32.
+            margin = (logits[:, 0] - logits[:, 1]).float()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(margin, y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, ft.grad_clip)

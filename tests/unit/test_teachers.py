@@ -262,6 +262,35 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
     assert len(select.pairs) < len(dev)
 
 
+def test_cross_encoder_finetune_under_cpu_bf16_still_learns_and_saves_float32(tiny_bert_dir, tmp_path):
+    """``teacher.finetune.cpu_bf16``: the steps run under bf16 autocast (so the weights differ
+    from a float32 run's), the teacher still learns the toy rule, and its weights stay float32."""
+    prepared = tmp_path / "prepared"
+    (prepared / "pairs").mkdir(parents=True)
+    train, dev = pair_table(rule_pairs(480, seed=3), "train"), pair_table(rule_pairs(48, seed=4), "dev")
+    pd.concat([train, dev]).to_parquet(prepared / "pairs" / "rule.parquet")
+    results, weights = {}, {}
+    for bf16 in (False, True):
+        params = _params(
+            tiny_bert_dir,
+            "cross_encoder",
+            datasets=["rule"],
+            epochs=10.0,
+            batch_size=16,
+            lr=3e-3,
+            cpu_bf16=bf16,
+        )
+        results[bf16] = finetune_teacher(params, prepared, tmp_path / f"teacher-{bf16}")
+        teacher = load_teacher(params.teacher, tmp_path / f"teacher-{bf16}", "cpu")
+        params_of = [
+            (f"{i}.{n}", p) for i, m in enumerate(teacher.modules()) for n, p in m.named_parameters()
+        ]
+        weights[bf16] = {n: p.detach().clone() for n, p in params_of}
+    assert results[True]["dev_after"]["rule/ap"] >= results[True]["dev_before"]["rule/ap"] + 30
+    assert all(w.dtype == torch.float32 for w in weights[True].values())
+    assert any(not torch.equal(weights[True][n], weights[False][n]) for n in weights[False])
+
+
 def test_the_validate_report_covers_zero_shot_dev_sets_too(tiny_bert_dir, tmp_path):
     """A dev set the teacher is not trained on (``dev_datasets`` beyond ``datasets``) gets its
     validate-part row next to its select-part one, as the trained sets do."""

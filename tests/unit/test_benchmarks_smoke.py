@@ -617,3 +617,43 @@ def test_teacher_dev_scores_teachers_and_biencoders_on_the_same_pairs(
     assert families["STS"] == pytest.approx(expected["sick_r/spearman"])
     assert families["QA"] == pytest.approx(expected["trecqa/map"])
     assert (tmp_path / "teacher_dev.json").is_file()
+
+
+def test_ir_decomposition_splits_the_shipped_score_into_vectors_and_interaction(
+    tiny_bert_dir, prepared_dir, saved_models, tmp_path
+):
+    """``w = 1`` re-ranks exactly as the shipped search; ``w = 0`` over a first stage deeper than
+    the corpus is the student's vectors alone; a student without the cosine residual is refused."""
+    from benchmarks import ir_decomposition
+    from d2llm.config import StudentConfig
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+
+    seed_everything(0)
+    cfg = StudentConfig(
+        backbone=str(tiny_bert_dir),
+        max_length=32,
+        lora={"r": 2, "alpha": 2},
+        pma={"num_heads": 4},
+        iem={"hidden_size": 16, "branch_size": 8, "residual": "cosine"},
+    )
+    student = D2LLMStudent.from_config(cfg, device="cpu")
+    with torch.no_grad():  # a trained head: the zero-initialised output layer would add nothing
+        student.iem.out.weight.normal_(0.0, 1.0)
+    student.save_pretrained(tmp_path / "student")
+
+    args = [a for a in _tiny_args(tiny_bert_dir, prepared_dir, tmp_path) if a not in ("--repeats", "2")]
+    args += ["-S", "student.iem.residual=cosine", "--datasets", "cranfield", "cisi"]
+    report = ir_decomposition.main([*args, "--student-dir", str(tmp_path / "student"), "--weights", "0", "1"])
+    assert set(report["datasets"]) == {"cranfield", "cisi"}
+    for entry in report["datasets"].values():
+        rows = entry["systems"]
+        assert entry["passages"] <= report["rerank_depth"]  # so w = 0 sees every passage
+        assert rows["w=1"]["ndcg@10"] == pytest.approx(rows["student (shipped search)"]["ndcg@10"], abs=1e-6)
+        assert rows["w=0"]["ndcg@10"] == pytest.approx(rows["student vectors"]["ndcg@10"], abs=1e-6)
+        assert set(rows) == {"bi-encoder", "student vectors", "student (shipped search)", "w=0", "w=1"}
+    assert (tmp_path / "ir_decomposition.json").is_file()
+
+    plain_student, _ = saved_models  # residual "none"
+    with pytest.raises(SystemExit, match="residual: cosine"):
+        ir_decomposition.main([*args, "--student-dir", str(plain_student)])

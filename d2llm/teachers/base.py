@@ -17,9 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from d2llm.batching import Encoding, map_batched
 from d2llm.config import TaskKind
 from d2llm.errors import ModelError
+from d2llm.teachers.probe import MIN_AGREEMENT, PROBE_PAIRS, agreement
 
 if TYPE_CHECKING:
     import torch
@@ -150,17 +153,41 @@ class Teacher(ABC):
 
         Dynamic int8 kernels exist on the CPU only: on a GPU the teacher keeps its dtype (bf16
         autocast already does what int8 buys on a CPU), with a warning.
+
+        The quantised teacher must still judge as the float32 one does: its log-odds on the
+        fixed probe pairs (``d2llm.teachers.probe``) must correlate at ``MIN_AGREEMENT`` or more
+        with the float32 ones, else a ``ModelError`` says so before anything is scored with it
+        (decoder LLMs fail this: their activation outliers do not survive int8).
         """
         from d2llm.quantization import apply_quantization
 
-        if kind != "none" and self.device.type != "cpu":
+        if kind == "none":
+            return self
+        if self.device.type != "cpu":
             log.warning("%s quantisation is CPU-only: the teacher on %s stays as is", kind, self.device)
             return self
+        before = self._probe_log_odds()
         for module in self.modules():
             apply_quantization(module, kind, inplace=True)
-        if kind != "none":
-            self.quantization = kind
+        self.quantization = kind
+        r = agreement(before, self._probe_log_odds())
+        if r < MIN_AGREEMENT:
+            raise ModelError(
+                f"{kind} quantisation changes this teacher's judgement: its log-odds on "
+                f"{before.size} probe pairs correlate with the float32 ones at r = {r:.2f} (at least "
+                f"{MIN_AGREEMENT} needed), so its labels would be noise. Score it unquantised: set "
+                "labelling.quantization and evaluation.teacher_quantization to none."
+            )
+        log.info("%s teacher: log-odds agree with float32 at r = %.3f on the probe pairs", kind, r)
         return self
+
+    def _probe_log_odds(self) -> np.ndarray:
+        """``z_yes - z_no`` on the probe pairs of both task kinds, in a fixed order."""
+        parts = []
+        for task, pairs in PROBE_PAIRS.items():
+            logits = self.score(pairs, task, show_progress=False).logits
+            parts.append((logits[:, 0] - logits[:, 1]).double().cpu().numpy())
+        return np.concatenate(parts)
 
     def describe(self) -> dict[str, Any]:
         """What ``teacher.json`` records besides the weights kind."""

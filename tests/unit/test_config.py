@@ -31,6 +31,16 @@ def test_llm_preset_runs_the_causal_lm_path_with_real_weights() -> None:
     assert params.teacher.gguf_file and params.student.gguf_file
 
 
+@pytest.mark.parametrize("preset", sorted(p.name for p in (ROOT / "configs").glob("*.yaml")))
+def test_causal_lm_presets_score_their_teacher_unquantised(preset: str) -> None:
+    """int8 dynamic quantisation turns a decoder's yes/no judgement into noise (d2llm.teachers.probe):
+    a preset with an LLM teacher labels and reports it in its own dtype."""
+    params = load_params(ROOT / "configs" / preset)
+    if params.teacher.kind == "causal_lm":
+        assert params.labelling.quantization == "none"
+        assert params.evaluation.teacher_quantization == "none"
+
+
 def test_overrides_are_validated_like_the_file() -> None:
     assert load_params(ROOT / "params.yaml", {"training.lr": 3e-4}).training.lr == 3e-4
     with pytest.raises(ConfigError, match=r"training\.lr"):

@@ -73,6 +73,45 @@ def test_int8_teacher_scores_close_to_float32(tiny_bert_dir: Path) -> None:
     assert (got.logits - expected.logits).abs().max() < 0.1 * expected.logits.abs().max() + 1e-3
 
 
+class _WithOutlier(nn.Module):
+    """Appends one constant feature 10 000 times larger than the rest, as a decoder LLM's hidden
+    states carry a few huge dimensions."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x, x.new_full((*x.shape[:-1], 1), 1e4)], dim=-1)
+
+
+def test_int8_that_changes_the_teachers_judgement_is_refused(tiny_bert_dir: Path) -> None:
+    """The head reads pooled states plus an outlier feature (weighted 1e-4, so float32 scores
+    barely move). int8's one activation scale per tensor then rounds the real features to zero:
+    the probe's log-odds stop agreeing with float32 and quantize refuses, naming the fix."""
+    from d2llm.teachers.probe import PROBE_PAIRS, agreement
+
+    cfg = TeacherConfig(model=str(tiny_bert_dir), max_length=32, batch_size=4)
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg, None, "cpu")
+    plain = teacher.score(PROBE_PAIRS["sym"], "sym").logits
+    head = nn.Linear(teacher.head.in_features + 1, 2)
+    with torch.no_grad():
+        head.weight[:, :-1] = teacher.head.weight
+        head.weight[:, -1] = 1e-4
+        head.bias.copy_(teacher.head.bias)
+    teacher.head = nn.Sequential(_WithOutlier(), head)
+    with_outlier = teacher.score(PROBE_PAIRS["sym"], "sym").logits
+    assert agreement(plain[:, 0] - plain[:, 1], with_outlier[:, 0] - with_outlier[:, 1]) > 0.999
+    with pytest.raises(ModelError, match=r"r = .*labelling.quantization and evaluation.teacher_quantization"):
+        teacher.quantize("int8")
+
+
+def test_agreement_of_constant_scores() -> None:
+    from d2llm.teachers.probe import agreement
+
+    assert agreement([1.0, 1.0], [1.0, 1.0]) == 1.0
+    assert agreement([1.0, 1.0], [0.0, 2.0]) == 0.0
+    assert agreement([0.0, 1.0, 2.0], [0.0, 2.0, 4.0]) == pytest.approx(1.0)
+    assert agreement([0.0, 1.0, 2.0], [2.0, 1.0, 0.0]) == pytest.approx(-1.0)
+
+
 @pytest.mark.parametrize("model_fixture", ["tiny_llama_dir", "tiny_qwen2_dir"])
 def test_int8_causal_lm_teacher_scores_close_to_float32(
     model_fixture: str, request: pytest.FixtureRequest

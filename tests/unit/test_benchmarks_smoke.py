@@ -349,24 +349,31 @@ def test_peak_rss_sees_an_allocation():
     assert int(done.stdout.strip()) > 48 * 1024 * 1024
 
 
+def _tiny_student_config(tiny_bert_dir: Path, **iem: str):
+    """The tiny student's config (small heads on the tiny BERT), IEM options added by ``iem``."""
+    from d2llm.config import StudentConfig
+
+    return StudentConfig(
+        backbone=str(tiny_bert_dir),
+        max_length=32,
+        lora={"r": 2, "alpha": 2},
+        pma={"num_heads": 4},
+        iem={"hidden_size": 16, "branch_size": 8, **iem},
+    )
+
+
 @pytest.fixture(scope="module")
 def saved_models(tiny_bert_dir, tmp_path_factory):
     """A saved tiny student and cross-encoder teacher, as the pipeline would leave them."""
-    from d2llm.config import StudentConfig, TeacherConfig
+    from d2llm.config import TeacherConfig
     from d2llm.hub import seed_everything
     from d2llm.student.model import D2LLMStudent
     from d2llm.teachers.factory import load_teacher
 
     root = tmp_path_factory.mktemp("models")
     seed_everything(0)
-    cfg = StudentConfig(
-        backbone=str(tiny_bert_dir),
-        max_length=32,
-        lora={"r": 2, "alpha": 2},
-        pma={"num_heads": 4},
-        iem={"hidden_size": 16, "branch_size": 8},
-    )
-    D2LLMStudent.from_config(cfg, device="cpu").save_pretrained(root / "student")
+    student = D2LLMStudent.from_config(_tiny_student_config(tiny_bert_dir), device="cpu")
+    student.save_pretrained(root / "student")
     teacher = load_teacher(TeacherConfig(model=str(tiny_bert_dir), max_length=48, batch_size=4), None, "cpu")
     teacher.save_pretrained(root / "teacher")
     return root / "student", root / "teacher"
@@ -625,19 +632,11 @@ def test_ir_decomposition_splits_the_shipped_score_into_vectors_and_interaction(
     """``w = 1`` re-ranks exactly as the shipped search; ``w = 0`` over a first stage deeper than
     the corpus is the student's vectors alone; a student without the cosine residual is refused."""
     from benchmarks import ir_decomposition
-    from d2llm.config import StudentConfig
     from d2llm.hub import seed_everything
     from d2llm.student.model import D2LLMStudent
 
     seed_everything(0)
-    cfg = StudentConfig(
-        backbone=str(tiny_bert_dir),
-        max_length=32,
-        lora={"r": 2, "alpha": 2},
-        pma={"num_heads": 4},
-        iem={"hidden_size": 16, "branch_size": 8, "residual": "cosine"},
-    )
-    student = D2LLMStudent.from_config(cfg, device="cpu")
+    student = D2LLMStudent.from_config(_tiny_student_config(tiny_bert_dir, residual="cosine"), device="cpu")
     with torch.no_grad():  # a trained head: the zero-initialised output layer would add nothing
         student.iem.out.weight.normal_(0.0, 1.0)
     student.save_pretrained(tmp_path / "student")

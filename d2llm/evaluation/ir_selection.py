@@ -34,6 +34,7 @@ from d2llm.evaluation.evaluate import (
     Ranking,
 )
 from d2llm.search import top_k_positions
+from d2llm.teachers.base import log_odds
 from d2llm.teachers.fusion import GRID
 
 if TYPE_CHECKING:
@@ -108,10 +109,10 @@ def teacher_protocols(
         deepest = [[d for d, _ in row[: max(DEPTHS)]] for row in first]
         pairs = [(q, corpus.docs[d]) for q, cand in zip(qtexts, deepest, strict=True) for d in cand]
         logits = teacher.teacher.score(pairs, "asym", show_progress=True).logits
-        log_odds = (logits[:, 0] - logits[:, 1]).double().numpy()
+        odds_all = log_odds(logits)
         per_query, start = [], 0
         for i, cand in enumerate(deepest):
-            per_query.append((log_odds[start : start + len(cand)], doc_cos[i, cand]))
+            per_query.append((odds_all[start : start + len(cand)], doc_cos[i, cand]))
             start += len(cand)
         for depth in DEPTHS:
             for w in (None, *GRID) if weights is not None else (None,):

@@ -42,6 +42,11 @@ class TeacherOutput:
     features: torch.Tensor | None = None  # [N, D]
 
 
+def log_odds(logits: torch.Tensor) -> np.ndarray:
+    """The teacher's yes/no log-odds ``z_yes - z_no`` of logits ``[N, 2]``, as float64 numpy."""
+    return (logits[:, 0] - logits[:, 1]).double().cpu().numpy()
+
+
 def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Teacher probability of "yes": ``softmax(logits / T)[:, 0]``."""
     import torch
@@ -183,11 +188,8 @@ class Teacher(ABC):
 
     def _probe_log_odds(self) -> np.ndarray:
         """``z_yes - z_no`` on the probe pairs of both task kinds, in a fixed order."""
-        parts = []
-        for task, pairs in PROBE_PAIRS.items():
-            logits = self.score(pairs, task, show_progress=False).logits
-            parts.append((logits[:, 0] - logits[:, 1]).double().cpu().numpy())
-        return np.concatenate(parts)
+        scores = [self.score(pairs, task, show_progress=False).logits for task, pairs in PROBE_PAIRS.items()]
+        return np.concatenate([log_odds(logits) for logits in scores])
 
     def describe(self) -> dict[str, Any]:
         """What ``teacher.json`` records besides the weights kind."""

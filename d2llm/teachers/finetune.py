@@ -37,7 +37,7 @@ from d2llm.evaluation.dev import (
 )
 from d2llm.hub import cpu_bf16_autocast
 from d2llm.optim import warmup_decay_scheduler
-from d2llm.teachers.base import Pair, Teacher
+from d2llm.teachers.base import Pair, Teacher, log_odds
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
 from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.fusion import FusedScorer, fit_fusion
@@ -70,7 +70,7 @@ def dev_log_odds(teacher: Teacher, dev_sets: list[DevSet]) -> dict[str, np.ndarr
     out = {}
     for dev in dev_sets:
         logits = teacher.score(dev.pairs, dev.task).logits
-        out[dev.name] = (logits[:, 0] - logits[:, 1]).double().numpy()
+        out[dev.name] = log_odds(logits)
     return out
 
 

@@ -16,9 +16,12 @@ questions with a right and a wrong answer (asym), so that a faithful teacher's s
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from d2llm.evaluation.metrics import pearson
 
 if TYPE_CHECKING:
     from d2llm.config import TaskKind
@@ -58,8 +61,9 @@ PROBE_PAIRS: dict[TaskKind, list[tuple[str, str]]] = {
 
 
 def agreement(before: np.ndarray, after: np.ndarray) -> float:
-    """Pearson r of two score vectors; 1.0 when both are constant and equal, 0.0 when only one is."""
-    before, after = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
-    if before.std() == 0 or after.std() == 0:
+    """Pearson r of two score vectors; where r is undefined (a constant side), 1.0 when both
+    are equal, else 0.0."""
+    r = pearson(before, after)
+    if math.isnan(r):
         return 1.0 if np.allclose(before, after) else 0.0
-    return float(np.corrcoef(before, after)[0, 1])
+    return r

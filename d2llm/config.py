@@ -360,9 +360,12 @@ class LabellingConfig(_Section):
     # Which prepared datasets to build training groups from (train split only). `d2llm mine`
     # reads it; `d2llm label` groups every dataset of the negatives file it is given.
     datasets: list[str] = Field(default_factory=lambda: ["sick", "snli"])
-    # "int8": the teacher labels with int8 dynamically quantised Linear layers (CPU only; faster,
-    # approximate: d2llm.quantization, docs/benchmarks.md); "none": float32 (the paper).
-    quantization: Literal["none", "int8"] = "none"
+    # The teacher's number format on a CPU (GPUs autocast to bf16 anyway), each ~2x faster than
+    # float32 and approximate, each checked on probe pairs before labelling (d2llm.teachers.probe):
+    # "int8": dynamically quantised Linear layers (d2llm.quantization; breaks decoder LLMs);
+    # "bf16": bf16 autocast (needs AVX512-BF16/AMX to be fast; the format LLMs are trained in);
+    # "none": float32 (the paper).
+    quantization: Literal["none", "int8", "bf16"] = "none"
     # Distil a dataset only where the fine-tuned teacher beats the bi-encoder by this many points
     # on its dev split (the teacher's dev report); null: distil every dataset listed.
     min_teacher_gain: float | None = None
@@ -514,9 +517,9 @@ class EvaluationConfig(_Section):
     # D2LLM avoids): BM25, or the bi-encoder (the first stage a fused teacher is built on).
     teacher_rerank_depth: int = Field(default=100, ge=1)
     teacher_first_stage: Literal["bm25", "bi-encoder"] = "bm25"
-    # The teacher's Linear layers dynamically quantised for its test rows ("int8": the teacher as
-    # labelling.quantization: int8 runs it, ~2.5x faster on a CPU, approximate); "none": float32.
-    teacher_quantization: Literal["none", "int8"] = "none"
+    # The teacher's number format for its test rows, as labelling.quantization (int8 or bf16:
+    # ~2x faster on a CPU, approximate, probe-checked); "none": float32.
+    teacher_quantization: Literal["none", "int8", "bf16"] = "none"
     # The fused teacher's weight on IR collections (which have no dev split of their own); None:
     # the mean weight of the asym datasets. Chosen on ir_dev_dataset by `d2llm ir-select`.
     ir_fusion_weight: float | None = Field(default=None, ge=0, le=1)

@@ -397,7 +397,7 @@ def load_systems(
     else:
         teacher = load_teacher(params.teacher, teacher_dir, params.device).quantize(ev.teacher_quantization)
         if ev.teacher_quantization != "none":
-            notes.append(f"teacher scored with {ev.teacher_quantization} dynamic quantisation (as labelling)")
+            notes.append(f"teacher scored in {ev.teacher_quantization} (as labelling), not float32")
         fusion = FusedScorer.load(params, teacher_dir, required=False)
         if fusion is not None:
             fusion.encoder = systems["bi-encoder"]  # the same model: share its vectors

@@ -81,7 +81,8 @@ def load_scoring_teacher(params: Params, teacher_dir: str | Path) -> Teacher:
     if params.labelling.engine == "vllm":
         if params.labelling.quantization != "none":
             raise ConfigError(
-                "labelling.quantization: int8 quantises the transformers teacher on the CPU; "
+                f"labelling.quantization: {params.labelling.quantization} is the transformers teacher's "
+                "number format on the CPU; "
                 "it does not apply to labelling.engine: vllm (set one of them back)"
             )
         from d2llm.teachers.vllm_engine import load_vllm_teacher

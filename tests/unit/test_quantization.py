@@ -183,3 +183,32 @@ def test_cpu_bf16_encodes_close_to_float32_and_changes_nothing_on_other_devices(
 
     assert not isinstance(cpu_bf16_autocast(torch.device("meta"), True), torch.autocast)
     assert not isinstance(cpu_bf16_autocast(torch.device("cpu"), False), torch.autocast)
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_bert_dir", "tiny_llama_dir"])
+def test_bf16_teacher_scores_close_to_float32_and_keeps_its_weights(
+    model_fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """labelling.quantization: bf16 autocasts the forward passes on a CPU: the weights stay
+    float32 and unquantised, the logits move by bf16's rounding only, labels.json says bf16."""
+    kind = "causal_lm" if "llama" in model_fixture else "cross_encoder"
+    cfg = TeacherConfig(kind=kind, model=str(request.getfixturevalue(model_fixture)), max_length=64)
+    pairs = list(zip(TEXTS, TEXTS[1:] + TEXTS[:1], strict=True))
+    torch.manual_seed(0)
+    teacher = load_teacher(cfg, None, "cpu")
+    expected = teacher.score(pairs, "asym").logits
+    assert teacher.scoring_info()["dtype"] == "float32"
+    teacher.quantize("bf16")
+    assert teacher.scoring_info()["dtype"] == "bfloat16 (autocast)"
+    assert all(p.dtype == torch.float32 for m in teacher.modules() for p in m.parameters())
+    assert not any(is_quantized(m) for m in teacher.modules())
+    got = teacher.score(pairs, "asym").logits
+    assert got.dtype == torch.float32 and not torch.equal(got, expected)  # bf16 really rounds
+    d_got, d_exp = got[:, 0] - got[:, 1], expected[:, 0] - expected[:, 1]
+    assert (d_got - d_exp).abs().max() < 0.1 * d_exp.abs().max() + 1e-2
+
+
+def test_unknown_teacher_quantization_is_refused(tiny_bert_dir: Path) -> None:
+    teacher = load_teacher(TeacherConfig(model=str(tiny_bert_dir), max_length=32), None, "cpu")
+    with pytest.raises(ModelError, match="unknown teacher quantization 'fp8'"):
+        teacher.quantize("fp8")

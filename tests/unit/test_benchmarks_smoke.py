@@ -626,6 +626,41 @@ def test_teacher_dev_scores_teachers_and_biencoders_on_the_same_pairs(
     assert (tmp_path / "teacher_dev.json").is_file()
 
 
+def test_teacher_precision_compares_number_formats_on_the_same_pairs(
+    tiny_bert_dir, prepared_dir, saved_models, tmp_path, monkeypatch
+):
+    """float32 agrees with itself and scores what the teacher report scores; bf16 and int8 round
+    (r below 1, still close); a format the probe refuses is reported as refused, not scored."""
+    from benchmarks import teacher_precision
+    from d2llm.config import TeacherConfig
+    from d2llm.evaluation.dev import load_dev_sets
+    from d2llm.teachers.factory import load_teacher
+    from d2llm.teachers.finetune import evaluate_teacher
+
+    _, teacher_dir = saved_models
+    args = [a for a in _tiny_args(tiny_bert_dir, prepared_dir, tmp_path) if a not in ("--repeats", "2")]
+    args += ["--teacher-dir", str(teacher_dir), "--dev", "sick", "trecqa", "--max-pairs", "40"]
+    report = teacher_precision.main(args)
+
+    sets = load_dev_sets(prepared_dir, ["sick", "trecqa"], 40, 42, "validate", 0.5)
+    teacher = load_teacher(
+        TeacherConfig(model=str(tiny_bert_dir), max_length=48, batch_size=4), teacher_dir, "cpu"
+    )
+    expected = evaluate_teacher(teacher, sets)
+    plain, bf16, int8 = (report["formats"][f] for f in ("none", "bf16", "int8"))
+    assert plain["agreement"] == {"sick/ap": pytest.approx(1.0), "trecqa/map": pytest.approx(1.0)}
+    for name in ("sick/ap", "trecqa/map"):
+        assert plain["metrics"][name] == pytest.approx(expected[name], abs=1e-6)
+        for approx in (bf16, int8):
+            assert 0.9 < approx["agreement"][name] < 1.0
+    assert all(r["pairs_per_second"] > 0 for r in report["formats"].values())
+    assert (tmp_path / "teacher_precision.json").is_file()
+
+    monkeypatch.setattr("d2llm.teachers.base.MIN_AGREEMENT", 1.01)  # no approximation can pass
+    refused = teacher_precision.main([*args, "--formats", "none", "bf16"])["formats"]
+    assert "metrics" in refused["none"] and "changes this teacher's judgement" in refused["bf16"]["refused"]
+
+
 def test_ir_decomposition_splits_the_shipped_score_into_vectors_and_interaction(
     tiny_bert_dir, prepared_dir, saved_models, tmp_path
 ):

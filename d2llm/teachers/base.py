@@ -185,12 +185,12 @@ class Teacher(ABC):
         self.quantization = kind
         r = agreement(before, self._probe_log_odds())
         if r < MIN_AGREEMENT:
+            other = ", or try bf16 (probed the same way)" if kind == "int8" else ""
             raise ModelError(
                 f"{kind} quantisation changes this teacher's judgement: its log-odds on "
                 f"{before.size} probe pairs correlate with the float32 ones at r = {r:.2f} (at least "
-                f"{MIN_AGREEMENT} needed), so its labels would be noise. Score it unquantised: set "
-                "labelling.quantization and evaluation.teacher_quantization to none, or to bf16 (probed the "
-                "same way)."
+                f"{MIN_AGREEMENT} needed), so its labels would be noise. Score it in float32: set "
+                f"labelling.quantization and evaluation.teacher_quantization to none{other}."
             )
         log.info("%s teacher: log-odds agree with float32 at r = %.3f on the probe pairs", kind, r)
         return self

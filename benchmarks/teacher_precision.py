@@ -45,7 +45,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def score_format(teacher: Any, fmt: str, sets: list[Any]) -> dict[str, Any]:
-    """``teacher`` (a float32 copy) in ``fmt``: its log-odds per dev set and the pairs/s of scoring them."""
+    """``teacher`` (float32, changed in place) in ``fmt``: log-odds per dev set and pairs/s scoring them."""
     from d2llm.errors import ModelError
     from d2llm.teachers.finetune import dev_log_odds
 
@@ -68,10 +68,11 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
 
     sets = dev_sample(args, params)
     base = load_teacher(params.teacher, args.teacher_dir, params.device)
-    reference = score_format(copy.deepcopy(base), "none", sets)["log_odds"]
+    float32 = score_format(base, "none", sets)  # "none" leaves ``base`` as it is: the reference
+    reference = float32["log_odds"]
     formats: dict[str, Any] = {}
     for fmt in args.formats:
-        scored = score_format(copy.deepcopy(base), fmt, sets)
+        scored = float32 if fmt == "none" else score_format(copy.deepcopy(base), fmt, sets)
         if "refused" in scored:
             formats[fmt] = scored
             continue

@@ -35,17 +35,30 @@ _READ_ONLY = {"index", "search", "ir-select"}
 @dataclass(frozen=True)
 class _AtLayout:
     """An argument's default: a path of the preset's layout (``Layout.of(params)``, so under the
-    params' ``artifacts_dir``), filled in by ``main`` once the params are read."""
+    params' ``artifacts_dir``), filled in by ``main`` once the params are read.
 
-    attr: str
+    ``inside=(argument, name)``: when that other argument is given on the command line, this one
+    defaults to ``<its value>/name`` instead. A run into another folder (``train --out-dir``)
+    keeps its reports there and never overwrites the pipeline's (which DVC tracks and
+    ``register`` reads). ``attr=None``: no layout default (the command decides).
+    """
+
+    attr: str | None
     child: str | None = None
+    inside: tuple[str, str] | None = None
 
-    def resolve(self, paths: Layout) -> Path:
+    def resolve(self, paths: Layout, given: dict[str, Any]) -> Path | None:
+        if self.inside is not None and given.get(self.inside[0]) is not None:
+            return Path(given[self.inside[0]]) / self.inside[1]
+        if self.attr is None:
+            return None
         path = getattr(paths, self.attr)
         return path / self.child if self.child else path
 
     def __str__(self) -> str:  # what --help shows
-        return f"{self.resolve(layout.DEFAULT)} under artifacts_dir"
+        if self.attr is None:
+            return "set by the command"
+        return f"{self.resolve(layout.DEFAULT, {})} under artifacts_dir"
 
 
 def command(name: str, help: str) -> Callable[[Command], Command]:
@@ -154,13 +167,18 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out-dir", type=Path, default=_AtLayout("student_dir"), help="where the best student goes"
     )
-    p.add_argument("--metrics", type=Path, default=_AtLayout("train_metrics"), help="training summary JSON")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=_AtLayout("train_metrics", inside=("out_dir", "train_metrics.json")),
+        help="training summary JSON (default: reports/, or <out-dir>/train_metrics.json with --out-dir)",
+    )
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint")
     p.add_argument(
         "--plots-dir",
         type=Path,
-        default=_AtLayout("plots_dir"),
-        help="dev metric and loss curves (JSON lists)",
+        default=_AtLayout("plots_dir", inside=("out_dir", "plots")),
+        help="dev metric and loss curves (JSON lists; <out-dir>/plots with --out-dir)",
     )
 
 
@@ -198,7 +216,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student (or skipped)"
     )
-    p.add_argument("--output", type=Path, help="metrics JSON (default: evaluation.output)")
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=_AtLayout(None, inside=("student_dir", "metrics.json")),
+        help="metrics JSON (default: evaluation.output, or <student-dir>/metrics.json with --student-dir)",
+    )
     p.add_argument("--plot", type=Path, help="also draw the gains over the bi-encoder to this PNG")
 
 
@@ -388,7 +411,10 @@ def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
     p.add_argument("--out-dir", type=Path, default=_AtLayout("teacher_dir"), help="saved teacher folder")
     p.add_argument(
-        "--metrics", type=Path, default=_AtLayout("teacher_metrics"), help="fine-tuning report JSON"
+        "--metrics",
+        type=Path,
+        default=_AtLayout("teacher_metrics", inside=("out_dir", "teacher_metrics.json")),
+        help="fine-tuning report JSON (default: reports/, or <out-dir>/teacher_metrics.json with --out-dir)",
     )
 
 
@@ -479,7 +505,13 @@ def _with_settings(params: Params, changes: dict[str, Any]) -> Params:
 def _register_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--student-dir", type=Path, default=_AtLayout("student_dir"), help="saved student")
     p.add_argument("--index-dir", type=Path, help="a search index built by this student (optional)")
-    p.add_argument("--metrics", type=Path, help="evaluation results JSON (default: evaluation.output)")
+    p.add_argument(
+        "--metrics",
+        type=Path,
+        default=_AtLayout(None, inside=("student_dir", "metrics.json")),
+        help="evaluation results JSON (default: evaluation.output; <student-dir>/metrics.json when "
+        "--student-dir is given), recorded when the file exists",
+    )
 
 
 @command("register", "log the student as an MLflow pyfunc model and register a new version")
@@ -487,7 +519,9 @@ def _register_args(p: argparse.ArgumentParser) -> None:
 def cmd_register(args: argparse.Namespace, params: Params) -> int:
     from d2llm.tracking.registry import register_student
 
-    metrics = args.metrics or (params.evaluation.output if params.evaluation.output.is_file() else None)
+    metrics = args.metrics or params.evaluation.output
+    if metrics in (params.evaluation.output, args.student_dir / "metrics.json") and not metrics.is_file():
+        metrics = None  # the default report does not exist (not evaluated): registered without metrics
     version = register_student(params, args.student_dir, args.index_dir, metrics)
     print(f"registered {version.name} version {version.version} (metrics: {metrics or 'none'})")
     return 0
@@ -552,6 +586,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_default_paths(args: argparse.Namespace, params: Params) -> argparse.Namespace:
+    """In place: every path argument left at its layout default becomes that path (``_AtLayout``)."""
+    paths = Layout.of(params)
+    # Paths given on the command line (a layout default may follow one of them).
+    given = {key: value for key, value in vars(args).items() if not isinstance(value, _AtLayout)}
+    for key, value in vars(args).items():
+        if isinstance(value, _AtLayout):
+            setattr(args, key, value.resolve(paths, given))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -563,10 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         params = load_params(args.params, dict(args.overrides))
-        paths = Layout.of(params)
-        for key, value in vars(args).items():
-            if isinstance(value, _AtLayout):
-                setattr(args, key, value.resolve(paths))
+        resolve_default_paths(args, params)
         run = _COMMANDS[args.command][0]
         from d2llm.lock import pipeline_lock
 

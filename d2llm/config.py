@@ -465,6 +465,10 @@ class TrainingConfig(_Section):
     # Learning rate of the PMA and IEM heads; None: the same as ``lr`` (the paper's single rate).
     # Small backbones keep their pretrained geometry better with a low LoRA rate and faster heads.
     head_lr: float | None = Field(default=None, gt=0)
+    # Learning rate of the IEM alone; None: ``head_lr`` (or ``lr``). The IEM's output layer starts
+    # at zero (``student.iem.residual: cosine``), so at the LoRA's rate its interaction stays a
+    # small part of the score after a short run; the PMA shapes the vectors and is kept slower.
+    iem_lr: float | None = Field(default=None, gt=0)
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)

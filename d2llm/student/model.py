@@ -170,18 +170,21 @@ class D2LLMStudent(nn.Module):
         return [(name, p) for name, p in self.named_parameters() if p.requires_grad]
 
     def configure_optimizers(self, cfg: TrainingConfig) -> torch.optim.AdamW:
-        """AdamW over the trainable weights: the PMA and IEM heads at ``training.head_lr`` (or
-        ``lr`` when unset) and the backbone's LoRA weights at ``training.lr``.
+        """AdamW over the trainable weights: the PMA at ``training.head_lr``, the IEM at
+        ``training.iem_lr`` (or ``head_lr``), and the backbone's LoRA weights at ``training.lr``
+        (every unset rate falls back to ``lr``, the paper's single rate).
 
         The heads start from scratch while LoRA nudges pretrained weights, so a small backbone
-        keeps its geometry better with a low LoRA rate and faster heads.
+        keeps its geometry better with a low LoRA rate and faster heads. The IEM only scores
+        pairs of finished vectors; its zero-initialised output layer grows slowly at LoRA's rate.
         """
-        heads, backbone = [], []
+        head_lr = cfg.head_lr or cfg.lr
+        rates = {"pma.": head_lr, "iem.": cfg.iem_lr or head_lr, "": cfg.lr}  # by name prefix
+        params: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in rates}
         for name, param in self.trainable_parameters():
-            (heads if name.startswith(("pma.", "iem.")) else backbone).append(param)
-        groups: list[dict[str, Any]] = [{"params": heads, "lr": cfg.head_lr or cfg.lr}]
-        if backbone:
-            groups.append({"params": backbone, "lr": cfg.lr})
+            prefix = next(p for p in rates if name.startswith(p))
+            params[prefix].append(param)
+        groups = [{"params": group, "lr": rates[prefix]} for prefix, group in params.items() if group]
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     # ------------------------------------------------------------------ encoding

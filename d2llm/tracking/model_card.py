@@ -285,6 +285,8 @@ def _recipe_lines(params: Params, labelled: Mapping[str, int] | None) -> list[st
     groups = "labelled groups not read" if labelled is None else f"{sum(labelled.values())} labelled groups"
     gate = "off" if lab.min_teacher_gain is None else f"teacher gain >= {lab.min_teacher_gain:g} on dev"
     head_lr = "same" if tr.head_lr is None else f"{tr.head_lr:g}"
+    if tr.iem_lr is not None:
+        head_lr = f"PMA {head_lr}, IEM {tr.iem_lr:g}"
     steps = f", at most {tr.max_steps} steps" if tr.max_steps else ""
     return [
         f"- **Losses**: CI ({loss.ci_variant}, alpha {loss.alpha:g}), RI (beta {loss.beta:g}, gamma "

@@ -387,3 +387,26 @@ def test_merged_student_takes_the_configured_iem_dtype(tiny_bert_dir: Path, tmp_
     assert got.dtype == torch.float32
     # A few bf16 roundings of 8 branch units: within 3% of the largest logit (float32: 1e-5).
     torch.testing.assert_close(got, expected, atol=0.03 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    ("rates", "expected"),
+    [
+        ({}, (1e-4, 1e-4, 1e-4)),  # the paper: one rate
+        ({"head_lr": 3e-4}, (3e-4, 3e-4, 1e-4)),
+        ({"iem_lr": 1e-3}, (1e-4, 1e-3, 1e-4)),
+        ({"head_lr": 3e-4, "iem_lr": 1e-3}, (3e-4, 1e-3, 1e-4)),
+    ],
+)
+def test_optimiser_rates_per_part(tiny_bert_dir: Path, rates: dict, expected: tuple) -> None:
+    from d2llm.config import TrainingConfig
+
+    student = _student(tiny_bert_dir)
+    optimiser = student.configure_optimizers(TrainingConfig(lr=1e-4, **rates))
+    rate_of = {id(p): group["lr"] for group in optimiser.param_groups for p in group["params"]}
+    by_part = {"pma": set(), "iem": set(), "lora": set()}
+    for name, param in student.trainable_parameters():
+        part = name.split(".")[0] if name.startswith(("pma.", "iem.")) else "lora"
+        by_part[part].add(rate_of[id(param)])
+    assert (by_part["pma"], by_part["iem"], by_part["lora"]) == tuple({rate} for rate in expected)
+    assert sum(len(g["params"]) for g in optimiser.param_groups) == len(student.trainable_parameters())

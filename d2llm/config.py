@@ -502,7 +502,23 @@ class TrainingConfig(_Section):
     # datasets in a seeded order, a small dataset's groups repeated, so each dataset gets an
     # equal share of the steps; an epoch keeps its length).
     group_sampling: Literal["shuffle", "balanced"] = "shuffle"
+    # At each dev evaluation the IEM is also scored at ``start + w (trained - start)`` for each w
+    # here (its weights moved along their training direction, w > 1 beyond it; the vectors are
+    # the step's own, encoded once), and the best (step, w) under the same mean and guard is the
+    # student kept. [1.0]: the IEM as trained (the paper). In a short run the IEM, whose output
+    # layer starts at zero, lags the vectors it scores (docs/results.md, "The IEM lags").
+    iem_weights: list[float] = Field(default_factory=lambda: [1.0], min_length=1)
     distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _check_iem_weights(self) -> TrainingConfig:
+        weights = self.iem_weights
+        if 1.0 not in weights or len(set(weights)) != len(weights) or min(weights) <= 0:
+            raise ValueError(
+                f"training.iem_weights must be distinct positive numbers that include 1.0 (the IEM as "
+                f"trained), got {weights}"
+            )
+        return self
 
 
 class EvaluationConfig(_Section):

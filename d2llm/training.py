@@ -18,7 +18,8 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -75,22 +76,52 @@ def evaluate_dev(student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int 
     family by hurting another by as much is not taken as progress (``Distiller`` replaces it by
     ``dev_mean`` when the sets are weighed by task kind).
     """
+    return score_dev(student, dev_sets, encode_dev(student, dev_sets, batch_size))
+
+
+def encode_dev(
+    student: D2LLMStudent, dev_sets: list[DevSet], batch_size: int = 64
+) -> dict[str, torch.Tensor]:
+    """The student's vector of every distinct text of the dev sets, encoded once (SICK and SICK-R
+    share their pairs; answer-selection questions repeat for each candidate)."""
+    texts = sorted({text for dev in dev_sets for pair in dev.pairs for text in pair})
     was_training = student.training
     student.eval()
-    # Every distinct text of every set is encoded once (SICK and SICK-R share their pairs;
-    # answer-selection questions repeat for each candidate).
-    texts = sorted({text for dev in dev_sets for pair in dev.pairs for text in pair})
-    row = {text: i for i, text in enumerate(texts)}
-    out = {}
     with torch.no_grad():
         vectors = student.encode(texts, batch_size=batch_size)
+    student.train(was_training)
+    return dict(zip(texts, vectors, strict=True))
+
+
+def score_dev(
+    student: D2LLMStudent, dev_sets: list[DevSet], vectors: dict[str, torch.Tensor]
+) -> dict[str, float]:
+    """``evaluate_dev`` from vectors already encoded (``encode_dev``): only the IEM runs."""
+    out = {}
+    with torch.no_grad():
         for dev in dev_sets:
-            e_a = vectors[[row[a] for a, _ in dev.pairs]]
-            e_b = vectors[[row[b] for _, b in dev.pairs]]
+            e_a = torch.stack([vectors[a] for a, _ in dev.pairs])
+            e_b = torch.stack([vectors[b] for _, b in dev.pairs])
             scores = student.score_vectors(e_a, e_b, dev.family).float().cpu().numpy()
             out[dev.name] = dev_score(dev, scores)
-    student.train(was_training)
     return {**out, "main": mean_metric(out)}
+
+
+@contextmanager
+def iem_moved(iem: Any, start: dict[str, torch.Tensor], weight: float) -> Iterator[None]:
+    """Inside the block the IEM is at ``start + weight (trained - start)`` (``training.iem_weights``);
+    its trained weights are back after it, in the same tensors (the optimiser keeps them)."""
+    if weight == 1.0:
+        yield
+        return
+    from d2llm.student.iem import move_iem_
+
+    trained = {name: value.detach().clone() for name, value in iem.state_dict().items()}
+    move_iem_(iem, start, trained, weight)
+    try:
+        yield
+    finally:
+        iem.load_state_dict(trained)
 
 
 def regressions(
@@ -291,6 +322,7 @@ class TrainResult:
     stopped_early: bool
     seconds: float
     history: list[dict[str, Any]] = field(default_factory=list)
+    iem_weight: float = 1.0  # the kept student's IEM weight (training.iem_weights)
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "history"}
@@ -311,6 +343,7 @@ class LoopState:
     micro: int = 0  # groups consumed so far (by all ranks) in the seeded epoch order
     best_metric: float | None = None
     best_step: int = 0
+    best_iem_weight: float = 1.0
     initial_metric: float | None = None
     initial_per_set: dict[str, float] = field(default_factory=dict)
     bad_evals: int = 0
@@ -410,6 +443,9 @@ class Distiller:
             self.student.enable_gradient_checkpointing()
         self.loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
         self.trainable = dict(self.student.trainable_parameters())
+        # The IEM's initial weights (seeded, so a resumed run rebuilds the same): training.iem_weights
+        # moves the IEM along the line from them to its trained weights.
+        self.iem_start = {k: v.detach().clone() for k, v in self.student.iem.state_dict().items()}
         self.optimizer = self.student.configure_optimizers(cfg)
 
         self.shard_groups = ranks.enabled and cfg.distributed.mode == "global_batch"
@@ -489,34 +525,63 @@ class Distiller:
 
     def _evaluate_and_keep_best(self) -> bool:
         state = self.state
-        measured = evaluate_dev(self.student, [*self.dev_sets, *self.watch_sets])
-        per_set = {dev.name: measured[dev.name] for dev in self.dev_sets}
+        sets = [*self.dev_sets, *self.watch_sets]
+        vectors = encode_dev(self.student, sets)
+        measured: dict[float, dict[str, float]] = {}  # per IEM weight (training.iem_weights)
+        for weight in self.cfg.iem_weights:
+            with iem_moved(self.student.iem, self.iem_start, weight):
+                measured[weight] = score_dev(self.student, sets, vectors)
+        per_set = {dev.name: measured[1.0][dev.name] for dev in self.dev_sets}
         metric = dev_mean(per_set, self.dev_sets, self.cfg.dev_mean)
         record = {"step": state.step, "dev_metric": metric, "lr": self.scheduler.get_last_lr()[0]}
         record.update({f"dev/{name}": value for name, value in per_set.items()})
         # Watched sets are reported, never selected on (training.watch_datasets).
-        record.update({f"watch/{dev.name}": measured[dev.name] for dev in self.watch_sets})
+        record.update({f"watch/{dev.name}": measured[1.0][dev.name] for dev in self.watch_sets})
         state.history.append(record)
         if state.initial_metric is None:
             state.initial_metric, state.initial_per_set = metric, per_set
         regressed = regressions(per_set, state.initial_per_set, self.cfg.dev_tolerance)
         if regressed:
             record["regressed"] = regressed
-        if state.best_metric is None or (metric > state.best_metric and not regressed):
-            state.best_metric, state.best_step, state.bad_evals = metric, state.step, 0
-            self.student.save_pretrained(self.out_dir)
+        weight, best = self._best_iem_weight(measured, record)
+        if state.best_metric is None or (best is not None and best > state.best_metric):
+            state.best_metric, state.best_step, state.bad_evals = best or metric, state.step, 0
+            state.best_iem_weight = weight
+            with iem_moved(self.student.iem, self.iem_start, weight):
+                self.student.save_pretrained(self.out_dir)
         else:
             state.bad_evals += 1
         log.info(
-            "step %d: dev mean %.2f %s%s (best %.2f at step %d)",
+            "step %d: dev mean %.2f %s%s%s (best %.2f at step %d%s)",
             state.step,
             metric,
             {name: round(value, 2) for name, value in per_set.items()},
             f"; not kept, below the start on {sorted(regressed)}" if regressed else "",
+            f"; IEM weight {weight:g}: {best:.2f}" if weight != 1.0 and best is not None else "",
             state.best_metric,
             state.best_step,
+            f", IEM weight {state.best_iem_weight:g}" if state.best_iem_weight != 1.0 else "",
         )
         return state.bad_evals >= self.cfg.patience
+
+    def _best_iem_weight(
+        self, measured: dict[float, dict[str, float]], record: dict[str, Any]
+    ) -> tuple[float, float | None]:
+        """The IEM weight with the highest dev mean among those that pass the guard, and that mean
+        (None: every weight regressed). The trained IEM (1.0) wins ties. Recorded in ``record``."""
+        best: tuple[float, float | None] = (1.0, None)
+        means = {}
+        for weight in sorted(measured, key=lambda w: w != 1.0):
+            per_set = {dev.name: measured[weight][dev.name] for dev in self.dev_sets}
+            means[weight] = mean = dev_mean(per_set, self.dev_sets, self.cfg.dev_mean)
+            if regressions(per_set, self.state.initial_per_set, self.cfg.dev_tolerance):
+                continue
+            if best[1] is None or mean > best[1]:
+                best = (weight, mean)
+        if len(measured) > 1:
+            record["iem_weights"] = {f"{w:g}": value for w, value in sorted(means.items())}
+            record["iem_weight"] = best[0]
+        return best
 
     # ------------------------------------------------------------------ training
 
@@ -643,6 +708,7 @@ def train_student(
             stopped_early=state.stopped_early,
             seconds=time.perf_counter() - started,
             history=state.history,
+            iem_weight=state.best_iem_weight,
         )
         if ranks.is_main:
             write_json(

@@ -179,3 +179,14 @@ class IEM(nn.Module):
                 cols.append(z)
             rows.append(torch.cat(cols, dim=1))
         return torch.cat(rows, dim=0)
+
+
+def move_iem_(iem: IEM, start: dict[str, Tensor], end: dict[str, Tensor], weight: float) -> None:
+    """In place: every IEM weight becomes ``start + weight * (end - start)`` (``state_dict`` keys).
+
+    ``weight`` 0 is the start (with ``residual="cosine"``: the bi-encoder's cosine), 1 the end,
+    above 1 beyond it along the same line (d2llm.training, ``training.iem_weights``).
+    """
+    with torch.no_grad():
+        for name, param in iem.state_dict(keep_vars=True).items():
+            param.copy_(start[name] + weight * (end[name] - start[name]))

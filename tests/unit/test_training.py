@@ -167,6 +167,77 @@ def test_training_keeps_the_best_dev_model_after_a_learnable_gain(
     assert (tmp_path / "student" / "training_history.json").is_file()
 
 
+def test_iem_weights_keep_the_best_step_and_weight(
+    rule_workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """training.iem_weights: every evaluation also scores the IEM moved along its training line;
+    the kept student is the best (step, weight) pair, saved with its IEM at that weight, and the
+    run's dev curve stays the trained IEM's (w = 1)."""
+    from d2llm.student.model import D2LLMStudent
+    from d2llm.training import evaluate_dev, load_training_dev_sets, train_student
+
+    weights = [1.0, 1.5, 3.0]
+    params = _rule_params(
+        tiny_bert_dir, max_steps=2, eval_every=1, lr=1e-2, warmup_ratio=0.0, iem_weights=weights
+    )
+    result = train_student(params, rule_workspace["labels"], rule_workspace["prepared"], tmp_path / "student")
+
+    evals = [h for h in result.history if "dev_metric" in h]
+    assert [h["step"] for h in evals] == [0, 1, 2]
+    for record in evals:
+        assert set(record["iem_weights"]) == {"1", "1.5", "3"}
+        assert record["iem_weights"]["1"] == record["dev_metric"]
+        assert record["iem_weight"] in weights
+    assert len(set(evals[0]["iem_weights"].values())) == 1  # at step 0 the IEM is its start
+    best = max(max(h["iem_weights"].values()) for h in evals)
+    assert result.best_metric == pytest.approx(best)
+    assert result.iem_weight == next(h["iem_weight"] for h in evals if h["step"] == result.best_step)
+    # Two steps in, the IEM lags: a moved one is kept (observed: weight 3 at step 2), so the
+    # check below reads a student saved with its IEM moved.
+    assert result.iem_weight != 1.0, evals
+    saved = D2LLMStudent.from_pretrained(tmp_path / "student")
+    dev_sets = load_training_dev_sets(params, rule_workspace["prepared"])
+    assert evaluate_dev(saved, dev_sets)["main"] == pytest.approx(result.best_metric, abs=1e-4)
+
+
+def test_iem_moved_goes_along_the_line_and_restores_the_same_tensors() -> None:
+    from d2llm.student.iem import IEM
+    from d2llm.training import iem_moved
+
+    torch.manual_seed(0)
+    iem = IEM(8, hidden_size=6, branch_size=4, residual="cosine")
+    start = {k: v.clone() for k, v in iem.state_dict().items()}
+    with torch.no_grad():
+        for param in iem.parameters():
+            param.add_(torch.randn_like(param))
+    trained = {k: v.clone() for k, v in iem.state_dict().items()}
+    tensors = {k: v.data_ptr() for k, v in iem.state_dict().items()}
+    for weight in (0.0, 0.5, 2.0):
+        with iem_moved(iem, start, weight):
+            for name, value in iem.state_dict().items():
+                expected = start[name] + weight * (trained[name] - start[name])
+                assert torch.allclose(value, expected, atol=1e-6), (weight, name)
+        for name, value in iem.state_dict().items():
+            assert torch.equal(value, trained[name]) and value.data_ptr() == tensors[name]
+    # The cosine residual's start: the output layer is zero, so weight 0 scores the cosine alone.
+    e_a, e_b = torch.randn(5, 8), torch.randn(5, 8)
+    with iem_moved(iem, start, 0.0):
+        z, _ = iem(e_a, e_b, "asym")
+    cosine = torch.nn.functional.cosine_similarity(e_a, e_b)
+    assert torch.allclose(z, start["cosine_scale"] * cosine, atol=1e-5)
+
+
+def test_iem_weights_must_include_the_trained_iem() -> None:
+    from pydantic import ValidationError
+
+    from d2llm.config import TrainingConfig
+
+    for bad in ([1.5, 2.0], [1.0, 1.0], [1.0, 0.0]):
+        with pytest.raises(ValidationError, match="iem_weights"):
+            TrainingConfig(iem_weights=bad)
+    assert TrainingConfig(iem_weights=[2.0, 1.0]).iem_weights == [2.0, 1.0]
+
+
 def test_training_under_cpu_bf16_still_learns(
     rule_workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
 ) -> None:

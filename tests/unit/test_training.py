@@ -598,6 +598,14 @@ def test_interpolate_student_script_runs_from_the_bi_encoder_to_the_trained_stud
     script.interpolate_(trainable, init, trained, 0.25)
     assert trainable["pma.q"].tolist() == [1.0, 1.0, 1.0]
     assert trainable["x.lora_A.w"].tolist() == [3.0, 3.0] and trainable["x.lora_B.w"].tolist() == [0.25, 0.25]
+    init["iem.w"], trained["iem.w"], trainable["iem.w"] = (
+        torch.zeros(1),
+        torch.ones(1),
+        torch.nn.Parameter(torch.zeros(1)),
+    )
+    script.interpolate_(trainable, init, trained, 2.0, parts=["iem"])  # only the IEM moves
+    assert trainable["iem.w"].tolist() == [2.0] and trainable["pma.q"].tolist() == [4.0, 4.0, 4.0]
+    assert trainable["x.lora_B.w"].tolist() == [1.0, 1.0]
 
     params = _params(tiny_bert_dir)
     params_file = tmp_path / "params.yaml"

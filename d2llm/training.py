@@ -545,7 +545,8 @@ class Distiller:
             record["regressed"] = regressed
         weight, best = self._best_iem_weight(measured, record)
         if state.best_metric is None or (best is not None and best > state.best_metric):
-            state.best_metric, state.best_step, state.bad_evals = best or metric, state.step, 0
+            kept = metric if best is None else best  # step 0 is kept whatever the guard says
+            state.best_metric, state.best_step, state.bad_evals = kept, state.step, 0
             state.best_iem_weight = weight
             with iem_moved(self.student.iem, self.iem_start, weight):
                 self.student.save_pretrained(self.out_dir)

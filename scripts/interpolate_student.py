@@ -40,12 +40,7 @@ def trained_ends(run_dir: Path) -> Iterator[tuple[str, dict[str, Any]]]:
         yield "last", {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
 
 
-PARTS = ("lora", "pma", "iem")
-
-
-def part_of(name: str) -> str:
-    """The student part a trainable weight belongs to: ``pma``, ``iem`` or ``lora``."""
-    return name.split(".")[0] if name.startswith(("pma.", "iem.")) else "lora"
+PARTS = ("lora", "pma", "iem")  # what d2llm.student.model.trainable_part returns
 
 
 def interpolate_(
@@ -59,10 +54,12 @@ def interpolate_(
     of the parts not in ``parts`` are the trained ones."""
     import torch
 
+    from d2llm.student.model import trainable_part
+
     with torch.no_grad():
         for name, param in trainable.items():
             weight = trained[name].to(param.dtype)
-            a = alpha if part_of(name) in parts else 1.0
+            a = alpha if trainable_part(name) in parts else 1.0
             if "lora_A" in name:
                 param.copy_(weight)  # the delta B A is scaled through B alone
             else:

@@ -179,12 +179,11 @@ class D2LLMStudent(nn.Module):
         pairs of finished vectors; its zero-initialised output layer grows slowly at LoRA's rate.
         """
         head_lr = cfg.head_lr or cfg.lr
-        rates = {"pma.": head_lr, "iem.": cfg.iem_lr or head_lr, "": cfg.lr}  # by name prefix
-        params: dict[str, list[nn.Parameter]] = {prefix: [] for prefix in rates}
+        rates = {"pma": head_lr, "iem": cfg.iem_lr or head_lr, "lora": cfg.lr}
+        params: dict[str, list[nn.Parameter]] = {part: [] for part in rates}
         for name, param in self.trainable_parameters():
-            prefix = next(p for p in rates if name.startswith(p))
-            params[prefix].append(param)
-        groups = [{"params": group, "lr": rates[prefix]} for prefix, group in params.items() if group]
+            params[trainable_part(name)].append(param)
+        groups = [{"params": group, "lr": rates[part]} for part, group in params.items() if group]
         return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
 
     # ------------------------------------------------------------------ encoding
@@ -381,6 +380,12 @@ class D2LLMStudent(nn.Module):
         if device is not None:
             student.to(device)
         return student.eval()
+
+
+def trainable_part(name: str) -> str:
+    """The part a trainable weight (a ``trainable_parameters`` name) belongs to: ``pma``, ``iem``
+    or ``lora`` (the backbone's adapters; the backbone itself never trains)."""
+    return name.split(".")[0] if name.startswith(("pma.", "iem.")) else "lora"
 
 
 def inference_options(cfg: StudentConfig) -> dict[str, str]:

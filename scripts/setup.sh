@@ -3,6 +3,9 @@
 # Idempotent: a stamp keyed on pyproject.toml skips the install when nothing changed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# No pip wheel cache: the venv alone is ~2.7 GB (torch, Ray); caching every wheel beside it
+# doubles what a set-up writes, and a CI machine short of disk failed on exactly that.
+export PIP_NO_CACHE_DIR=1
 
 PYTHON=${PYTHON:-python3}
 VENV=${VENV:-.venv}

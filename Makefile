@@ -32,7 +32,7 @@ data: setup
 run: setup
 	$(VENV)/bin/python -m flows.pipeline
 
-# The bigger CPU recipe (more teacher data and QA groups; about 54 min on 2 cores, measured): its artefacts
+# The bigger CPU recipe (more teacher data and QA groups; 54-58 min on 2 cores, measured): its artefacts
 # under outputs/cpu-best/, its own registered model (d2llm-student-cpu-best).
 run-cpu-best: setup
 	$(VENV)/bin/python -m flows.pipeline --params configs/cpu-best.yaml

@@ -232,7 +232,8 @@ class TeacherFinetuneConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     max_steps: int | None = Field(default=None, ge=1)  # stop early (smoke runs); None: epochs decide
     # bf16 autocast for the fine-tuning steps on a CPU (~1.3x where it has AVX512-BF16 or AMX;
-    # approximate). The weights stay float32; dev scoring and labelling are unchanged.
+    # approximate; float32 on CPUs without bf16 arithmetic: d2llm.hub.cpu_bf16_allowed). The
+    # weights stay float32; dev scoring and labelling are unchanged.
     cpu_bf16: bool = False
     max_dev_pairs: int | None = Field(default=2000, ge=1)  # per dataset, for the before/after eval
     # Score the dev sets before the first step too (the "before" of the report, and epoch 0 may
@@ -363,7 +364,8 @@ class LabellingConfig(_Section):
     # The teacher's number format on a CPU (GPUs autocast to bf16 anyway), each ~2x faster than
     # float32 and approximate, each checked on probe pairs before labelling (d2llm.teachers.probe):
     # "int8": dynamically quantised Linear layers (d2llm.quantization; breaks decoder LLMs);
-    # "bf16": bf16 autocast (needs AVX512-BF16/AMX to be fast; the format LLMs are trained in);
+    # "bf16": bf16 autocast (the format LLMs are trained in; on CPUs without AVX512-BF16/AMX/Arm
+    # BF16 it runs in float32 instead, d2llm.hub.cpu_bf16_allowed);
     # "none": float32 (the paper).
     quantization: Literal["none", "int8", "bf16"] = "none"
     # Distil a dataset only where the fine-tuned teacher beats the bi-encoder by this many points
@@ -419,9 +421,10 @@ class StudentConfig(_Section):
     inference_quantization: Literal["none", "int8"] = "none"
     # bf16 autocast on a CPU for the backbone's forward passes: the student (training, encoding,
     # search) and the same backbone read as the bi-encoder (mining, baseline rows, fusion). About
-    # 1.8x faster encoding and 1.3x faster training on CPUs with AVX512-BF16 or AMX (slower on
-    # CPUs without them); approximate (vectors agree with float32 to cosine 0.9999). false:
-    # float32, exact. On CUDA, training.bf16 decides.
+    # 1.8x faster encoding and 1.3x faster training on CPUs with AVX512-BF16 or AMX; CPUs without
+    # bf16 arithmetic run float32 instead (emulated bf16 is 6-18x slower there;
+    # d2llm.hub.cpu_bf16_allowed, $D2LLM_CPU_BF16); approximate (vectors agree with float32 to
+    # cosine 0.9999). false: float32, exact. On CUDA, training.bf16 decides.
     cpu_bf16: bool = False
 
 

@@ -38,3 +38,10 @@ def raw_data_in_place() -> Path:
     raw = REPO / "data" / "raw"
     fetch_data(catalog, catalog.sources, raw, mirror_places(root=REPO), progress=False, record=False)
     return raw
+
+
+@pytest.fixture
+def cpu_bf16_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 on the CPU whatever this CPU has (``$D2LLM_CPU_BF16=on``): the tests of the bf16 path
+    check that it really rounds, which a CPU without bf16 arithmetic would run in float32."""
+    monkeypatch.setenv("D2LLM_CPU_BF16", "on")

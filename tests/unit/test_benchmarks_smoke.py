@@ -9,6 +9,7 @@ expected keys and positive timings, and that the derived numbers follow from the
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -626,6 +627,7 @@ def test_teacher_dev_scores_teachers_and_biencoders_on_the_same_pairs(
     assert (tmp_path / "teacher_dev.json").is_file()
 
 
+@pytest.mark.usefixtures("cpu_bf16_on")
 def test_teacher_precision_compares_number_formats_on_the_same_pairs(
     tiny_bert_dir, prepared_dir, saved_models, tmp_path, monkeypatch
 ):
@@ -691,3 +693,26 @@ def test_ir_decomposition_splits_the_shipped_score_into_vectors_and_interaction(
     plain_student, _ = saved_models  # residual "none"
     with pytest.raises(SystemExit, match="residual: cosine"):
         ir_decomposition.main([*args, "--student-dir", str(plain_student)])
+
+
+def test_cpu_bf16_times_both_formats_whatever_the_cpu_has(tiny_bert_dir, prepared_dir, tmp_path, monkeypatch):
+    """Both formats are timed (each forced through $D2LLM_CPU_BF16, restored after), with what
+    d2llm would choose on this CPU beside them."""
+    from benchmarks import cpu_bf16
+    from d2llm.hub import cpu_has_bf16
+
+    monkeypatch.setenv("D2LLM_CPU_BF16", "auto")
+    args = _tiny_args(tiny_bert_dir, prepared_dir, tmp_path)
+    cpu_bf16.main([*args, "--texts", "8", "--steps", "2", "--batch-size", "4", "--repeats", "1"])
+    report = _read_json(tmp_path / "cpu_bf16.json")
+    assert set(report["seconds"]) == {"encode float32", "encode bf16", "train float32", "train bf16"}
+    assert all(s > 0 for s in report["seconds"].values())
+    assert report["bf16_speedup"]["encode"] == pytest.approx(
+        report["seconds"]["encode float32"] / report["seconds"]["encode bf16"]
+    )
+    assert report["texts_per_second"]["bf16"] == pytest.approx(8 / report["seconds"]["encode bf16"])
+    assert report["cpu_has_bf16"] is cpu_has_bf16()
+    assert report["d2llm_chooses"] == ("bf16" if cpu_has_bf16() else "float32")
+    assert os.environ["D2LLM_CPU_BF16"] == "auto"  # put back
+    with pytest.raises(SystemExit, match="--texts"):
+        cpu_bf16.main([*args, "--texts", "0"])

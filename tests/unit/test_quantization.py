@@ -144,6 +144,7 @@ def test_labels_written_before_the_quantization_key_count_as_float32(tmp_path: P
         prepare_out_dir(tmp_path, int8, overwrite=False)
 
 
+@pytest.mark.usefixtures("cpu_bf16_on")
 def test_cpu_bf16_encodes_close_to_float32_and_changes_nothing_on_other_devices(
     tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
@@ -186,6 +187,7 @@ def test_cpu_bf16_encodes_close_to_float32_and_changes_nothing_on_other_devices(
 
 
 @pytest.mark.parametrize("model_fixture", ["tiny_bert_dir", "tiny_llama_dir"])
+@pytest.mark.usefixtures("cpu_bf16_on")
 def test_bf16_teacher_scores_close_to_float32_and_keeps_its_weights(
     model_fixture: str, request: pytest.FixtureRequest
 ) -> None:
@@ -212,3 +214,42 @@ def test_unknown_teacher_quantization_is_refused(tiny_bert_dir: Path) -> None:
     teacher = load_teacher(TeacherConfig(model=str(tiny_bert_dir), max_length=32), None, "cpu")
     with pytest.raises(ModelError, match="unknown teacher quantization 'fp8'"):
         teacher.quantize("fp8")
+
+
+def test_cpu_bf16_only_where_the_cpu_has_it_unless_told(monkeypatch, caplog):
+    """bf16 options on a CPU without bf16 arithmetic run in float32 (emulated bf16 is several
+    times slower there) and warn once; ``$D2LLM_CPU_BF16`` forces it on or off either way."""
+    from d2llm import hub
+    from d2llm.config import Params
+    from d2llm.training import Distiller
+
+    cpu = torch.device("cpu")
+    params = Params.model_validate({"student": {"cpu_bf16": True}})
+    monkeypatch.delenv(hub.CPU_BF16_ENV, raising=False)
+    for has_bf16 in (False, True):
+        monkeypatch.setattr(hub, "cpu_has_bf16", lambda has=has_bf16: has)
+        hub._warn_no_cpu_bf16.cache_clear()
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="d2llm.hub"):
+            on = isinstance(hub.cpu_bf16_autocast(cpu, True), torch.autocast)
+            assert Distiller.uses_bf16(params, cpu) is has_bf16
+        assert on is has_bf16
+        assert ("running in float32 instead" in caplog.text) is not has_bf16
+        assert caplog.text.count("running in float32 instead") <= 1  # once, not per batch
+    for choice, expected in (("on", True), ("off", False), ("OFF", False)):
+        monkeypatch.setenv(hub.CPU_BF16_ENV, choice)
+        for has_bf16 in (False, True):
+            monkeypatch.setattr(hub, "cpu_has_bf16", lambda has=has_bf16: has)
+            assert isinstance(hub.cpu_bf16_autocast(cpu, True), torch.autocast) is expected
+    assert not isinstance(hub.cpu_bf16_autocast(cpu, False), torch.autocast)  # never asked: never
+    monkeypatch.setenv(hub.CPU_BF16_ENV, "sometimes")
+    with pytest.raises(ValueError, match="auto, on or off"):
+        hub.cpu_bf16_allowed()
+
+
+def test_cpu_has_bf16_reads_the_hardware():
+    """A plain bool from torch's CPU probes (x86) or /proc/cpuinfo (Arm); cached."""
+    from d2llm.hub import cpu_has_bf16
+
+    assert cpu_has_bf16() in (True, False)
+    assert cpu_has_bf16() is cpu_has_bf16()

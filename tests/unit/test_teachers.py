@@ -262,6 +262,7 @@ def test_cross_encoder_finetune_learns_a_toy_rule_and_restores(tiny_bert_dir, tm
     assert len(select.pairs) < len(dev)
 
 
+@pytest.mark.usefixtures("cpu_bf16_on")
 def test_cross_encoder_finetune_under_cpu_bf16_still_learns_and_saves_float32(tiny_bert_dir, tmp_path):
     """``teacher.finetune.cpu_bf16``: the steps run under bf16 autocast (so the weights differ
     from a float32 run's), the teacher still learns the toy rule, and its weights stay float32."""

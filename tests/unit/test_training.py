@@ -238,6 +238,7 @@ def test_iem_weights_must_include_the_trained_iem() -> None:
     assert TrainingConfig(iem_weights=[2.0, 1.0]).iem_weights == [2.0, 1.0]
 
 
+@pytest.mark.usefixtures("cpu_bf16_on")
 def test_training_under_cpu_bf16_still_learns(
     rule_workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path
 ) -> None:

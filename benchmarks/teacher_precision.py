@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -66,6 +67,9 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     from d2llm.teachers.factory import load_teacher
     from d2llm.teachers.probe import agreement
 
+    # This compares number formats: bf16 is measured as bf16 even on a CPU without bf16
+    # arithmetic, where the pipeline itself would run float32 (d2llm.hub.cpu_bf16_allowed).
+    os.environ.setdefault("D2LLM_CPU_BF16", "on")
     sets = dev_sample(args, params)
     base = load_teacher(params.teacher, args.teacher_dir, params.device)
     float32 = score_format(base, "none", sets)  # "none" leaves ``base`` as it is: the reference

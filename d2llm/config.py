@@ -422,7 +422,7 @@ class StudentConfig(_Section):
     # bf16 autocast on a CPU for the backbone's forward passes: the student (training, encoding,
     # search) and the same backbone read as the bi-encoder (mining, baseline rows, fusion). About
     # 1.8x faster encoding and 1.3x faster training on CPUs with AVX512-BF16 or AMX; CPUs without
-    # bf16 arithmetic run float32 instead (emulated bf16 is 6-18x slower there;
+    # bf16 arithmetic run float32 instead (emulated bf16 is 6-20x slower there;
     # d2llm.hub.cpu_bf16_allowed, $D2LLM_CPU_BF16); approximate (vectors agree with float32 to
     # cosine 0.9999). false: float32, exact. On CUDA, training.bf16 decides.
     cpu_bf16: bool = False

@@ -137,7 +137,7 @@ def pick_device(preference: str = "auto") -> torch.device:
 def cpu_has_bf16() -> bool:
     """Whether this CPU does bf16 arithmetic in hardware: AVX512-BF16 or AMX on x86, the BF16
     extension on Arm. Elsewhere torch emulates bf16, and autocast is slower than float32, not
-    faster (an AVX2-only EPYC: MiniLM encoding 6x, a training step 18x slower; docs/results.md)."""
+    faster (an AVX2-only EPYC: MiniLM encoding 6.4x, a training step 20.7x slower; docs/results.md)."""
     import torch
 
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):

@@ -14,7 +14,8 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -114,6 +115,23 @@ def run(
     print_report(results)
     print(f"wrote {path}")
     return results
+
+
+@contextmanager
+def cpu_bf16_env(choice: str) -> Iterator[None]:
+    """``$D2LLM_CPU_BF16`` set to ``choice`` (auto, on, off) inside the block, put back after: a
+    benchmark that compares number formats measures bf16 as bf16 on any CPU."""
+    from d2llm.hub import CPU_BF16_ENV
+
+    before = os.environ.get(CPU_BF16_ENV)
+    os.environ[CPU_BF16_ENV] = choice
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CPU_BF16_ENV, None)
+        else:
+            os.environ[CPU_BF16_ENV] = before
 
 
 def check_positive(name: str, value: int) -> None:

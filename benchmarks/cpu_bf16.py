@@ -20,7 +20,6 @@ Both formats run interleaved, ``--repeats`` times (median reported).
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,15 +63,8 @@ def in_format(fmt: str, work: Callable[[], Any]) -> Callable[[], Any]:
     """``work`` with ``$D2LLM_CPU_BF16`` set so that d2llm's autocast runs ``fmt``."""
 
     def run() -> Any:
-        before = os.environ.get("D2LLM_CPU_BF16")
-        os.environ["D2LLM_CPU_BF16"] = FORMATS[fmt]
-        try:
+        with common.cpu_bf16_env(FORMATS[fmt]):
             return work()
-        finally:
-            if before is None:
-                os.environ.pop("D2LLM_CPU_BF16", None)
-            else:
-                os.environ["D2LLM_CPU_BF16"] = before
 
     return run
 

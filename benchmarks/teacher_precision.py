@@ -28,7 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import base_parser, dev_sample, format_table, run
+from benchmarks.common import base_parser, cpu_bf16_env, dev_sample, format_table, run
+from d2llm.hub import CPU_BF16_ENV
 
 NAME = "teacher_precision"
 FORMATS = ("none", "int8", "bf16")
@@ -63,13 +64,18 @@ def score_format(teacher: Any, fmt: str, sets: list[Any]) -> dict[str, Any]:
 
 
 def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
+    # This compares number formats: bf16 is measured as bf16 even on a CPU without bf16
+    # arithmetic, where the pipeline itself would run float32 (d2llm.hub.cpu_bf16_allowed);
+    # a value the user set is kept.
+    with cpu_bf16_env(os.environ.get(CPU_BF16_ENV, "on")):
+        return _measure(args, params)
+
+
+def _measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     from d2llm.evaluation.dev import dev_score
     from d2llm.teachers.factory import load_teacher
     from d2llm.teachers.probe import agreement
 
-    # This compares number formats: bf16 is measured as bf16 even on a CPU without bf16
-    # arithmetic, where the pipeline itself would run float32 (d2llm.hub.cpu_bf16_allowed).
-    os.environ.setdefault("D2LLM_CPU_BF16", "on")
     sets = dev_sample(args, params)
     base = load_teacher(params.teacher, args.teacher_dir, params.device)
     float32 = score_format(base, "none", sets)  # "none" leaves ``base`` as it is: the reference

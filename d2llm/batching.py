@@ -108,8 +108,40 @@ def iter_batches(
     else:
         batches = bucket_batches([len(e["input_ids"]) for e in encodings], batch_size, shuffle, seed)
     pad_to = max_length if padding == "fixed" else None
+    yield from padded_batches(encodings, batches, pad_id, side, pad_to)
+
+
+def padded_batches(
+    encodings: Sequence[Encoding],
+    batches: Sequence[list[int]],
+    pad_id: int,
+    side: Side = "right",
+    pad_to: int | None = None,
+) -> Iterator[Batch]:
+    """The given batches of input positions, each padded (``collate``) and carrying its positions."""
     for idx in batches:
         yield Batch(idx, collate([encodings[i] for i in idx], pad_id, side, pad_to))
+
+
+def pack_lists(lists: Sequence[Sequence[int]], batch_size: int, seed: int = 0) -> list[list[int]]:
+    """Whole lists of input positions (one question's candidates each) packed into batches of at
+    most ``batch_size`` rows, the lists in seeded order: a loss over a list then sees all of it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    order = [list(rows) for rows in lists]
+    random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for rows in order:
+        if len(rows) > batch_size:
+            raise ValueError(f"a list of {len(rows)} rows does not fit a batch of {batch_size}")
+        if len(current) + len(rows) > batch_size:
+            batches.append(current)
+            current = []
+        current += rows
+    if current:
+        batches.append(current)
+    return batches
 
 
 def map_batched(

@@ -239,6 +239,24 @@ class TeacherFinetuneConfig(_Section):
     # Score the dev sets before the first step too (the "before" of the report, and epoch 0 may
     # be kept). A cross-encoder's fresh head scores at chance, so a preset may skip it.
     eval_before: bool = True
+    # A listwise loss over each question's candidates (asym datasets), added to the pointwise BCE
+    # with this weight: per list, -log(sum over positives e^m / sum over all e^m) on the yes-no
+    # margins m, so the teacher learns to put a question's answers above its other candidates,
+    # the job its labels are used for. 0: pointwise BCE only (the paper's LLM-ce). Above 0 the
+    # asym datasets are sampled as lists (d2llm.teachers.finetune.sample_lists).
+    rank_weight: float = Field(default=0.0, ge=0)
+    # Rows per list: a question's positives (at most rank_list_size - 1) and its negatives
+    # sampled to fill it; a list never spans two batches, so it must fit in batch_size.
+    rank_list_size: int = Field(default=8, ge=2)
+
+    @model_validator(mode="after")
+    def _lists_fit_batches(self) -> TeacherFinetuneConfig:
+        if self.rank_weight > 0 and self.rank_list_size > self.batch_size:
+            raise ValueError(
+                f"teacher.finetune.rank_list_size ({self.rank_list_size}) must be <= batch_size "
+                f"({self.batch_size}): a question's list is scored within one batch"
+            )
+        return self
 
 
 class PromptConfig(_Section):

@@ -3,7 +3,10 @@
 Targets: class datasets (NLI) give ``is_positive`` (entailment vs the rest); score datasets
 (STS) give the gold score rescaled to [0, 1]. The loss is binary cross-entropy between the
 teacher's yes-probability ``softmax([z_yes, z_no])[0] = sigmoid(z_yes - z_no)`` and the target
-(soft targets allowed), computed from the logit difference for numerical stability.
+(soft targets allowed), computed from the logit difference for numerical stability. With
+``teacher.finetune.rank_weight > 0`` a listwise loss over each question's candidates is added
+(``list_softmax_loss``): the asym datasets are then sampled as lists, one list per question, and
+a list is always trained within one batch.
 
 Recipe: AdamW, linear warm-up then linear decay, gradient clipping, length-bucketed batches in
 shuffled order; LoRA for causal LMs (``teacher.finetune.lora``), full fine-tuning for encoders.
@@ -16,14 +19,15 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from d2llm.batching import Encoding, iter_batches
+from d2llm.batching import Encoding, bucket_batches, pack_lists, padded_batches
 from d2llm.biencoder import baseline_encoder, pair_cosines
 from d2llm.data.tables import load_pairs
 from d2llm.errors import ArtifactError, DataError, ModelError
@@ -44,11 +48,22 @@ from d2llm.teachers.fusion import FusedScorer, fit_fusion
 
 if TYPE_CHECKING:
     import pandas as pd
+    from torch import Tensor
 
     from d2llm.biencoder import MeanPoolEncoder
     from d2llm.config import Params
 
 log = logging.getLogger(__name__)
+
+
+class GoldPair(NamedTuple):
+    """One training pair of the teacher: its task's prompt, the texts, the target in [0, 1] and,
+    when it belongs to a ranked list (``rank_weight > 0``), the list's id."""
+
+    task: str
+    pair: Pair
+    target: float
+    list_id: int | None = None
 
 
 def gold_targets(df: pd.DataFrame, split: str, dataset: str) -> tuple[pd.DataFrame, list[float]]:
@@ -164,13 +179,44 @@ def validate_report(
     return report
 
 
-def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str, Pair, float]], list[DevSet]]:
-    """Training triples ``(task, pair, target)`` and one dev set per fine-tuning dataset.
+def sample_lists(rows: pd.DataFrame, list_size: int, limit: int | None, seed: int) -> pd.DataFrame:
+    """A ranked dataset's training rows as lists, with a ``list_`` column numbering them.
+
+    Per question (``text_a``, in a seeded order): at most ``list_size - 1`` of its positives
+    (``target_ >= 0.5``) and negatives sampled to fill ``list_size`` rows. Questions without
+    both are skipped (they teach no ranking); lists are added until the next would pass ``limit``
+    rows. Empty when no question has both.
+    """
+    import pandas as pd
+
+    questions = rows["text_a"].drop_duplicates().sample(frac=1.0, random_state=seed)
+    groups = dict(tuple(rows.groupby("text_a", sort=False)))
+    lists: list[pd.DataFrame] = []
+    total = 0
+    for question in questions:
+        group = groups[question]
+        positive = group["target_"] >= 0.5
+        if positive.all() or not positive.any():
+            continue
+        pos = group[positive].sample(n=min(int(positive.sum()), list_size - 1), random_state=seed)
+        neg = group[~positive]
+        neg = neg.sample(n=min(len(neg), list_size - len(pos)), random_state=seed)
+        if limit is not None and total + len(pos) + len(neg) > limit and lists:
+            break
+        lists.append(pd.concat([pos, neg]).assign(list_=len(lists)))
+        total += len(pos) + len(neg)
+    return pd.concat(lists) if lists else rows.iloc[:0].assign(list_=0)
+
+
+def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair], list[DevSet]]:
+    """Training pairs and one dev set per fine-tuning dataset.
 
     ``max_train_pairs`` / ``max_dev_pairs`` cap each dataset (a seeded sample), keeping the mix.
+    With ``rank_weight > 0`` an asym dataset's pairs come as lists (``sample_lists``); one with
+    no question holding both a positive and a negative is sampled pair by pair.
     """
     ft = params.teacher.finetune
-    train: list[tuple[str, Pair, float]] = []
+    train: list[GoldPair] = []
     for name in ft.datasets:
         try:
             df = load_pairs(prepared_dir, name)
@@ -178,8 +224,20 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[tuple[str,
             raise DataError(f"prepared pairs for dataset {name!r} not found: {err}") from None
         rows, targets = gold_targets(df, "train", name)
         rows = rows.assign(target_=targets)
+        lists = None
+        if ft.rank_weight > 0 and (rows["task"] == "asym").all():
+            lists = sample_lists(rows, ft.rank_list_size, ft.max_train_pairs, params.seed)
+            if lists.empty:
+                log.warning("teacher rank loss: %s has no question with both a positive and a negative", name)
+        if lists is not None and not lists.empty:
+            first = 1 + max((p.list_id for p in train if p.list_id is not None), default=-1)
+            train += [
+                GoldPair(r.task, (r.text_a, r.text_b), float(r.target_), first + int(r.list_))
+                for r in lists.itertuples()
+            ]
+            continue
         rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
-        train += [(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
+        train += [GoldPair(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
     # Only the select parts choose the epoch and the fusion weights (validate_report).
     fraction = params.selection.validate_fraction
     dev_sets = load_dev_sets(
@@ -195,23 +253,65 @@ def teacher_dev_datasets(params: Params) -> list[str]:
 
 
 def _encode_training(
-    teacher: Teacher, train: list[tuple[str, Pair, float]]
-) -> tuple[list[Encoding], list[float]]:
-    """Encodings of all training pairs (each with its task's prompt), targets aligned."""
+    teacher: Teacher, train: list[GoldPair]
+) -> tuple[list[Encoding], list[float], list[int | None]]:
+    """Encodings of all training pairs (each with its task's prompt), targets and list ids aligned."""
     encodings: list[Encoding] = []
     targets: list[float] = []
+    list_ids: list[int | None] = []
     for task in ("sym", "asym"):
-        rows = [(pair, target) for t, pair, target in train if t == task]
+        rows = [row for row in train if row.task == task]
         if rows:
-            encodings += teacher.encode_pairs([p for p, _ in rows], task)  # type: ignore[arg-type]
-            targets += [t for _, t in rows]
-    return encodings, targets
+            encodings += teacher.encode_pairs([row.pair for row in rows], task)  # type: ignore[arg-type]
+            targets += [row.target for row in rows]
+            list_ids += [row.list_id for row in rows]
+    return encodings, targets, list_ids
+
+
+def epoch_batches(
+    encodings: list[Encoding], list_ids: list[int | None], batch_size: int, seed: int
+) -> list[list[int]]:
+    """One epoch's batches in seeded order: rows outside a list bucketed by length, each list
+    whole within one batch (``pack_lists``). Without lists: exactly the length-bucketed batches."""
+    free = [i for i, list_id in enumerate(list_ids) if list_id is None]
+    lengths = [len(encodings[i]["input_ids"]) for i in free]
+    batches = [[free[j] for j in b] for b in bucket_batches(lengths, batch_size, shuffle=True, seed=seed)]
+    lists: dict[int, list[int]] = {}
+    for i, list_id in enumerate(list_ids):
+        if list_id is not None:
+            lists.setdefault(list_id, []).append(i)
+    if lists:
+        batches += pack_lists(list(lists.values()), batch_size, seed)
+        random.Random(seed).shuffle(batches)
+    return batches
+
+
+def list_softmax_loss(margins: Tensor, targets: Tensor, list_ids: Tensor) -> Tensor | None:
+    """Listwise softmax loss: mean over the lists of ``logsumexp(m) - logsumexp(m[positives])``.
+
+    ``margins`` are the yes-no log-odds of a batch, ``targets`` in [0, 1] (positive: >= 0.5),
+    ``list_ids`` the list of each row (-1: none). The loss of a list is minus the log of the
+    softmax mass its positives hold, 0 when they hold it all. Lists without both a positive and a
+    negative teach no ranking and are left out; None when no list is left.
+    """
+    import torch
+
+    losses = []
+    for list_id in torch.unique(list_ids):
+        if int(list_id) < 0:
+            continue
+        rows = list_ids == list_id
+        m, positive = margins[rows], targets[rows] >= 0.5
+        if positive.all() or not positive.any():
+            continue
+        losses.append(torch.logsumexp(m, dim=0) - torch.logsumexp(m[positive], dim=0))
+    return torch.stack(losses).mean() if losses else None
 
 
 def train_teacher(
     teacher: Teacher,
     params: Params,
-    train: list[tuple[str, Pair, float]],
+    train: list[GoldPair],
     dev_sets: list[DevSet],
     best_log_odds: dict[str, np.ndarray] | None = None,
 ):
@@ -227,7 +327,7 @@ def train_teacher(
     trainable = [p for m in teacher.modules() for p in m.parameters() if p.requires_grad]
     if not trainable:
         raise ModelError("the teacher has no trainable parameters")
-    encodings, targets = _encode_training(teacher, train)
+    encodings, targets, list_ids = _encode_training(teacher, train)
     steps_per_epoch = math.ceil(len(encodings) / ft.batch_size)
     total = math.ceil(ft.epochs * steps_per_epoch)
     if ft.max_steps is not None:
@@ -235,6 +335,7 @@ def train_teacher(
     optimizer = torch.optim.AdamW(trainable, lr=ft.lr, weight_decay=ft.weight_decay)
     scheduler = warmup_decay_scheduler(optimizer, total, ft.warmup_ratio)
     target_t = torch.tensor(targets, dtype=torch.float32)
+    list_t = torch.tensor([-1 if i is None else i for i in list_ids], dtype=torch.long)
 
     scores: dict[str, np.ndarray] = {}
     if ft.eval_before:
@@ -249,10 +350,8 @@ def train_teacher(
     while step < total:
         epoch += 1
         teacher.train()
-        batches = iter_batches(
-            encodings, ft.batch_size, teacher.tokenizer.pad_token_id, teacher.padding_side,
-            shuffle=True, seed=params.seed + epoch,
-        )  # fmt: skip
+        order = epoch_batches(encodings, list_ids, ft.batch_size, params.seed + epoch)
+        batches = padded_batches(encodings, order, teacher.tokenizer.pad_token_id, teacher.padding_side)
         for batch in batches:
             with cpu_bf16_autocast(teacher.device, ft.cpu_bf16):
                 logits, _ = teacher.forward({k: v.to(teacher.device) for k, v in batch.tensors.items()})
@@ -261,6 +360,9 @@ def train_teacher(
             # float(): under bf16 autocast the logits are bf16; the loss is taken in float32.
             margin = (logits[:, 0] - logits[:, 1]).float()
             loss = torch.nn.functional.binary_cross_entropy_with_logits(margin, y)
+            if ft.rank_weight > 0:
+                rank = list_softmax_loss(margin, y, list_t[batch.indices].to(logits.device))
+                loss = loss if rank is None else loss + ft.rank_weight * rank
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, ft.grad_clip)
@@ -325,6 +427,8 @@ def finetune_teacher(
         "kind": teacher.kind,
         "model": params.teacher.model,
         "train_pairs": len(train),
+        # Lists trained with the listwise loss (teacher.finetune.rank_weight > 0; else 0).
+        "train_lists": len({row.list_id for row in train if row.list_id is not None}),
         "steps": steps,
         "best_epoch": best_epoch,
         "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")} or None,

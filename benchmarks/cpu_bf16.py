@@ -20,6 +20,7 @@ Both formats run interleaved, ``--repeats`` times (median reported).
 from __future__ import annotations
 
 import argparse
+import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -54,8 +55,6 @@ def sample_texts(args: argparse.Namespace, params: Params) -> list[str]:
         texts += df.loc[df["split"] == "train", "text_a"].drop_duplicates().tolist()
     if len(texts) < args.texts:
         raise SystemExit(f"only {len(texts)} train texts in {args.datasets}, --texts asks for {args.texts}")
-    import random
-
     return random.Random(args.seed).sample(texts, args.texts)
 
 
@@ -88,9 +87,8 @@ def measure(args: argparse.Namespace, params: Params) -> dict[str, Any]:
         {k: v[i : i + args.batch_size] for k, v in tok.items()} for i in range(0, len(texts), args.batch_size)
     ]
     model = encoder.model
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=1e-6
-    )  # tiny: the weights barely move between repeats
+    # A tiny learning rate: the weights barely move between repeats.
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
     def train() -> None:
         model.train()

@@ -217,6 +217,7 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair],
     """
     ft = params.teacher.finetune
     train: list[GoldPair] = []
+    num_lists = 0  # list ids run on across datasets
     for name in ft.datasets:
         try:
             df = load_pairs(prepared_dir, name)
@@ -224,18 +225,16 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair],
             raise DataError(f"prepared pairs for dataset {name!r} not found: {err}") from None
         rows, targets = gold_targets(df, "train", name)
         rows = rows.assign(target_=targets)
-        lists = None
         if ft.rank_weight > 0 and (rows["task"] == "asym").all():
             lists = sample_lists(rows, ft.rank_list_size, ft.max_train_pairs, params.seed)
-            if lists.empty:
-                log.warning("teacher rank loss: %s has no question with both a positive and a negative", name)
-        if lists is not None and not lists.empty:
-            first = 1 + max((p.list_id for p in train if p.list_id is not None), default=-1)
-            train += [
-                GoldPair(r.task, (r.text_a, r.text_b), float(r.target_), first + int(r.list_))
-                for r in lists.itertuples()
-            ]
-            continue
+            if not lists.empty:
+                train += [
+                    GoldPair(r.task, (r.text_a, r.text_b), float(r.target_), num_lists + int(r.list_))
+                    for r in lists.itertuples()
+                ]
+                num_lists += int(lists["list_"].max()) + 1
+                continue
+            log.warning("teacher rank loss: %s has no question with both a positive and a negative", name)
         rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
         train += [GoldPair(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
     # Only the select parts choose the epoch and the fusion weights (validate_report).

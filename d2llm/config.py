@@ -448,6 +448,11 @@ class StudentConfig(_Section):
 
 class LossConfig(_Section):
     ci_variant: Literal["paper", "authors"] = "paper"
+    # The hard-negative CI part: "weighted" (the paper and the authors' code: the positive's logit
+    # times s_p, each hard negative's times 1 - s_j) or "plain" (InfoNCE of the gold positive over
+    # its hard negatives; the teacher then enters through RI and FI only). docs/model.md says why a
+    # teacher that doubts its positives makes the weighted form reward lowering every logit.
+    ci_hard: Literal["weighted", "plain"] = "weighted"
     # How each part is reduced over a group (docs/model.md, "Loss reductions"). "mean": every
     # part is a mean over anchors. "authors": the divisors of the authors' code, i.e. CI in-batch
     # / B^2, CI hard / (B K), RI part 2 / (B K (B-1)), FI summed over anchors / (K+1)^2.

@@ -125,22 +125,30 @@ class ContrastiveImitationLoss(nn.Module):
 
     ``variant="paper"`` weights the in-batch part as the paper writes it; ``"authors"`` uses plain
     (unweighted) InfoNCE for the in-batch part, as the authors' code does. The hard-negative part
-    (positive = column 0 of ``z_hn``) is weighted in both.
+    (positive = column 0 of ``z_hn``) is weighted in both unless ``hard="plain"``: then it is plain
+    InfoNCE of the positive over its hard negatives, unchanged by a shift of every logit.
 
     ``reduction="mean"``: each part is the mean over the B anchors. ``"authors"``: the in-batch
     part is the sum over anchors / B^2 and the hard part the sum / (B K), as in the authors' code.
     """
 
     def __init__(
-        self, alpha: float = 1.0, tau: float = 1.0, variant: str = "paper", reduction: Reduction = "mean"
+        self,
+        alpha: float = 1.0,
+        tau: float = 1.0,
+        variant: str = "paper",
+        reduction: Reduction = "mean",
+        hard: str = "weighted",
     ) -> None:
         super().__init__()
         if variant not in ("paper", "authors"):
             raise ValueError(f"unknown CI variant {variant!r}: expected 'paper' or 'authors'")
+        if hard not in ("weighted", "plain"):
+            raise ValueError(f"unknown hard-negative CI {hard!r}: expected 'weighted' or 'plain'")
         if tau <= 0:
             raise ValueError(f"CI temperature must be > 0, got {tau}")
         _check_reduction(reduction)
-        self.alpha, self.tau, self.variant, self.reduction = alpha, tau, variant, reduction
+        self.alpha, self.tau, self.variant, self.reduction, self.hard = alpha, tau, variant, reduction, hard
 
     def forward(
         self, z_in: Tensor, s_in: Tensor, z_hn: Tensor, s_hn: Tensor, part: GroupSlice | None = None
@@ -162,7 +170,11 @@ class ContrastiveImitationLoss(nn.Module):
                 targets = torch.arange(z_in.shape[0], device=z_in.device) + offset
                 per_anchor = F.cross_entropy(z_in / self.tau, targets, reduction="none")
             in_batch = _reduce(per_anchor, self.reduction, authors_divisor=b * b, part=part)
-        hard_per_anchor = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau)
+        if self.hard == "plain":
+            positive_first = torch.zeros(z_hn.shape[0], dtype=torch.long, device=z_hn.device)
+            hard_per_anchor = F.cross_entropy(z_hn / self.tau, positive_first, reduction="none")
+        else:
+            hard_per_anchor = _weighted_info_nce(z_hn[:, 0], z_hn[:, 1:], s_hn[:, 0], s_hn[:, 1:], self.tau)
         hard = _reduce(hard_per_anchor, self.reduction, authors_divisor=b * k, part=part)
         return in_batch + self.alpha * hard
 
@@ -273,7 +285,7 @@ class D2LLMLoss(nn.Module):
         if teacher_temperature <= 0:
             raise ValueError(f"teacher temperature must be > 0, got {teacher_temperature}")
         self.ci = ContrastiveImitationLoss(
-            alpha=cfg.alpha, tau=cfg.tau_ci, variant=cfg.ci_variant, reduction=cfg.reduction
+            alpha=cfg.alpha, tau=cfg.tau_ci, variant=cfg.ci_variant, reduction=cfg.reduction, hard=cfg.ci_hard
         )
         self.ri_pearson = PearsonRankLoss()
         self.ri_hard_easy = HardEasyRankLoss(tau=cfg.tau_ri, reduction=cfg.reduction)

@@ -291,9 +291,9 @@ def _recipe_lines(params: Params, labelled: Mapping[str, int] | None) -> list[st
         head_lr += f"; IEM kept at the best of weights {'/'.join(f'{w:g}' for w in tr.iem_weights)}"
     steps = f", at most {tr.max_steps} steps" if tr.max_steps else ""
     return [
-        f"- **Losses**: CI ({loss.ci_variant}, alpha {loss.alpha:g}), RI (beta {loss.beta:g}, gamma "
-        f"{loss.gamma:g}), FI (eta {loss.eta:g}); temperatures tau_CI {loss.tau_ci:g}, "
-        f"tau_RI {loss.tau_ri:g}, teacher tau_T {params.teacher.temperature:g}",
+        f"- **Losses**: CI ({loss.ci_variant}, {loss.ci_hard} hard part, alpha {loss.alpha:g}), RI "
+        f"(beta {loss.beta:g}, gamma {loss.gamma:g}), FI (eta {loss.eta:g}); temperatures tau_CI "
+        f"{loss.tau_ci:g}, tau_RI {loss.tau_ri:g}, teacher tau_T {params.teacher.temperature:g}",
         f"- **Training**: {tr.epochs:g} epoch(s){steps}, lr {tr.lr:g} (heads: {head_lr}), warm-up "
         f"{tr.warmup_ratio:g}, {tr.group_sampling} group sampling, seed {params.seed}",
         f"- **Groups**: {groups}; {lab.group_size} anchors each with {mining.num_negatives} mined hard "

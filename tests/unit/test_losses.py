@@ -100,9 +100,35 @@ def test_paper_in_batch_ci_rewards_lowering_every_logit_when_the_teacher_doubts_
     assert authors == pytest.approx([authors[0]] * 3, rel=1e-12)
 
 
+def test_ci_plain_hard_part_by_hand() -> None:
+    loss = ContrastiveImitationLoss(alpha=0.5, tau=2.0, variant="authors", hard="plain")
+    value = loss(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN)).item()
+    in_batch = (nce(2.0 / 2, [0.5 / 2]) + nce(3.0 / 2, [1.0 / 2])) / 2
+    hard = (nce(2.0 / 2, [1.5 / 2]) + nce(3.0 / 2, [-1.0 / 2])) / 2  # the teacher's s_hn is not read
+    assert value == pytest.approx(in_batch + 0.5 * hard, rel=1e-12)
+
+
+def test_weighted_hard_ci_rewards_lowering_every_logit_when_the_teacher_doubts_its_positives() -> None:
+    """The hard part has the in-batch part's flaw (above) with a doubtful teacher; plain has not."""
+    z_hn = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    s_hn = torch.tensor([[0.2, 0.05, 0.05, 0.05]], dtype=torch.float64).expand(4, 4)
+    z_in, s_in = torch.zeros(4, 4, dtype=torch.float64), torch.eye(4, dtype=torch.float64)
+
+    def hard_part(hard: str, shift: float) -> float:
+        ci = ContrastiveImitationLoss(alpha=1.0, variant="authors", hard=hard)
+        return ci(z_in, s_in, z_hn - shift, s_hn).item()  # the in-batch part is the same constant
+
+    weighted = [hard_part("weighted", c) for c in (0.0, 5.0, 10.0)]
+    assert weighted[0] > weighted[1] > weighted[2]
+    plain = [hard_part("plain", c) for c in (0.0, 5.0, 10.0)]
+    assert plain == pytest.approx([plain[0]] * 3, rel=1e-12)
+
+
 def test_ci_rejects_unknown_variant_and_bad_shapes() -> None:
     with pytest.raises(ValueError, match="unknown CI variant"):
         ContrastiveImitationLoss(variant="mine")
+    with pytest.raises(ValueError, match="unknown hard-negative CI"):
+        ContrastiveImitationLoss(hard="mine")
     with pytest.raises(ValueError, match=r"z_hn must be \[B, K\+1\]"):
         ContrastiveImitationLoss()(t(Z_IN), t(S_IN), t([[1.0], [2.0]]), t([[1.0], [2.0]]))
 
@@ -370,3 +396,13 @@ def test_a_slice_must_lie_within_its_group() -> None:
 
     with pytest.raises(ValueError, match="z_in must be"):
         ContrastiveImitationLoss()(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN), GroupSlice(offset=1, anchors=2))
+
+
+def test_loss_config_ci_hard_reaches_the_ci_part() -> None:
+    parts = D2LLMLoss(LossConfig(ci_variant="authors", ci_hard="plain", eta=0.0))(
+        t(Z_IN), t(Z_HN), teacher_logits(S_IN), teacher_logits(S_HN)
+    )
+    expected = ContrastiveImitationLoss(variant="authors", hard="plain")(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN))
+    assert parts["ci"].item() == pytest.approx(expected.item(), rel=1e-12)
+    weighted = ContrastiveImitationLoss(variant="authors")(t(Z_IN), t(S_IN), t(Z_HN), t(S_HN))
+    assert parts["ci"].item() != pytest.approx(weighted.item(), rel=1e-3)

@@ -5,13 +5,6 @@ stopping reads; the validate parts are left for promotion and the test sets for 
 This prints, for each saved student (and the bi-encoder it starts from), each dev set's metric,
 the plain mean and the mean that weighs sym and asym sets equally.
 
-``--interpolate 0.5 1.25`` also scores each student moved along the line from its start to its
-trained weights (weight-space interpolation, as WiSE-FT does; 1 is the student, 0 its start):
-the LoRA update scaled by the weight (``W0 + w BA``) and every PMA and IEM weight at
-``start + w (trained - start)``. The start is the student training builds (its saved config,
-``params.seed``). Below 1 trades the fitted datasets for the starting model's generality; above
-1 extrapolates.
-
     python -m benchmarks.student_dev --student base=models/student --student qa=/tmp/e1/student \\
         --dev sick stsb_en sick_r trecqa wikiqa
 """
@@ -32,37 +25,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--dev", nargs="+", required=True, help="dev datasets (their select parts)")
     p.add_argument("--max-pairs", type=int, default=1300, help="per dev set (a seeded sample)")
     p.add_argument("--part", choices=["select", "validate"], default="select")
-    p.add_argument(
-        "--interpolate",
-        type=float,
-        nargs="+",
-        default=[],
-        metavar="W",
-        help="also each student moved to W",
-    )
     return p.parse_args(argv)
-
-
-def moved_student(folder: Path, weight: float, seed: int, device: Any) -> Any:
-    """The student saved in ``folder`` at ``start + weight (trained - start)`` (see the docstring)."""
-    import torch
-
-    from d2llm.hub import seed_everything
-    from d2llm.student.model import D2LLMStudent
-
-    student = D2LLMStudent.from_pretrained(folder, device=device)
-    seed_everything(seed)
-    start = D2LLMStudent.from_config(student.cfg, device=device)
-    with torch.no_grad():
-        for trained, begun in ((student.pma, start.pma), (student.iem, start.iem)):
-            first = begun.state_dict()
-            trained.load_state_dict(
-                {k: first[k] + weight * (v - first[k]) for k, v in trained.state_dict().items()}
-            )
-        for name, param in student.backbone.named_parameters():
-            if "lora_B" in name:  # zero at the start: scaling B scales the update BA
-                param.mul_(weight)
-    return student
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -77,16 +40,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows: dict[str, dict[str, float]] = {}
     encoder = baseline_encoder(params)
     rows["bi-encoder"] = {dev.name: dev_score(dev, pair_cosines(encoder, dev.pairs)) for dev in sets}
-    device = pick_device(params.device)
     for spec in args.student:
         name, _, folder = spec.partition("=")
-        students = {name: D2LLMStudent.from_pretrained(Path(folder), device=device)}
-        for weight in args.interpolate:
-            students[f"{name}@{weight:g}"] = moved_student(Path(folder), weight, params.seed, device)
-        for label, student in students.items():
-            values = evaluate_dev(student, sets)
-            values.pop("main")
-            rows[label] = values
+        student = D2LLMStudent.from_pretrained(Path(folder), device=pick_device(params.device))
+        values = evaluate_dev(student, sets)
+        values.pop("main")
+        rows[name] = values
     for values in rows.values():
         values["mean"] = mean_metric(values)
         values["task-kind mean"] = task_kind_mean({k: v for k, v in values.items() if "/" in k}, sets)

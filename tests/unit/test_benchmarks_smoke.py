@@ -571,49 +571,6 @@ def test_student_dev_compares_students_on_the_select_parts(
     assert (tmp_path / "student_dev.json").is_file()
 
 
-def test_student_dev_interpolates_between_start_and_trained(
-    tiny_bert_dir, prepared_dir, saved_models, tmp_path
-):
-    """``--interpolate``: weight 1 is the student itself, weight 0 the start that training builds."""
-    import torch
-
-    from benchmarks import student_dev
-    from d2llm.evaluation.dev import load_dev_sets
-    from d2llm.hub import seed_everything
-    from d2llm.student.model import D2LLMStudent
-    from d2llm.training import evaluate_dev
-
-    student_dir, _ = saved_models
-    moved = D2LLMStudent.from_pretrained(student_dir)  # untrained: move every trainable weight
-    generator = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, param in moved.trainable_parameters():
-            param.add_(0.1 * torch.randn(param.shape, generator=generator))
-    moved.save_pretrained(tmp_path / "moved")
-
-    args = [a for a in _tiny_args(tiny_bert_dir, prepared_dir, tmp_path) if a not in ("--repeats", "2")]
-    args += [
-        "--student",
-        f"m={tmp_path / 'moved'}",
-        "--dev",
-        "sick",
-        "trecqa",
-        "--interpolate",
-        "0",
-        "0.5",
-        "1",
-    ]
-    rows = student_dev.main(args)["systems"]
-    assert rows["m@1"] == pytest.approx(rows["m"], abs=1e-9)
-    seed_everything(42)  # params.seed: the start training builds
-    start = D2LLMStudent.from_config(moved.cfg)
-    sets = load_dev_sets(prepared_dir, ["sick", "trecqa"], 1300, 42, "select", 0.5)
-    from_start = evaluate_dev(start, sets)
-    assert rows["m@0"]["sick/ap"] == pytest.approx(from_start["sick/ap"], abs=1e-9)
-    assert rows["m@0"]["trecqa/map"] == pytest.approx(from_start["trecqa/map"], abs=1e-9)
-    assert rows["m@0.5"]["sick/ap"] not in (rows["m@0"]["sick/ap"], rows["m"]["sick/ap"])
-
-
 def test_teacher_dev_scores_teachers_and_biencoders_on_the_same_pairs(
     tiny_bert_dir, prepared_dir, saved_models, tmp_path
 ):

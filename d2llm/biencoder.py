@@ -52,6 +52,15 @@ class MeanPoolEncoder:
         model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
         return cls(model, tokenizer, max_length, batch_size, cpu_bf16)
 
+    def number_format(self) -> str:
+        """What :meth:`encode` computes in here: ``"bfloat16 (autocast)"`` or ``"float32"``."""
+        from d2llm.hub import cpu_bf16_allowed
+        from d2llm.quantization import is_quantized
+
+        device = next(self.model.parameters()).device
+        bf16 = self.cpu_bf16 and device.type == "cpu" and not is_quantized(self.model) and cpu_bf16_allowed()
+        return "bfloat16 (autocast)" if bf16 else "float32"
+
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """L2-normalised mean-pooled vectors ``[N, d]`` on the CPU, in input order."""
         import torch

@@ -353,10 +353,12 @@ class LoopState:
 
 
 def training_inputs_fingerprint(
-    params: Params, labels_dir: Path, dev_sets: list[DevSet], world_size: int = 1
+    params: Params, labels_dir: Path, dev_sets: list[DevSet], world_size: int = 1, bf16: bool = False
 ) -> str:
-    """What a training run depends on: its labels, its dev pairs, the config keys of stage "train"
-    and, on several processes, their number (it decides which groups make a step)."""
+    """What a training run depends on: its labels, its dev pairs, the config keys of stage "train",
+    on several processes their number (it decides which groups make a step), and whether the
+    steps run in bf16: the same config runs bf16 on one CPU and float32 on another
+    (``Distiller.uses_bf16``), and a checkpoint of one format is not resumed in the other."""
     from d2llm.fingerprint import path_fingerprint, value_fingerprint
     from d2llm.labelling.shards import MANIFEST_FILE
     from d2llm.stages import param_values
@@ -370,6 +372,8 @@ def training_inputs_fingerprint(
     }
     if world_size > 1:
         inputs["world_size"] = world_size
+    if bf16:  # only then, so that float32 checkpoints keep the fingerprint they were made with
+        inputs["number_format"] = "bf16"
     return value_fingerprint(inputs)
 
 
@@ -488,7 +492,9 @@ class Distiller:
             # which keeps models/student to allow resumption) is stale: resuming it would hand
             # back the old student. Train afresh; the new run overwrites it.
             log.warning(
-                "checkpoint in %s was made from other labels or settings: training afresh", self.out_dir
+                "checkpoint in %s was made from other labels or settings (or in another number format, "
+                "bf16 or float32): training afresh",
+                self.out_dir,
             )
             return
         weights, loop = load_checkpoint(self.checkpoint_dir, self.optimizer, self.scheduler)
@@ -692,7 +698,8 @@ def train_student(
         if params.loss.ci_variant == "paper":
             warn_doubted_positives(labels, params.teacher.temperature)
         dev_sets = load_training_dev_sets(params, prepared_dir)
-        inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size)
+        bf16 = Distiller.uses_bf16(params, device)
+        inputs = training_inputs_fingerprint(params, labels_dir, dev_sets, ranks.world_size, bf16)
         families = dataset_families(prepared_dir, set(labels.groups["dataset"]))
         watch_sets = load_training_dev_sets(params, prepared_dir, watch=True)
         trainer = Distiller(params, labels, dev_sets, out_dir, ranks, device, inputs, families, watch_sets)

@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from d2llm.labelling.plan import LabellingPlan, finalise_labelling, plan_labelling, write_shard
+from d2llm.labelling.plan import (
+    LabellingPlan,
+    begin_scoring,
+    finalise_labelling,
+    plan_labelling,
+    write_shard,
+)
 from d2llm.labelling.ray_executor import score_on_ray
 from d2llm.labelling.ray_job import run_labelling_job
 from d2llm.labelling.scoring import ShardScorer
@@ -64,8 +70,10 @@ def label_groups(
     if plan.missing and cfg.executor == "ray":
         if teacher is not None:
             raise ValueError("a loaded teacher can only be used by the local executor")
-        run, scoring = score_on_ray(plan, params, teacher_dir)
+        run, scoring = score_on_ray(plan, params, teacher_dir, overwrite=overwrite)
     elif plan.missing:
         scorer = ShardScorer(params, teacher_dir, teacher)
-        run, scoring = score_locally(plan, scorer), scorer.scoring_info()
+        scoring = scorer.scoring_info()
+        begin_scoring(plan, scoring, overwrite)
+        run = score_locally(plan, scorer)
     return finalise_labelling(plan, scoring, run)

@@ -267,7 +267,10 @@ def plan_labelling(
             (out_dir / SHARD_PATTERN.format(s)).unlink(missing_ok=True)
     previous_scoring = existing.get("scoring") if existing else None
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / MANIFEST_FILE, manifest)
+    # What scored the shards in place stays on record until begin_scoring checks it.
+    write_json(
+        out_dir / MANIFEST_FILE, {**manifest, **({"scoring": previous_scoring} if previous_scoring else {})}
+    )
     tmp = out_dir / (GROUPS_FILE + ".tmp")
     groups.to_parquet(tmp, index=False)
     tmp.replace(out_dir / GROUPS_FILE)
@@ -279,6 +282,43 @@ def plan_labelling(
     return LabellingPlan(
         out_dir, manifest, groups, shards, missing, summary, previous_scoring=previous_scoring
     )
+
+
+# What decides the numbers a scorer writes (its version does not enter: a patch release is no
+# other number format). Labels whose shards differ in these would mix two teachers' scales.
+NUMBER_FORMAT_KEYS = ("engine", "dtype", "quantization", "fusion_dtype")
+
+
+def number_format(scoring: dict[str, str]) -> dict[str, str | None]:
+    return {key: scoring.get(key) for key in NUMBER_FORMAT_KEYS}
+
+
+def begin_scoring(plan: LabellingPlan, scoring: dict[str, str], overwrite: bool = False) -> None:
+    """Before scoring ``plan.missing``: check that the shards already in place were scored in the
+    same number format as this run will (a run begun on a CPU with bf16 and resumed on one
+    without, or with ``$D2LLM_CPU_BF16`` changed, would otherwise mix bf16 and float32 labels),
+    then record this run's scoring in the still incomplete manifest, for a run that resumes it.
+
+    On a mismatch: an error that changes nothing, or with ``overwrite`` every shard scored again.
+    """
+    missing = set(plan.missing)
+    reused = [s for s in range(len(plan.shards)) if s not in missing]
+    before = plan.previous_scoring
+    if reused and before is not None and number_format(before) != number_format(scoring):
+        was = ", ".join(f"{k} {v}" for k, v in number_format(before).items() if v is not None)
+        now = ", ".join(f"{k} {v}" for k, v in number_format(scoring).items() if v is not None)
+        if not overwrite:
+            raise ArtifactError(
+                f"{len(reused)} label shard(s) in {plan.out_dir} were scored with {was}; this run would "
+                f"score the other {len(plan.missing)} with {now}, and labels must not mix number formats. "
+                "Finish them where they were begun (the same kind of machine, $D2LLM_CPU_BF16 as then), "
+                "or pass --overwrite to score every shard again here"
+            )
+        log.warning("label shards were scored with %s, this run scores with %s: scoring all again", was, now)
+        for s in reused:
+            (plan.out_dir / SHARD_PATTERN.format(s)).unlink(missing_ok=True)
+        plan.missing = list(range(len(plan.shards)))
+    write_json(plan.out_dir / MANIFEST_FILE, {**plan.manifest, "scoring": scoring})
 
 
 def write_shard(plan: LabellingPlan, shard_id: int, tensors: dict[str, torch.Tensor]) -> None:

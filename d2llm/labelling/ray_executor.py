@@ -25,6 +25,7 @@ Ray is imported only here, inside functions: the ``distributed`` extra installs 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import os
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2llm.errors import ArtifactError, ConfigError, ModelError
-from d2llm.labelling.plan import LabellingPlan, write_shard
+from d2llm.labelling.plan import LabellingPlan, begin_scoring, number_format, write_shard
 from d2llm.labelling.scoring import ShardScorer
 
 if TYPE_CHECKING:
@@ -79,10 +80,13 @@ def score_on_ray(
     params: Params,
     teacher_dir: str | Path,
     worker_class: type[LabellingWorker] = LabellingWorker,
+    overwrite: bool = False,
 ) -> tuple[dict[str, Any], dict[str, str] | None]:
     """Score ``plan.missing`` on Ray actors and write each shard; returns run stats and scoring info.
 
     ``worker_class`` may be a subclass of LabellingWorker (tests slow it down to kill one mid-run).
+    ``overwrite``: shards in place scored in another number format are scored again
+    (``plan.begin_scoring``); without it that is an error.
     """
     cfg = params.labelling.ray
     if not plan.missing:
@@ -91,7 +95,7 @@ def score_on_ray(
     with ray_cluster(cfg):
         pool = _WorkerPool(worker_class, params, str(Path(teacher_dir).resolve()), cfg)
         try:
-            return pool.run(plan), pool.scoring
+            return pool.run(plan, overwrite), pool.scoring
         finally:
             pool.close()
 
@@ -170,16 +174,23 @@ class _WorkerPool:
             infos = ray.get([a.scoring_info.remote() for a in actors])
         except RayActorError as err:
             raise ModelError(f"the Ray labelling workers could not load the teacher: {err}") from None
+        formats = {json.dumps(number_format(info), sort_keys=True) for info in infos}
+        if len(formats) > 1:  # e.g. nodes with and without bf16: their shards would mix formats
+            raise ArtifactError(
+                f"the Ray labelling workers would score in different number formats ({sorted(formats)}): "
+                "run them on one kind of node, or set $D2LLM_CPU_BF16 the same on every node"
+            )
         self.scoring = infos[0]
         return actors
 
-    def run(self, plan: LabellingPlan) -> dict[str, Any]:
+    def run(self, plan: LabellingPlan, overwrite: bool = False) -> dict[str, Any]:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
         workers = min(self.cfg.num_workers, len(plan.missing))
         started_at = time.perf_counter()
         idle = self._start_all(workers)
+        begin_scoring(plan, self.scoring, overwrite)  # the workers' number format, known now
         scoring_from = time.perf_counter()
         queue = deque(plan.missing)
         attempts: Counter[int] = Counter()
@@ -249,11 +260,16 @@ class _WorkerPool:
 
         actor = self.starting.pop(ready)
         try:
-            ray.get(ready)
+            info = ray.get(ready)
         except RayActorError as err:
             log.warning("a replacement Ray labelling worker could not start; it gets no shard: %s", err)
             self._forget(actor)
             self._replace()
+            return []
+        if self.scoring is not None and number_format(info) != number_format(self.scoring):
+            log.warning("a replacement Ray labelling worker scores with %s, the others with %s: it gets no "
+                        "shard", number_format(info), number_format(self.scoring))  # fmt: skip
+            self._forget(actor)
             return []
         return [actor]
 

@@ -102,5 +102,9 @@ class ShardScorer:
         return score_groups(self.teacher, groups, self.fusion)
 
     def scoring_info(self) -> dict[str, str]:
-        """Engine, its version and the dtype it computes in, for the manifest."""
-        return self.teacher.scoring_info()
+        """Engine, its version and the dtype it computes in (and, with fusion, the bi-encoder's),
+        for the manifest."""
+        info = self.teacher.scoring_info()
+        if self.fusion is not None and self.fusion.encoder is not None:
+            info["fusion_dtype"] = self.fusion.encoder.number_format()
+        return info

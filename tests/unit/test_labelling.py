@@ -157,6 +157,35 @@ def test_a_truncated_shard_of_complete_labels_is_found_named_and_rescored(teache
     assert torch.equal(load_labels(out).hard, reference.hard)
 
 
+def test_shards_scored_in_another_number_format_are_not_mixed(teacher_dir, tmp_path, monkeypatch):
+    """Labelling begun with bf16 (a CPU with it, or $D2LLM_CPU_BF16=on) and resumed where it runs
+    in float32 would mix two number formats: refused, nothing changed; --overwrite scores all."""
+    _negatives(6).to_parquet(tmp_path / "neg.parquet")
+    out = tmp_path / "labels"
+    raw = {**_params(), "labelling": {**_params()["labelling"], "quantization": "bf16"}}
+    monkeypatch.setenv("D2LLM_CPU_BF16", "on")
+    label_groups(params_from_dict(raw), tmp_path / "neg.parquet", teacher_dir, out)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    assert manifest["scoring"]["dtype"] == "bfloat16 (autocast)"
+    (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "complete": False}))  # as if killed
+    (out / "scores-00002.safetensors").unlink()
+    kept = {p.name: p.read_bytes() for p in out.glob("scores-*.safetensors")}
+
+    monkeypatch.setenv("D2LLM_CPU_BF16", "off")  # the machine it resumes on has no bf16
+    for _ in range(2):  # the record of the first format survives a refused attempt
+        with pytest.raises(ArtifactError, match=r"must not mix number formats.*--overwrite"):
+            label_groups(params_from_dict(raw), tmp_path / "neg.parquet", teacher_dir, out)
+    assert {p.name: p.read_bytes() for p in out.glob("scores-*.safetensors")} == kept
+
+    redone = label_groups(params_from_dict(raw), tmp_path / "neg.parquet", teacher_dir, out, overwrite=True)
+    assert redone["scored_shards"] == 3
+    assert json.loads((out / MANIFEST_FILE).read_text())["scoring"]["dtype"] == "float32"
+    monkeypatch.setenv("D2LLM_CPU_BF16", "on")  # complete labels are reused wherever they were made
+    assert (
+        label_groups(params_from_dict(raw), tmp_path / "neg.parquet", teacher_dir, out)["scored_shards"] == 0
+    )
+
+
 def test_labels_fused_with_another_bi_encoder_are_not_current(teacher_dir, tiny_bert_dir, tmp_path):
     """With teacher.fusion the labels mix in the student's backbone read as a bi-encoder: labels
     made at another student.max_length are other labels, refused unless overwritten."""

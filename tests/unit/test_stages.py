@@ -240,5 +240,8 @@ def test_the_training_checkpoint_fingerprint_covers_settings_labels_and_dev_data
     hotter = params.model_copy(update={"teacher": params.teacher.model_copy(update={"temperature": 2.0})})
     assert training_inputs_fingerprint(hotter, tmp_path, dev) != base
 
+    # bf16 on one CPU, float32 on another: a checkpoint of one format is not resumed in the other
+    assert training_inputs_fingerprint(params, tmp_path, dev, bf16=True) != base
+
     (tmp_path / MANIFEST_FILE).write_text('{"complete": false}', encoding="utf-8")
     assert training_inputs_fingerprint(params, tmp_path, dev) != base

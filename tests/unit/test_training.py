@@ -329,6 +329,28 @@ def test_a_checkpoint_of_other_settings_is_replaced_not_resumed(
     assert again.history == result.history
 
 
+def test_a_checkpoint_of_another_number_format_is_not_resumed(
+    workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """student.cpu_bf16 runs bf16 on a CPU with it and float32 elsewhere: a checkpoint made in one
+    format is not continued in the other (the run starts again); in the same format it is."""
+    from d2llm.training import train_student
+
+    params = _params(tiny_bert_dir, max_steps=2)
+    bf16 = params.model_copy(update={"student": params.student.model_copy(update={"cpu_bf16": True})})
+    out = tmp_path / "student"
+    monkeypatch.setenv("D2LLM_CPU_BF16", "on")
+    train_student(bf16, workspace["labels"], workspace["prepared"], out)
+    monkeypatch.setenv("D2LLM_CPU_BF16", "off")  # resumed on a CPU without bf16
+    with caplog.at_level("WARNING", logger="d2llm.training"):
+        float32 = train_student(bf16, workspace["labels"], workspace["prepared"], out)
+    assert "another number format" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="d2llm.training"):
+        again = train_student(bf16, workspace["labels"], workspace["prepared"], out)
+    assert "training afresh" not in caplog.text and again.history == float32.history
+
+
 @pytest.mark.slow
 def test_killed_training_process_resumes_and_continues(
     workspace: dict[str, Path], tiny_bert_dir: Path, tmp_path: Path

@@ -290,6 +290,7 @@ NUMBER_FORMAT_KEYS = ("engine", "dtype", "quantization", "fusion_dtype")
 
 
 def number_format(scoring: dict[str, str]) -> dict[str, str | None]:
+    """The part of a scorer's ``scoring_info`` that must agree across the shards of one labels folder."""
     return {key: scoring.get(key) for key in NUMBER_FORMAT_KEYS}
 
 

@@ -52,14 +52,18 @@ class MeanPoolEncoder:
         model = load_pretrained("AutoModel", ref, gguf_file, trust_remote_code).to(pick_device(device))
         return cls(model, tokenizer, max_length, batch_size, cpu_bf16)
 
-    def number_format(self) -> str:
-        """What :meth:`encode` computes in here: ``"bfloat16 (autocast)"`` or ``"float32"``."""
-        from d2llm.hub import cpu_bf16_allowed
+    def _bf16_asked(self) -> bool:
+        """student.cpu_bf16, for a model that is not int8 (int8 kernels take float32 inputs)."""
         from d2llm.quantization import is_quantized
 
+        return self.cpu_bf16 and not is_quantized(self.model)
+
+    def number_format(self) -> str:
+        """What :meth:`encode` computes in here: ``"bfloat16 (autocast)"`` or ``"float32"``."""
+        from d2llm.hub import cpu_bf16_active
+
         device = next(self.model.parameters()).device
-        bf16 = self.cpu_bf16 and device.type == "cpu" and not is_quantized(self.model) and cpu_bf16_allowed()
-        return "bfloat16 (autocast)" if bf16 else "float32"
+        return "bfloat16 (autocast)" if cpu_bf16_active(device, self._bf16_asked()) else "float32"
 
     def encode(self, texts: Sequence[str], show_progress: bool = False) -> torch.Tensor:
         """L2-normalised mean-pooled vectors ``[N, d]`` on the CPU, in input order."""
@@ -68,7 +72,6 @@ class MeanPoolEncoder:
 
         from d2llm.batching import map_batched
         from d2llm.hub import cpu_bf16_autocast
-        from d2llm.quantization import is_quantized
 
         enc = self.tokenizer(list(texts), truncation=True, max_length=self.max_length)
         keys = [k for k in ("input_ids", "token_type_ids") if k in enc]
@@ -82,9 +85,7 @@ class MeanPoolEncoder:
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
             return (F.normalize(pooled.float(), dim=-1),)
 
-        # int8 kernels take float32 inputs: an int8 model runs without bf16 autocast.
-        bf16 = self.cpu_bf16 and not is_quantized(self.model)
-        with torch.inference_mode(), cpu_bf16_autocast(device, bf16):
+        with torch.inference_mode(), cpu_bf16_autocast(device, self._bf16_asked()):
             (vectors,) = map_batched(
                 encodings,
                 run,

@@ -175,12 +175,17 @@ def _warn_no_cpu_bf16() -> None:
     )  # fmt: skip
 
 
+def cpu_bf16_active(device: torch.device, enabled: bool) -> bool:
+    """Whether a CPU bf16 option that is ``enabled`` runs in bf16 on ``device``: only on the CPU,
+    and only where the CPU runs bf16 in hardware (``cpu_bf16_allowed``)."""
+    return enabled and device.type == "cpu" and cpu_bf16_allowed()
+
+
 def cpu_bf16_autocast(device: torch.device, enabled: bool) -> AbstractContextManager[Any]:
-    """bf16 autocast when ``enabled``, ``device`` is the CPU and the CPU runs bf16 in hardware
-    (``cpu_bf16_allowed``); a no-op context otherwise."""
+    """bf16 autocast where ``cpu_bf16_active``; a no-op context otherwise."""
     import torch
 
-    if enabled and device.type == "cpu" and cpu_bf16_allowed():
+    if cpu_bf16_active(device, enabled):
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return nullcontext()
 

@@ -30,7 +30,7 @@ import torch
 from d2llm.config import Params, ScoringKey
 from d2llm.errors import ArtifactError
 from d2llm.evaluation.dev import DevSet, dev_score, load_dev_sets, mean_metric, task_kind_mean
-from d2llm.hub import cpu_bf16_allowed
+from d2llm.hub import cpu_bf16_active
 from d2llm.jsonfile import write_json
 
 if TYPE_CHECKING:
@@ -476,7 +476,7 @@ class Distiller:
         """bf16 autocast of the training steps: training.bf16 on CUDA, student.cpu_bf16 on a CPU."""
         if device.type == "cuda":
             return params.training.bf16
-        return params.student.cpu_bf16 and device.type == "cpu" and cpu_bf16_allowed()
+        return cpu_bf16_active(device, params.student.cpu_bf16)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -294,6 +294,10 @@ def number_format(scoring: dict[str, str]) -> dict[str, str | None]:
     return {key: scoring.get(key) for key in NUMBER_FORMAT_KEYS}
 
 
+def _described(scoring: dict[str, str]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in number_format(scoring).items() if v is not None)
+
+
 def begin_scoring(plan: LabellingPlan, scoring: dict[str, str], overwrite: bool = False) -> None:
     """Before scoring ``plan.missing``: check that the shards already in place were scored in the
     same number format as this run will (a run begun on a CPU with bf16 and resumed on one
@@ -306,8 +310,7 @@ def begin_scoring(plan: LabellingPlan, scoring: dict[str, str], overwrite: bool 
     reused = [s for s in range(len(plan.shards)) if s not in missing]
     before = plan.previous_scoring
     if reused and before is not None and number_format(before) != number_format(scoring):
-        was = ", ".join(f"{k} {v}" for k, v in number_format(before).items() if v is not None)
-        now = ", ".join(f"{k} {v}" for k, v in number_format(scoring).items() if v is not None)
+        was, now = _described(before), _described(scoring)
         if not overwrite:
             raise ArtifactError(
                 f"{len(reused)} label shard(s) in {plan.out_dir} were scored with {was}; this run would "

@@ -25,7 +25,6 @@ Ray is imported only here, inside functions: the ``distributed`` extra installs 
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import os
 import time
@@ -174,7 +173,7 @@ class _WorkerPool:
             infos = ray.get([a.scoring_info.remote() for a in actors])
         except RayActorError as err:
             raise ModelError(f"the Ray labelling workers could not load the teacher: {err}") from None
-        formats = {json.dumps(number_format(info), sort_keys=True) for info in infos}
+        formats = {tuple(number_format(info).items()) for info in infos}
         if len(formats) > 1:  # e.g. nodes with and without bf16: their shards would mix formats
             raise ArtifactError(
                 f"the Ray labelling workers would score in different number formats ({sorted(formats)}): "

@@ -22,7 +22,7 @@ import numpy as np
 from d2llm.batching import Encoding, map_batched
 from d2llm.config import TaskKind
 from d2llm.errors import ModelError
-from d2llm.hub import cpu_bf16_allowed
+from d2llm.hub import cpu_bf16_active
 from d2llm.teachers.probe import MIN_AGREEMENT, PROBE_PAIRS, agreement
 
 if TYPE_CHECKING:
@@ -155,7 +155,7 @@ class Teacher(ABC):
     def _autocasts_bf16(self) -> bool:
         if self.device.type == "cuda":
             return True
-        return self.device.type == "cpu" and self.quantization == "bf16" and cpu_bf16_allowed()
+        return cpu_bf16_active(self.device, self.quantization == "bf16")
 
     def quantize(self, kind: str) -> Teacher:
         """In place, for scoring only (labelling, test rows), the teacher's number format on a

@@ -495,6 +495,11 @@ class TrainingConfig(_Section):
     # at zero (``student.iem.residual: cosine``), so at the LoRA's rate its interaction stays a
     # small part of the score after a short run; the PMA shapes the vectors and is kept slower.
     iem_lr: float | None = Field(default=None, gt=0)
+    # The IEM's MLP reads the vectors without sending gradient back into them: the backbone and
+    # the PMA then learn only through the cosine residual (and nothing else scores), so a fast
+    # IEM (``iem_lr``) cannot drag the shared vectors. False: end to end (the paper).
+    # Needs ``student.iem.residual: cosine``.
+    iem_detach: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
@@ -696,6 +701,15 @@ class Params(_Section):
                 if name in ir or name in no_dev:
                     kind = "an IR collection" if name in ir else "train-only pairs"
                     raise ValueError(f"{key}: {name!r} is {kind}, with no dev metric; name a pair dataset")
+        return self
+
+    @model_validator(mode="after")
+    def _detached_iem_leaves_the_vectors_a_gradient(self) -> Params:
+        if self.training.iem_detach and self.student.iem.residual != "cosine":
+            raise ValueError(
+                "training.iem_detach needs student.iem.residual: cosine (without the cosine residual "
+                "nothing would train the vectors)"
+            )
         return self
 
 

@@ -446,6 +446,7 @@ class Distiller:
         self.student = D2LLMStudent.from_config(params.student).to(device)
         if cfg.gradient_checkpointing:
             self.student.enable_gradient_checkpointing()
+        self.student.iem.detach_inputs = cfg.iem_detach
         self.loss_fn = D2LLMLoss(params.loss, teacher_temperature=params.teacher.temperature)
         self.trainable = dict(self.student.trainable_parameters())
         # The IEM's initial weights (seeded, so a resumed run rebuilds the same): training.iem_weights

@@ -72,6 +72,9 @@ class IEM(nn.Module):
         else:
             self.register_parameter("cosine_scale", None)
         self.branch_format = "float32"  # see set_branch_format
+        # Training only (training.iem_detach): the MLP's inputs are detached, so its gradient
+        # stops at the IEM; the cosine residual keeps the vectors' gradient.
+        self.detach_inputs = False
 
     def set_branch_format(self, name: str) -> IEM:
         """In place, for inference: the number format of the branch layers, ``"float32"`` (as
@@ -103,7 +106,7 @@ class IEM(nn.Module):
 
     def passage_cache(self, e_b: Tensor) -> Tensor:
         """``[N, d] -> [N, cache_size]``: ``W1b e_b`` (and the unit vector for the cosine residual)."""
-        projected = self.first_b(e_b)
+        projected = self.first_b(e_b.detach() if self.detach_inputs else e_b)
         if self.residual == "cosine":
             return torch.cat([projected, F.normalize(e_b, dim=-1)], dim=-1)
         return projected
@@ -143,7 +146,7 @@ class IEM(nn.Module):
     def forward_cached(self, e_a: Tensor, cache_b: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """Row-wise: ``e_a [N, d]`` against ``cache_b [N, cache_size]`` -> ``(z [N], u [N, branch])``."""
         b_part, unit_b = self._split_cache(cache_b)
-        z, u = self._head(self.first_a(e_a), b_part, task)
+        z, u = self._head(self.first_a(e_a.detach() if self.detach_inputs else e_a), b_part, task)
         if unit_b is not None:
             z = z + self.cosine_scale * (F.normalize(e_a, dim=-1) * unit_b).sum(-1)
         return z, u

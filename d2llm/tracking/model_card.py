@@ -287,6 +287,8 @@ def _recipe_lines(params: Params, labelled: Mapping[str, int] | None) -> list[st
     head_lr = "same" if tr.head_lr is None else f"{tr.head_lr:g}"
     if tr.iem_lr is not None:
         head_lr = f"PMA {head_lr}, IEM {tr.iem_lr:g}"
+    if tr.iem_detach:
+        head_lr += "; the IEM's MLP sends no gradient into the vectors"
     if len(tr.iem_weights) > 1:  # the kept student's IEM may sit at one of these (d2llm.training)
         head_lr += f"; IEM kept at the best of weights {'/'.join(f'{w:g}' for w in tr.iem_weights)}"
     steps = f", at most {tr.max_steps} steps" if tr.max_steps else ""

@@ -216,6 +216,29 @@ def test_iem_cosine_residual_starts_as_scaled_cosine() -> None:
     assert torch.allclose(cache[:, 12:], F.normalize(e_b, dim=-1))
 
 
+def test_iem_detached_inputs_leave_the_vectors_only_the_cosine_gradient() -> None:
+    """training.iem_detach: the MLP still learns, the scores do not change, and the vectors'
+    gradient is the cosine residual's alone, checked against the residual differentiated apart."""
+    torch.manual_seed(0)
+    iem = IEM(8, hidden_size=12, branch_size=6, residual="cosine", cosine_scale=3.0)
+    with torch.no_grad():
+        iem.out.weight.normal_()  # a trained-looking output layer: the MLP part is not zero
+    e_a, e_b = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    z_full, _ = iem(e_a, e_b, "sym")
+    iem.detach_inputs = True
+    z_detached, _ = iem(e_a, e_b, "sym")
+    torch.testing.assert_close(z_detached, z_full)
+    grad_a, grad_b = torch.autograd.grad(z_detached.sum(), (e_a, e_b))
+    cosine_a, cosine_b = torch.autograd.grad((3.0 * F.cosine_similarity(e_a, e_b)).sum(), (e_a, e_b))
+    torch.testing.assert_close(grad_a, cosine_a)
+    torch.testing.assert_close(grad_b, cosine_b)
+    full_a, _ = torch.autograd.grad(z_full.sum(), (e_a, e_b))
+    assert not torch.allclose(full_a, cosine_a)  # end to end, the MLP's gradient reaches them
+    iem.zero_grad()
+    iem(e_a, e_b, "sym")[0].sum().backward()
+    assert iem.first_a.weight.grad is not None and iem.first_a.weight.grad.abs().sum() > 0
+
+
 def test_iem_errors_name_the_problem() -> None:
     iem = _iem()
     with pytest.raises(ModelError, match="unknown task kind 'qa'"):

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from toy_tasks import NOUNS, mined_rows, noun_of, pair_table, rule_pairs
 
 from d2llm.config import Params, TeacherConfig, params_from_dict
-from d2llm.errors import ArtifactError
+from d2llm.errors import ArtifactError, ConfigError
 from d2llm.teachers.base import Teacher, WeightsKind
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -731,3 +731,9 @@ def test_label_stats_command_prints_the_table_and_writes_json(
     positives = teacher_probabilities(load_labels(workspace["labels"]).hard)[..., 0]
     assert rows[0]["dataset"] == "toy" and rows[0]["anchors"] == 12
     assert rows[0]["positive"] == pytest.approx(positives.mean().item())
+
+
+def test_a_detached_iem_needs_the_cosine_residual() -> None:
+    assert params_from_dict({"training": {"iem_detach": True}, "student": {"iem": {"residual": "cosine"}}})
+    with pytest.raises(ConfigError, match=r"iem_detach needs student\.iem\.residual: cosine"):
+        params_from_dict({"training": {"iem_detach": True}, "student": {"iem": {"residual": "none"}}})

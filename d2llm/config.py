@@ -497,8 +497,9 @@ class TrainingConfig(_Section):
     iem_lr: float | None = Field(default=None, gt=0)
     # The IEM's MLP reads the vectors without sending gradient back into them: the backbone and
     # the PMA then learn only through the cosine residual (and nothing else scores), so a fast
-    # IEM (``iem_lr``) cannot drag the shared vectors. False: end to end (the paper).
-    # Needs ``student.iem.residual: cosine``.
+    # IEM (``iem_lr``) cannot drag the shared vectors. False: end to end (the paper). Measured on
+    # the default preset's groups, a fast detached IEM still overfits them (docs/results.md, "More
+    # NLI groups, and a detached IEM"). Needs ``student.iem.residual: cosine``.
     iem_detach: bool = False
     weight_decay: float = Field(default=0.0, ge=0)
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)

@@ -294,7 +294,8 @@ def number_format(scoring: dict[str, str]) -> dict[str, str | None]:
     return {key: scoring.get(key) for key in NUMBER_FORMAT_KEYS}
 
 
-def _described(scoring: dict[str, str]) -> str:
+def describe_format(scoring: dict[str, str]) -> str:
+    """The number format of ``scoring`` in words, e.g. ``"engine hf, dtype float32"``."""
     return ", ".join(f"{k} {v}" for k, v in number_format(scoring).items() if v is not None)
 
 
@@ -310,7 +311,7 @@ def begin_scoring(plan: LabellingPlan, scoring: dict[str, str], overwrite: bool 
     reused = [s for s in range(len(plan.shards)) if s not in missing]
     before = plan.previous_scoring
     if reused and before is not None and number_format(before) != number_format(scoring):
-        was, now = _described(before), _described(scoring)
+        was, now = describe_format(before), describe_format(scoring)
         if not overwrite:
             raise ArtifactError(
                 f"{len(reused)} label shard(s) in {plan.out_dir} were scored with {was}; this run would "

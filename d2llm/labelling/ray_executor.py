@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from d2llm.errors import ArtifactError, ConfigError, ModelError
-from d2llm.labelling.plan import LabellingPlan, begin_scoring, number_format, write_shard
+from d2llm.labelling.plan import LabellingPlan, begin_scoring, describe_format, number_format, write_shard
 from d2llm.labelling.scoring import ShardScorer
 
 if TYPE_CHECKING:
@@ -173,7 +173,8 @@ class _WorkerPool:
             infos = ray.get([a.scoring_info.remote() for a in actors])
         except RayActorError as err:
             raise ModelError(f"the Ray labelling workers could not load the teacher: {err}") from None
-        formats = {tuple(number_format(info).items()) for info in infos}
+        # Described in words: a set of strings sorts for the message (a None beside a string would not).
+        formats = {describe_format(info) for info in infos}
         if len(formats) > 1:  # e.g. nodes with and without bf16: their shards would mix formats
             raise ArtifactError(
                 f"the Ray labelling workers would score in different number formats ({sorted(formats)}): "

@@ -106,10 +106,14 @@ class IEM(nn.Module):
 
     def passage_cache(self, e_b: Tensor) -> Tensor:
         """``[N, d] -> [N, cache_size]``: ``W1b e_b`` (and the unit vector for the cosine residual)."""
-        projected = self.first_b(e_b.detach() if self.detach_inputs else e_b)
+        projected = self.first_b(self._mlp_input(e_b))
         if self.residual == "cosine":
             return torch.cat([projected, F.normalize(e_b, dim=-1)], dim=-1)
         return projected
+
+    def _mlp_input(self, vectors: Tensor) -> Tensor:
+        """What the MLP reads: the vectors, detached while ``detach_inputs`` (training.iem_detach)."""
+        return vectors.detach() if self.detach_inputs else vectors
 
     def _split_cache(self, cache_b: Tensor) -> tuple[Tensor, Tensor | None]:
         if cache_b.shape[-1] != self.cache_size:
@@ -146,7 +150,7 @@ class IEM(nn.Module):
     def forward_cached(self, e_a: Tensor, cache_b: Tensor, task: str) -> tuple[Tensor, Tensor]:
         """Row-wise: ``e_a [N, d]`` against ``cache_b [N, cache_size]`` -> ``(z [N], u [N, branch])``."""
         b_part, unit_b = self._split_cache(cache_b)
-        z, u = self._head(self.first_a(e_a.detach() if self.detach_inputs else e_a), b_part, task)
+        z, u = self._head(self.first_a(self._mlp_input(e_a)), b_part, task)
         if unit_b is not None:
             z = z + self.cosine_scale * (F.normalize(e_a, dim=-1) * unit_b).sum(-1)
         return z, u

@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from d2llm.config import Params, load_params
+from d2llm.config import Params, TaskKind, load_params
 
 if TYPE_CHECKING:
     import matplotlib.figure
@@ -287,15 +287,21 @@ def load_student(params: Params, student_dir: Path | None) -> tuple[Any, str]:
     return student, f"untrained (from_config, backbone {params.student.backbone})"
 
 
-def load_teacher(params: Params, teacher_dir: Path | None) -> tuple[Any, str]:
+def load_teacher(params: Params, teacher_dir: Path | None, task: TaskKind = "sym") -> tuple[Any, str]:
     """The saved teacher in ``teacher_dir`` when it exists, else the configured base model.
 
-    A cross-encoder's untrained head changes its scores, not its cost.
+    A cross-encoder's untrained head changes its scores, not its cost. Of a teacher per task
+    kind (``teacher.finetune.per_task``) the scripts time the part of ``task``: one model, as
+    labelling and ranking run it (both parts are the same architecture).
     """
     from d2llm.teachers.base import TEACHER_JSON
     from d2llm.teachers.factory import load_teacher as load
+    from d2llm.teachers.per_task import PerTaskTeacher
 
     if teacher_dir is not None and (Path(teacher_dir) / TEACHER_JSON).is_file():
-        return load(params.teacher, teacher_dir, params.device), f"saved ({teacher_dir})"
+        teacher = load(params.teacher, teacher_dir, params.device)
+        if isinstance(teacher, PerTaskTeacher):
+            return teacher.part(task), f"saved ({teacher_dir}, its {task} part)"
+        return teacher, f"saved ({teacher_dir})"
     teacher = load(params.teacher, None, params.device)
     return teacher, f"base model, untrained head ({params.teacher.kind} {params.teacher.model})"

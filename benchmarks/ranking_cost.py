@@ -363,7 +363,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
 
     prepared_dir = args.prepared_dir or params.data.prepared_dir
     student, student_desc = common.load_student(params, args.student_dir)
-    teacher, teacher_desc = common.load_teacher(params, args.teacher_dir)
+    teacher, teacher_desc = common.load_teacher(params, args.teacher_dir, task="asym")
     # The plain encoder, not evaluation's BiEncoderBaseline: that one remembers every text it
     # encoded, so the queries encoded below would skip their pass inside the timed calls.
     bi = MeanPoolEncoder.from_ref(

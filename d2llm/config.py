@@ -17,6 +17,7 @@ from d2llm.ann import MIN_TRAIN_POINTS_PER_LIST
 from d2llm.errors import ConfigError, clip
 
 TaskKind = Literal["sym", "asym"]
+TASK_KINDS: tuple[TaskKind, ...] = ("sym", "asym")
 # The kind of judgement a dataset asks for (d2llm.data.schema.dataset_family): "nli" (sym with
 # class labels: entailment, paraphrase), "sts" (sym with graded scores), "asym" (query -> passage).
 Family = Literal["nli", "sts", "asym"]
@@ -248,6 +249,10 @@ class TeacherFinetuneConfig(_Section):
     # Rows per list: a question's positives (at most rank_list_size - 1) and its negatives
     # sampled to fill it; a list never spans two batches, so it must fit in batch_size.
     rank_list_size: int = Field(default=8, ge=2)
+    # One teacher per task kind (d2llm.teachers.per_task): the sym datasets fine-tune one, the
+    # asym (QA) ones another, each from the base model with this recipe, and each scores its own
+    # task's pairs (labelling, fusion, the test rows). False: one teacher for both (the paper).
+    per_task: bool = False
 
     @model_validator(mode="after")
     def _lists_fit_batches(self) -> TeacherFinetuneConfig:
@@ -702,6 +707,18 @@ class Params(_Section):
                 if name in ir or name in no_dev:
                     kind = "an IR collection" if name in ir else "train-only pairs"
                     raise ValueError(f"{key}: {name!r} is {kind}, with no dev metric; name a pair dataset")
+        return self
+
+    @model_validator(mode="after")
+    def _per_task_teacher_is_fine_tuned_and_scored_by_hf(self) -> Params:
+        ft = self.teacher.finetune
+        if ft.per_task and not ft.enabled:
+            raise ValueError("teacher.finetune.per_task needs teacher.finetune.enabled true")
+        if ft.per_task and self.labelling.engine != "hf":
+            raise ValueError(
+                "teacher.finetune.per_task: the vllm engine serves one model; label a per-task teacher "
+                "with labelling.engine: hf"
+            )
         return self
 
     @model_validator(mode="after")

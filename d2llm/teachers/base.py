@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TEACHER_JSON = "teacher.json"
+PER_TASK_KIND = "per_task"  # teacher.json of one teacher per task kind (d2llm.teachers.per_task)
 Pair = tuple[str, str]
 WeightsKind = Literal["reference", "full", "lora"]
 
@@ -234,6 +235,11 @@ def read_teacher_json(path: str | Path) -> dict[str, Any]:
 def saved_config(cfg: TeacherConfig, path: str | Path) -> tuple[TeacherConfig, WeightsKind]:
     """``cfg`` with what the saved teacher at ``path`` fixes (kind, model, prompts...); its weights kind."""
     meta = read_teacher_json(path)
+    if meta.get("kind") == PER_TASK_KIND:
+        raise ModelError(
+            f"{path} holds one teacher per task kind (sym/, asym/): load it with "
+            "d2llm.teachers.factory.load_teacher, or name one part's folder"
+        )
     updated = cfg.model_copy(
         update={
             "kind": meta["kind"],

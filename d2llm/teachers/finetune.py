@@ -12,7 +12,9 @@ Recipe: AdamW, linear warm-up then linear decay, gradient clipping, length-bucke
 shuffled order; LoRA for causal LMs (``teacher.finetune.lora``), full fine-tuning for encoders.
 The dev split of every dataset is scored before training and after every epoch (AP for class
 datasets, Spearman for score datasets); the best epoch's weights are kept (epoch 0, the
-untouched model, included: fine-tuning that only hurts is not shipped).
+untouched model, included: fine-tuning that only hurts is not shipped). With
+``teacher.finetune.per_task`` this is done twice, once per task kind, each part on its own
+datasets and dev sets (``d2llm.teachers.per_task``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from d2llm.batching import Encoding, bucket_batches, pack_lists, padded_batches
 from d2llm.biencoder import baseline_encoder, pair_cosines
+from d2llm.config import TASK_KINDS, TaskKind
 from d2llm.data.tables import load_pairs
 from d2llm.errors import ArtifactError, DataError, ModelError
 from d2llm.evaluation.dev import (
@@ -45,6 +48,7 @@ from d2llm.teachers.base import Pair, Teacher, log_odds
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
 from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.fusion import FusedScorer, fit_fusion
+from d2llm.teachers.per_task import PerTaskTeacher
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -389,33 +393,105 @@ def train_teacher(
     return history, losses, step, best[1]
 
 
+class TeacherFit(NamedTuple):
+    """What training one teacher (or both parts of a per-task one) gave."""
+
+    history: list[dict[str, Any]]  # per epoch (per part and epoch, with "task", for a per-task teacher)
+    losses: list[float]
+    steps: int
+    best_epoch: int | dict[str, int]  # per part for a per-task teacher
+    dev_before: dict[str, float] | None
+    dev_after: dict[str, float]
+    train_pairs: int
+
+
+def _fit(
+    teacher: Teacher,
+    params: Params,
+    train: list[GoldPair],
+    dev_sets: list[DevSet],
+    log_odds: dict[str, np.ndarray],
+) -> TeacherFit:
+    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets, log_odds)
+    metrics = [{k: v for k, v in h.items() if k not in ("epoch", "step")} for h in history]
+    return TeacherFit(history, losses, steps, best_epoch, metrics[0] or None, metrics[best_epoch], len(train))
+
+
+def _fit_per_task(
+    params: Params, train: list[GoldPair], dev_sets: list[DevSet], log_odds: dict[str, np.ndarray]
+) -> tuple[PerTaskTeacher, TeacherFit]:
+    """One teacher per task kind, each fine-tuned from the base model on its task's datasets and
+    chosen on its task's dev sets, as if trained alone (the same seed, sampling and recipe)."""
+    from d2llm.hub import seed_everything
+
+    parts: dict[TaskKind, Teacher] = {}
+    fits: dict[str, TeacherFit] = {}
+    for task in TASK_KINDS:
+        rows = [row for row in train if row.task == task]
+        if not rows:
+            raise DataError(
+                f"teacher.finetune.per_task: no {task} dataset in teacher.finetune.datasets to fine-tune "
+                f"the {task} teacher on (sym: NLI, STS; asym: QA)"
+            )
+        seed_everything(params.seed)
+        parts[task] = load_teacher(params.teacher, None, params.device)
+        fits[task] = _fit(parts[task], params, rows, [d for d in dev_sets if d.task == task], log_odds)
+        log.info("%s teacher: %d pairs, dev %s", task, len(rows), fits[task].dev_after)
+
+    def merged(key: str) -> dict[str, float] | None:
+        parts_metrics = [getattr(fit, key) for fit in fits.values()]
+        if any(m is None for m in parts_metrics):
+            return None
+        out = {k: v for m in parts_metrics for k, v in m.items() if k != "main"}
+        return {**out, "main": mean_metric(out)}
+
+    fit = TeacherFit(
+        history=[{"task": task, **h} for task, f in fits.items() for h in f.history],
+        losses=[loss for f in fits.values() for loss in f.losses],
+        steps=sum(f.steps for f in fits.values()),
+        best_epoch={task: f.best_epoch for task, f in fits.items()},
+        dev_before=merged("dev_before"),
+        dev_after=merged("dev_after") or {},
+        train_pairs=len(train),
+    )
+    return PerTaskTeacher(parts), fit
+
+
 def finetune_teacher(
     params: Params, prepared_dir: str | Path, out_dir: str | Path, teacher: Teacher | None = None
 ) -> dict[str, Any]:
     """Fine-tune ``params.teacher`` on the gold train splits and save it to ``out_dir``.
 
-    With ``teacher.finetune.enabled: false`` only the reference to the base model is saved.
-    Returns dev metrics before/after, the best epoch, losses and timing.
+    With ``teacher.finetune.enabled: false`` only the reference to the base model is saved. With
+    ``teacher.finetune.per_task`` one teacher per task kind is fine-tuned and saved
+    (``d2llm.teachers.per_task``; ``teacher`` must then be None). Returns dev metrics
+    before/after, the best epoch, losses and timing.
     """
     from d2llm.hub import seed_everything
 
     seed_everything(params.seed)
     ft = params.teacher.finetune
-    if teacher is None:
+    if ft.per_task and teacher is not None:
+        raise ValueError("teacher.finetune.per_task builds its own parts: pass no teacher")
+    if teacher is None and not ft.per_task:
         teacher = load_teacher(params.teacher, None, params.device)
     if not ft.enabled:
+        assert teacher is not None  # per_task needs enabled (config)
         teacher.save_pretrained(out_dir, include_weights=False)
         return {"enabled": False, "kind": teacher.kind, "model": params.teacher.model}
     train, dev_sets = load_gold(params, prepared_dir)
     start = time.perf_counter()
     log_odds: dict[str, np.ndarray] = {}
-    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets, log_odds)
+    if ft.per_task:
+        teacher, fit = _fit_per_task(params, train, dev_sets, log_odds)
+    else:
+        assert teacher is not None
+        fit = _fit(teacher, params, train, dev_sets, log_odds)
     seconds = time.perf_counter() - start
     teacher.save_pretrained(out_dir)
     cosines: dict[str, np.ndarray] = {}
     dev_baseline = baseline_dev_metrics(params, dev_sets, cosines)
-    dev_after = {k: v for k, v in history[best_epoch].items() if k not in ("epoch", "step")}
-    dev_report: dict[str, Any] = {"dev_after": dev_after, "dev_baseline": dev_baseline}
+    dev_report: dict[str, Any] = {"dev_after": fit.dev_after, "dev_baseline": dev_baseline}
     fusion = None
     if params.teacher.fusion == "biencoder":
         fusion, dev_report["dev_fused"] = fit_dev_fusion(dev_sets, log_odds, cosines)
@@ -425,24 +501,24 @@ def finetune_teacher(
         "enabled": True,
         "kind": teacher.kind,
         "model": params.teacher.model,
-        "train_pairs": len(train),
+        "train_pairs": fit.train_pairs,
         # Lists trained with the listwise loss (teacher.finetune.rank_weight > 0; else 0).
         "train_lists": len({row.list_id for row in train if row.list_id is not None}),
-        "steps": steps,
-        "best_epoch": best_epoch,
-        "dev_before": {k: v for k, v in history[0].items() if k not in ("epoch", "step")} or None,
-        "dev_after": dev_after,
+        "steps": fit.steps,
+        "best_epoch": fit.best_epoch,
+        "dev_before": fit.dev_before,
+        "dev_after": fit.dev_after,
         "dev_baseline": dev_baseline,
         "dev_fused": dev_report.get("dev_fused"),
         "fusion": dev_report.get("fusion"),
         **{k: v for k, v in dev_report.items() if k.startswith("validate_")},
         # Teacher minus bi-encoder on the validate parts; the distil decision is labelling's gate.
         "gains": teacher_gains(dev_report),
-        "history": history,
-        "loss_first": losses[0] if losses else None,
-        "loss_last": losses[-1] if losses else None,
+        "history": fit.history,
+        "loss_first": fit.losses[0] if fit.losses else None,
+        "loss_last": fit.losses[-1] if fit.losses else None,
         "train_seconds": seconds,
-        "pairs_per_second": steps * ft.batch_size / seconds if seconds > 0 else None,
+        "pairs_per_second": fit.steps * ft.batch_size / seconds if seconds > 0 else None,
     }
     # The dev comparison travels with the teacher: labelling reads it to pick the families to distil.
     write_dev_report(out_dir, dev_report)
@@ -450,7 +526,7 @@ def finetune_teacher(
         "teacher fine-tuned: dev %s -> %s (best epoch %d); bi-encoder baseline %s",
         result["dev_before"],
         result["dev_after"],
-        best_epoch,
+        fit.best_epoch,
         result["dev_baseline"],
     )
     return result

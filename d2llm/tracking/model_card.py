@@ -261,6 +261,8 @@ def _teacher_line(params: Params) -> str:
         cap = f", at most {ft.max_train_pairs} pairs per dataset" if ft.max_train_pairs else ""
         lora = f", LoRA r={ft.lora.r}" if ft.lora.enabled else ""
         line += f"; fine-tuned on gold labels ({ft.epochs:g} epoch(s), lr {ft.lr:g}{cap}{lora})"
+        if ft.per_task:
+            line += "; one teacher per task kind (sym: NLI, STS; asym: QA), each on its own datasets"
     else:
         line += "; not fine-tuned (used as loaded)"
     if t.fusion == "biencoder":

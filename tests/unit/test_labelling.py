@@ -18,6 +18,7 @@ from d2llm.config import TeacherConfig, params_from_dict
 from d2llm.errors import ArtifactError, DataError
 from d2llm.labelling import MANIFEST_FILE, build_groups, label_groups, load_labels
 from d2llm.teachers.factory import load_teacher
+from d2llm.teachers.per_task import PerTaskTeacher
 
 torch.set_num_threads(1)
 
@@ -351,3 +352,25 @@ def test_gating_labels_only_datasets_the_teacher_wins_on_dev(teacher_dir, tmp_pa
     raw["labelling"]["min_teacher_gain"] = 10.0  # nothing left worth distilling: a clear error
     with pytest.raises(DataError, match="beats the bi-encoder on no labelling dataset"):
         label_groups(params_from_dict(raw), tmp_path / "neg.parquet", gated_dir, tmp_path / "labels2")
+
+
+def test_a_per_task_teacher_labels_each_group_with_the_part_of_its_task(tiny_bert_dir, tmp_path):
+    """Sym groups are scored by the sym teacher, asym (QA) groups by the asym one
+    (``teacher.finetune.per_task``), and nothing else in labelling knows there are two."""
+    cfg = TeacherConfig(kind="cross_encoder", model=str(tiny_bert_dir), max_length=32, batch_size=4)
+    parts = {"sym": load_teacher(cfg, None, "cpu"), "asym": load_teacher(cfg, None, "cpu")}
+    with torch.no_grad():
+        parts["asym"].head.weight.mul_(-3.0)  # another judge
+    PerTaskTeacher(parts).save_pretrained(tmp_path / "teacher")
+    negatives = pd.concat([_negatives(4), _negatives(4, dataset="qa", task="asym")], ignore_index=True)
+    negatives.to_parquet(tmp_path / "neg.parquet")
+    params = params_from_dict(_params(group_size=2, shard_groups=1))
+    label_groups(params, tmp_path / "neg.parquet", tmp_path / "teacher", tmp_path / "labels")
+    labels = load_labels(tmp_path / "labels")
+    assert set(labels.groups["task"]) == {"sym", "asym"}
+    for g in labels.groups.itertuples():
+        a, cands = g.anchors[0], [g.positives[0], *g.negatives[0]]
+        own = parts[g.task].score([(a, c) for c in cands], g.task).logits
+        other = parts["asym" if g.task == "sym" else "sym"].score([(a, c) for c in cands], g.task).logits
+        torch.testing.assert_close(labels.hard[g.group_id, 0], own, atol=1e-5, rtol=1e-4)
+        assert not torch.allclose(labels.hard[g.group_id, 0], other, atol=1e-3)

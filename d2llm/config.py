@@ -223,6 +223,9 @@ class TeacherFinetuneConfig(_Section):
     warmup_ratio: float = Field(default=0.1, ge=0, lt=1)
     weight_decay: float = Field(default=0.01, ge=0)
     max_train_pairs: int | None = Field(default=None, ge=1)
+    # The cap of each asym (QA) dataset instead (None: max_train_pairs): a QA teacher of its own
+    # (per_task) ranks only with more QA pairs than a shared one needs (docs/results.md).
+    asym_max_train_pairs: int | None = Field(default=None, ge=1)
     # Gold datasets (canonical names, e.g. "sick") the teacher is fine-tuned on.
     datasets: list[str] = Field(default_factory=lambda: ["sick"])
     # Datasets whose dev splits choose the teacher's epoch, get fusion weights and are reported

@@ -215,7 +215,8 @@ def sample_lists(rows: pd.DataFrame, list_size: int, limit: int | None, seed: in
 def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair], list[DevSet]]:
     """Training pairs and one dev set per fine-tuning dataset.
 
-    ``max_train_pairs`` / ``max_dev_pairs`` cap each dataset (a seeded sample), keeping the mix.
+    ``max_train_pairs`` / ``max_dev_pairs`` cap each dataset (a seeded sample), keeping the mix;
+    ``asym_max_train_pairs``, when set, caps the asym (QA) datasets instead.
     With ``rank_weight > 0`` an asym dataset's pairs come as lists (``sample_lists``); one with
     no question holding both a positive and a negative is sampled pair by pair.
     """
@@ -229,8 +230,10 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair],
             raise DataError(f"prepared pairs for dataset {name!r} not found: {err}") from None
         rows, targets = gold_targets(df, "train", name)
         rows = rows.assign(target_=targets)
-        if ft.rank_weight > 0 and (rows["task"] == "asym").all():
-            lists = sample_lists(rows, ft.rank_list_size, ft.max_train_pairs, params.seed)
+        asym = bool((rows["task"] == "asym").all())
+        cap = ft.asym_max_train_pairs if asym and ft.asym_max_train_pairs is not None else ft.max_train_pairs
+        if ft.rank_weight > 0 and asym:
+            lists = sample_lists(rows, ft.rank_list_size, cap, params.seed)
             if not lists.empty:
                 train += [
                     GoldPair(r.task, (r.text_a, r.text_b), float(r.target_), num_lists + int(r.list_))
@@ -239,7 +242,7 @@ def load_gold(params: Params, prepared_dir: str | Path) -> tuple[list[GoldPair],
                 num_lists += int(lists["list_"].max()) + 1
                 continue
             log.warning("teacher rank loss: %s has no question with both a positive and a negative", name)
-        rows = sample_rows(rows, ft.max_train_pairs, params.seed, table_order=False)
+        rows = sample_rows(rows, cap, params.seed, table_order=False)
         train += [GoldPair(r.task, (r.text_a, r.text_b), float(r.target_)) for r in rows.itertuples()]
     # Only the select parts choose the epoch and the fusion weights (validate_report).
     fraction = params.selection.validate_fraction

@@ -259,6 +259,8 @@ def _teacher_line(params: Params) -> str:
     ft = t.finetune
     if ft.enabled:
         cap = f", at most {ft.max_train_pairs} pairs per dataset" if ft.max_train_pairs else ""
+        if ft.asym_max_train_pairs:
+            cap += f" ({ft.asym_max_train_pairs} per QA dataset)"
         lora = f", LoRA r={ft.lora.r}" if ft.lora.enabled else ""
         line += f"; fine-tuned on gold labels ({ft.epochs:g} epoch(s), lr {ft.lr:g}{cap}{lora})"
         if ft.per_task:

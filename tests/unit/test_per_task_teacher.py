@@ -15,7 +15,7 @@ from d2llm.errors import ConfigError, DataError, ModelError
 from d2llm.quantization import is_quantized
 from d2llm.teachers.base import saved_config
 from d2llm.teachers.factory import load_teacher
-from d2llm.teachers.finetune import finetune_teacher
+from d2llm.teachers.finetune import finetune_teacher, load_gold
 from d2llm.teachers.per_task import PerTaskTeacher, is_per_task
 
 
@@ -38,7 +38,7 @@ def prepared(tmp_path):
     return folder
 
 
-def _params(model_dir, datasets, per_task=True, **extra):
+def _params(model_dir, datasets, per_task=True, **ft):
     return params_from_dict(
         {
             "device": "cpu",
@@ -54,10 +54,10 @@ def _params(model_dir, datasets, per_task=True, **extra):
                     "lr": 1e-3,
                     "warmup_ratio": 0.0,
                     "per_task": per_task,
+                    **ft,
                 },
             },
             "student": {"backbone": str(model_dir)},
-            **extra,
         }
     )
 
@@ -121,3 +121,11 @@ def test_per_task_config_rules(tiny_bert_dir):
     with pytest.raises(ConfigError, match="vllm engine serves one model"):
         params_from_dict({"teacher": {"finetune": {"per_task": True}}, "labelling": {"engine": "vllm"}})
     assert not params_from_dict({}).teacher.finetune.per_task  # the paper: one teacher
+
+
+def test_asym_datasets_take_their_own_cap(tiny_bert_dir, prepared):
+    """``asym_max_train_pairs`` caps the QA datasets, ``max_train_pairs`` the others (unset: one cap)."""
+    for asym_cap, expected in ((None, {"sym": 40, "asym": 40}), (20, {"sym": 40, "asym": 20})):
+        params = _params(tiny_bert_dir, ["nli", "qa"], max_train_pairs=40, asym_max_train_pairs=asym_cap)
+        train, _ = load_gold(params, prepared)
+        assert {task: sum(row.task == task for row in train) for task in ("sym", "asym")} == expected

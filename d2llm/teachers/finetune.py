@@ -42,7 +42,7 @@ from d2llm.evaluation.dev import (
     mean_metric,
     sample_rows,
 )
-from d2llm.hub import cpu_bf16_autocast
+from d2llm.hub import cpu_bf16_autocast, seed_everything
 from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher, log_odds
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
@@ -425,8 +425,6 @@ def _fit_per_task(
 ) -> tuple[PerTaskTeacher, TeacherFit]:
     """One teacher per task kind, each fine-tuned from the base model on its task's datasets and
     chosen on its task's dev sets, as if trained alone (the same seed, sampling and recipe)."""
-    from d2llm.hub import seed_everything
-
     parts: dict[TaskKind, Teacher] = {}
     fits: dict[str, TeacherFit] = {}
     for task in TASK_KINDS:
@@ -470,8 +468,6 @@ def finetune_teacher(
     (``d2llm.teachers.per_task``; ``teacher`` must then be None). Returns dev metrics
     before/after, the best epoch, losses and timing.
     """
-    from d2llm.hub import seed_everything
-
     seed_everything(params.seed)
     ft = params.teacher.finetune
     if ft.per_task and teacher is not None:

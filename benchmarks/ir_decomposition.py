@@ -7,8 +7,8 @@ nDCG@10 and MRR@10 of
 
 - the bi-encoder the student starts from (cosine of mean-pooled vectors),
 - the student's vectors alone (cosine of its PMA vectors, every passage),
-- the student as shipped (``search``: cosine first stage, top ``search.rerank_depth`` passages
-  re-ranked by ``z``), and
+- the student as shipped (``search``: cosine first stage, every passage of its top
+  ``search.rerank_depth`` documents re-ranked by ``z``), and
 - the same re-ranking with the interaction scaled, ``w * head + scale * cos`` for each ``--weights``
   value (``w = 1`` is the shipped score, ``w = 0`` the vectors' own order within the first stage).
 
@@ -97,7 +97,8 @@ def _measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
             z = student.score_matrix(vectors, student.passage_cache(passages), "asym").float().numpy()
             cos = (F.normalize(vectors.float(), dim=-1) @ F.normalize(passages.float(), dim=-1).T).numpy()
         head = z - scale * cos
-        first = np.argsort(-cos, axis=1, kind="stable")[:, :depth]  # the cosine first stage
+        # The cosine first stage: every passage of the top `depth` documents by their best passage.
+        first = [np.flatnonzero(np.isin(corpus.spans.doc, [d for d, _ in corpus.rank(c, depth)])) for c in cos]
         row = {
             "bi-encoder": summary(encoder.rank(qtexts, corpus, IR_DEPTH)),
             "student vectors": summary([corpus.rank(c, IR_DEPTH) for c in cos]),

@@ -600,7 +600,7 @@ DEFAULT_SEARCH_MODE: SearchMode = "two_stage"
 class SearchConfig(_Section):
     mode: SearchMode = DEFAULT_SEARCH_MODE
     first_stage: Literal["bm25", "cosine"] = "cosine"
-    rerank_depth: int = Field(default=100, ge=1)  # M
+    rerank_depth: int = Field(default=100, ge=1)  # M: documents the two-stage first stage keeps
     chunk_size: int = Field(default=4096, ge=1)
     # Documents longer than the student's input are split into passages of at most
     # passage_window tokens (None: student.max_length minus special tokens), starting

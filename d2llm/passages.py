@@ -50,6 +50,15 @@ class PassageSpans:
         n = int(self.doc[-1]) + 1 if n_docs is None and self.doc.size else int(n_docs or 0)
         return np.searchsorted(self.doc, np.arange(n))
 
+    def passages_of(self, docs: np.ndarray) -> np.ndarray:
+        """Every passage position of the documents ``docs``, in position order."""
+        docs = np.unique(np.asarray(docs, dtype=np.int64))
+        starts = np.searchsorted(self.doc, docs, side="left")
+        ends = np.searchsorted(self.doc, docs, side="right")
+        if docs.size == 0:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in zip(starts, ends, strict=True)])
+
 
 def passage_window(tokenizer: Any, max_length: int, window: int | None) -> int:
     """The window in tokens: ``window``, or all the student's ``max_length`` minus special tokens.

@@ -10,11 +10,13 @@ and search returns documents, each with that passage. Nothing is truncated.
 
 - ``mode="full"``: every passage gets its IEM score, in chunks of ``chunk_size`` rows so that
   memory stays flat for any corpus size.
-- ``mode="two_stage"``: a first stage (cosine of PMA vectors on FAISS, or BM25) keeps the top
-  ``rerank_depth`` (M) passages and only those get the IEM. The cosine first stage is exact
-  (FAISS flat) below ``search.ann_min_size`` passages and FAISS HNSW or IVF
+- ``mode="two_stage"``: a first stage (cosine of PMA vectors on FAISS, or BM25) ranks passages;
+  a document ranks by its best one, and the top ``rerank_depth`` (M) *documents* are kept
+  (at least ``k``: a search for k documents re-ranks k). Every passage of those documents gets
+  the IEM, so a kept document is read whole, as full scoring reads it. The cosine first stage is
+  exact (FAISS flat) below ``search.ann_min_size`` passages and FAISS HNSW or IVF
   (``search.ann_index``) from there on (``d2llm.ann``). ``first_stage_recall`` measures what
-  the first stage costs: the fraction of full-IEM top-k passages that survive it.
+  the first stage costs: the fraction of full-IEM top-k documents that survive it.
 
 An index is bound to one student and one corpus: the manifest records a fingerprint of the
 student's weights and a hash of the corpus, and ``load_index`` refuses a stale index.
@@ -514,6 +516,29 @@ def first_stage_candidates(
     raise ValueError(f"unknown first stage {first_stage!r}; use 'bm25' or 'cosine'")
 
 
+def first_stage_documents(
+    index: SearchIndex, query: str, e_q: torch.Tensor, first_stage: Literal["bm25", "cosine"], n_docs: int
+) -> np.ndarray:
+    """The first stage's top ``n_docs`` document positions, best first: a document ranks by its
+    best passage. The passage ranking is read deeper (doubling) until it holds ``n_docs``
+    documents, or the corpus, or an approximate index that returns fewer hits, runs out."""
+    if n_docs < 1:
+        raise ValueError(f"n_docs must be >= 1, got {n_docs}")
+    want = min(index.n_passages, 2 * n_docs)
+    while True:
+        positions = first_stage_candidates(index, query, e_q, first_stage, want)
+        docs = distinct_in_order(index.spans.doc[positions])
+        if docs.size >= n_docs or want >= index.n_passages or positions.size < want:
+            return docs[:n_docs]
+        want = min(index.n_passages, 2 * want)
+
+
+def distinct_in_order(values: np.ndarray) -> np.ndarray:
+    """``values`` without repeats, each where it first occurs."""
+    uniq, first = np.unique(values, return_index=True)
+    return uniq[np.argsort(first, kind="stable")]
+
+
 def rank_documents(
     positions: np.ndarray,
     scores: np.ndarray,
@@ -528,8 +553,8 @@ def rank_documents(
     ``positions[i]`` is the passage ``scores[i]`` belongs to. A document scores by its best
     passage (``best``), its first passage (``first``: a title and its lead), or
     ``(1 - first_weight) * best + first_weight * first`` (``blend``); the first two need the
-    document's first passage among ``positions`` (``with_first_passages``). Ties are broken by
-    document position, as ``top_k_positions`` breaks them by position.
+    document's first passage among ``positions``. Ties are broken by document position, as
+    ``top_k_positions`` breaks them by position.
     """
     docs = spans.doc[positions]
     order = top_k_positions(scores, scores.size)  # best first; ties by position
@@ -557,13 +582,8 @@ def rank_documents(
     return shown[top], doc_scores[top]
 
 
-def with_first_passages(positions: np.ndarray, spans: PassageSpans) -> np.ndarray:
-    """``positions`` and the first passage of each of their documents, sorted."""
-    firsts = spans.first_passages()[np.unique(spans.doc[positions])]
-    return np.union1d(positions, firsts)
-
-
-def _encode_query(student: Any, query: str):
+def encode_query(student: Any, query: str) -> torch.Tensor:
+    """The query's PMA vector ``[1, d]``, float32 on the CPU."""
     import torch
 
     with torch.inference_mode():
@@ -585,21 +605,22 @@ def search(
     """The top ``k`` documents for ``query`` by their passages' IEM logits (asym branch),
     aggregated per document as ``rank_documents`` does (``search.aggregation``).
 
-    ``mode`` defaults to ``search.mode``'s default (``DEFAULT_SEARCH_MODE``: two-stage).
+    ``mode`` defaults to ``search.mode``'s default (``DEFAULT_SEARCH_MODE``: two-stage), which
+    re-ranks every passage of the first stage's top ``max(rerank_depth, k)`` documents.
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    e_q = _encode_query(student, query)
+    e_q = encode_query(student, query)
     if mode == "full":
         positions = np.arange(index.n_passages)
         scores = iem_scores(student, e_q, index.passage_cache, "asym", chunk_size)
     elif mode == "two_stage":
         if rerank_depth < 1:
             raise ValueError(f"rerank_depth must be >= 1, got {rerank_depth}")
-        # Sorted positions: the re-ranking then breaks ties exactly as full scoring does.
-        positions = np.sort(first_stage_candidates(index, query, e_q, first_stage, rerank_depth))
-        if aggregation != "best":  # a candidate document is also read by its first passage
-            positions = with_first_passages(positions, index.spans)
+        docs = first_stage_documents(index, query, e_q, first_stage, max(rerank_depth, k))
+        # Every passage of the kept documents, in position order: the re-ranking then reads each
+        # document as full scoring does and breaks ties as it does.
+        positions = index.spans.passages_of(docs)
         cache = index.passage_cache[positions]
         scores = iem_scores(student, e_q, cache, "asym", chunk_size)
     else:
@@ -622,7 +643,8 @@ def first_stage_recall(
     rerank_depth: int = 100,
     chunk_size: int = 4096,
 ) -> dict[str, float]:
-    """Recall lost by the first stage: mean fraction of the full-IEM top-k passages inside its top M.
+    """Recall lost by the first stage: mean fraction of the full-IEM top-k documents (by their best
+    passage) inside its top M documents.
 
     1.0 means two-stage search returns what full search returns, for these queries.
     """
@@ -632,10 +654,11 @@ def first_stage_recall(
         raise ValueError("first_stage_recall needs at least one query")
     fractions = []
     for query in tqdm(queries, desc=f"first-stage recall ({first_stage}@{rerank_depth})", leave=False):
-        e_q = _encode_query(student, query)
+        e_q = encode_query(student, query)
         full = iem_scores(student, e_q, index.passage_cache, "asym", chunk_size)
-        full_top = set(top_k_positions(full, k).tolist())  # passage positions
-        kept = set(first_stage_candidates(index, query, e_q, first_stage, rerank_depth).tolist())
+        shown, _ = rank_documents(np.arange(index.n_passages), full, index.spans, k)
+        full_top = set(index.spans.doc[shown].tolist())  # document positions
+        kept = set(first_stage_documents(index, query, e_q, first_stage, rerank_depth).tolist())
         fractions.append(len(full_top & kept) / len(full_top))
     return {
         "recall": float(np.mean(fractions)),

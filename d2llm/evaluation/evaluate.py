@@ -217,13 +217,19 @@ class StudentScorer:
 
     def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
         """The shipped search: an index of ``corpus`` (``build_index``, in a temporary folder) and
-        ``search`` per query with the ``search.*`` settings it was built for."""
+        ``search`` per query with the ``search.*`` settings it was built for.
+
+        Two-stage search returns the first stage's top ``search.rerank_depth`` documents
+        re-ranked; when that is fewer than ``depth``, the first stage's next documents follow in
+        its own order, as the teacher's ranking does, so that R@100 reads equally deep lists.
+        """
         import pandas as pd
         from tqdm.auto import tqdm
 
         from d2llm.search import build_index, search
 
         cfg = self.search_cfg
+        reranked = depth if cfg.mode == "full" else min(depth, cfg.rerank_depth)
         position = {doc_id: i for i, doc_id in enumerate(corpus.doc_ids)}
         frame = pd.DataFrame({"doc_id": corpus.doc_ids, "text": corpus.docs})
         ranking = []
@@ -231,19 +237,34 @@ class StudentScorer:
             index = build_index(self.student, frame, tmp, "evaluation", self.batch_size, cfg)
             for query in tqdm(queries, desc=f"student search ({cfg.mode})", leave=False):
                 hits = search(
-                    self.student, index, query, depth, cfg.mode, cfg.first_stage, cfg.rerank_depth,
+                    self.student, index, query, reranked, cfg.mode, cfg.first_stage, cfg.rerank_depth,
                     self.chunk_size, cfg.aggregation, cfg.first_weight,
                 )  # fmt: skip
-                ranking.append([(position[hit.doc_id], hit.score) for hit in hits])
+                row = [(position[hit.doc_id], hit.score) for hit in hits]
+                if len(row) < depth:
+                    row += self._first_stage_tail(index, query, depth, {doc for doc, _ in row})
+                ranking.append(row)
         return ranking
+
+    def _first_stage_tail(
+        self, index: Any, query: str, depth: int, shown: set[int]
+    ) -> list[tuple[int, float]]:
+        """The first stage's documents after the re-ranked ones, in its order, scored below them."""
+        from d2llm.search import encode_query, first_stage_documents
+
+        e_q = encode_query(self.student, query)
+        docs = first_stage_documents(index, query, e_q, self.search_cfg.first_stage, depth)
+        tail = [int(d) for d in docs if int(d) not in shown][: depth - len(shown)]
+        return [(d, -1e9 - i) for i, d in enumerate(tail)]
 
     def protocol(self) -> str:
         cfg = self.search_cfg
         if cfg.mode == "full":
             return "the shipped search, full IEM over every passage"
         return (
-            f"the shipped search, {cfg.first_stage} first stage top {cfg.rerank_depth} passages "
-            "re-ranked by the IEM"
+            f"the shipped search, {cfg.first_stage} first stage top {cfg.rerank_depth} documents "
+            f"re-ranked by the IEM over all their passages; the first stage's next documents follow "
+            f"to depth {IR_DEPTH}"
         )
 
 

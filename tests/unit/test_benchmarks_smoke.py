@@ -684,7 +684,7 @@ def test_ir_decomposition_splits_the_shipped_score_into_vectors_and_interaction(
     assert set(report["datasets"]) == {"cranfield", "cisi"}
     for entry in report["datasets"].values():
         rows = entry["systems"]
-        assert entry["passages"] <= report["rerank_depth"]  # so w = 0 sees every passage
+        assert entry["passages"] <= report["rerank_depth"]  # so w = 0 sees every document
         assert rows["w=1"]["ndcg@10"] == pytest.approx(rows["student (shipped search)"]["ndcg@10"], abs=1e-6)
         assert rows["w=0"]["ndcg@10"] == pytest.approx(rows["student vectors"]["ndcg@10"], abs=1e-6)
         assert set(rows) == {"bi-encoder", "student vectors", "student (shipped search)", "w=0", "w=1"}

@@ -237,6 +237,27 @@ def test_student_ranking_is_the_shipped_search_over_an_index(models, tmp_path):
     np.testing.assert_allclose([s for _, s in ranking], [h.score for h in hits], rtol=1e-5, atol=1e-6)
 
 
+def test_student_ranking_below_the_rerank_depth_follows_the_first_stage(models, tmp_path):
+    """Two-stage search re-ranks the first stage's top M documents; deeper lists (R@100) go on
+    with the first stage's next documents in its own order, as the teacher's ranking does."""
+    from d2llm.search import encode_query, first_stage_documents
+
+    scorer = copy.copy(models["student"])
+    scorer.search_cfg = scorer.search_cfg.model_copy(update={"first_stage": "bm25", "rerank_depth": 3})
+    corpus = pd.DataFrame({"doc_id": list(DOCS), "text": list(DOCS.values())})
+    index = build_index(scorer.student, corpus, tmp_path / "index", "v0", batch_size=3)
+    query = "who plays a guitar"
+    ranking = scorer.rank([query], _whole(DOCS), depth=len(DOCS))[0]
+    assert len(ranking) == len(DOCS)  # as deep as the other systems' rankings
+    hits = search(scorer.student, index, query, 3, "two_stage", "bm25", rerank_depth=3)
+    assert [list(DOCS)[p] for p, _ in ranking[:3]] == [h.doc_id for h in hits]
+    first_stage = first_stage_documents(index, query, encode_query(scorer.student, query), "bm25", len(DOCS))
+    assert {p for p, _ in ranking[:3]} == set(first_stage[:3].tolist())
+    assert [p for p, _ in ranking[3:]] == first_stage[3:].tolist()
+    assert [s for _, s in ranking] == sorted((s for _, s in ranking), reverse=True)
+    assert "bm25 first stage top 3 documents" in scorer.protocol()
+
+
 def test_ir_systems_rank_the_passages_the_shipped_search_reads(models, tiny_bert_dir):
     """A long document whose only match is in its second passage: BM25 and the bi-encoder find it
     by its best passage and not by its first, as the shipped search's aggregation says."""
@@ -263,7 +284,7 @@ def test_ir_systems_rank_the_passages_the_shipped_search_reads(models, tiny_bert
 
 
 def test_rank_documents_by_best_first_or_blend_by_hand():
-    from d2llm.search import rank_documents, with_first_passages
+    from d2llm.search import distinct_in_order, rank_documents
 
     # Documents 0 (passages 0-2), 1 (passage 3), 2 (passages 4-5).
     spans = PassageSpans(
@@ -278,8 +299,10 @@ def test_rank_documents_by_best_first_or_blend_by_hand():
     shown, value = rank_documents(positions, scores, spans, 3, "blend", first_weight=0.25)
     assert value.tolist() == pytest.approx([0.75 * 0.9 + 0.25 * 0.1, 0.75 * 0.6 + 0.25 * 0.6, 0.5])
     assert shown.tolist() == [1, 4, 3]  # the best passage is shown with a blended score
-    # A subset of passages (a first stage) is completed with its documents' first passages.
-    assert with_first_passages(np.array([1, 5]), spans).tolist() == [0, 1, 4, 5]
+    # A first stage's documents, read whole: every passage of each, in position order.
+    assert spans.passages_of(np.array([2, 0])).tolist() == [0, 1, 2, 4, 5]
+    assert spans.passages_of(np.array([], dtype=np.int64)).tolist() == []
+    assert distinct_in_order(spans.doc[[4, 1, 5, 3, 0]]).tolist() == [2, 0, 1]  # best passage first
     with pytest.raises(ValueError, match="first passage"):
         rank_documents(np.array([1, 5]), scores[[1, 5]], spans, 2, "first")
 

@@ -152,6 +152,27 @@ def test_long_document_tail_is_found_through_the_cli(student, tiny_bert_dir, tmp
     assert TAIL_FACT in best.text
 
 
+@pytest.mark.parametrize("first_stage", ["bm25", "cosine"])
+def test_two_stage_counts_documents_and_reads_each_kept_document_whole(student, tmp_path, first_stage):
+    """``rerank_depth`` counts documents, not passages: with M = the number of documents two-stage
+    search is full search, though the long document alone has more passages than M; and a kept
+    document scores by the best of all its passages, not only those the first stage ranked high."""
+    docs = {"long": LONG_DOC, **SHORT_DOCS}
+    frame = pd.DataFrame({"doc_id": list(docs), "text": list(docs.values())})
+    index = build_index(student, frame, tmp_path / "index", "v1", batch_size=4)
+    n_long = int((index.spans.doc == 0).sum())
+    assert n_long > len(docs)  # M passages could not even cover the long document
+    for query in (TAIL_FACT, "a man plays a guitar", "a cat on the mat"):
+        full = search(student, index, query, k=len(docs), mode="full")
+        two = search(student, index, query, k=len(docs), mode="two_stage", first_stage=first_stage,
+                     rerank_depth=len(docs))  # fmt: skip
+        assert [(h.doc_id, h.passage) for h in two] == [(h.doc_id, h.passage) for h in full]
+        np.testing.assert_allclose([h.score for h in two], [h.score for h in full], rtol=1e-5, atol=1e-6)
+        one = search(student, index, query, k=1, mode="two_stage", first_stage=first_stage, rerank_depth=1)
+        kept = next(h for h in full if h.doc_id == one[0].doc_id)  # its whole-document score
+        assert len(one) == 1 and (one[0].passage, one[0].score) == (kept.passage, pytest.approx(kept.score))
+
+
 def test_index_streams_to_memory_mapped_files(student, tmp_path):
     """Encoding in chunks gives the vectors of encoding all passages at once, memory-mapped on load."""
     texts = [LONG_DOC, *SHORT_DOCS.values()]

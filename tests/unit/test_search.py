@@ -224,9 +224,14 @@ def test_two_stage_only_returns_first_stage_candidates(built, student):
     _, index = built
     query = "a man plays a guitar"
     bm25_top = {f"d{p}" for p in Bm25Ranker(DOCS).top(query, 3)}
-    hits = search(student, index, query, k=10, mode="two_stage", first_stage="bm25", rerank_depth=3)
+    hits = search(student, index, query, k=3, mode="two_stage", first_stage="bm25", rerank_depth=3)
     assert len(hits) == 3 and {h.doc_id for h in hits} == bm25_top
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
+    # Asked for more documents than M, it re-ranks that many: k documents come back.
+    deeper = search(student, index, query, k=5, mode="two_stage", first_stage="bm25", rerank_depth=3)
+    assert len(deeper) == 5 and {h.doc_id for h in deeper} == {
+        f"d{p}" for p in Bm25Ranker(DOCS).top(query, 5)
+    }
 
 
 def test_first_stage_recall(built, student):

@@ -98,7 +98,8 @@ def _measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
             cos = (F.normalize(vectors.float(), dim=-1) @ F.normalize(passages.float(), dim=-1).T).numpy()
         head = z - scale * cos
         # The cosine first stage: every passage of the top `depth` documents by their best passage.
-        first = [np.flatnonzero(np.isin(corpus.spans.doc, [d for d, _ in corpus.rank(c, depth)])) for c in cos]
+        kept_docs = [[d for d, _ in corpus.rank(c, depth)] for c in cos]
+        first = [np.flatnonzero(np.isin(corpus.spans.doc, docs)) for docs in kept_docs]
         row = {
             "bi-encoder": summary(encoder.rank(qtexts, corpus, IR_DEPTH)),
             "student vectors": summary([corpus.rank(c, IR_DEPTH) for c in cos]),

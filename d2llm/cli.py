@@ -338,7 +338,9 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--mode", choices=["full", "two_stage"], help="default: search.mode")
     p.add_argument("--first-stage", choices=["bm25", "cosine"], help="default: search.first_stage")
-    p.add_argument("--rerank-depth", type=int, help="two-stage candidate documents M (default: search.rerank_depth)")
+    p.add_argument(
+        "--rerank-depth", type=int, help="two-stage candidate documents M (default: search.rerank_depth)"
+    )
 
 
 @contextmanager

@@ -256,18 +256,28 @@ def _ir_select_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-teacher", action="store_true", help="choose the passage scheme only")
     p.add_argument(
+        "--student-dir",
+        type=Path,
+        action="append",
+        help="saved student whose search settings (first stage, depth) to choose; repeat for seeds",
+    )
+    p.add_argument(
         "--output", type=Path, default=_AtLayout("reports_dir", "ir_selection.json"), help="report JSON"
     )
 
 
-@command("ir-select", "choose the passage scheme and the teacher's IR protocol on the IR dev collection")
+@command(
+    "ir-select",
+    "choose the passage scheme, the teacher's IR protocol and the student's search on the IR dev collection",
+)
 @arguments(_ir_select_args)
 def cmd_ir_select(args: argparse.Namespace, params: Params) -> int:
     from d2llm.evaluation.ir_selection import format_report, select_ir_settings
     from d2llm.jsonfile import write_json
 
     teacher_dir = None if args.no_teacher or not args.teacher_dir.is_dir() else args.teacher_dir
-    report = select_ir_settings(params, args.prepared_dir or params.data.prepared_dir, teacher_dir)
+    prepared = args.prepared_dir or params.data.prepared_dir
+    report = select_ir_settings(params, prepared, teacher_dir, args.student_dir)
     write_json(args.output, report)
     print(format_report(report))
     print(f"report written to {args.output}")

@@ -217,43 +217,55 @@ class StudentScorer:
 
     def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
         """The shipped search: an index of ``corpus`` (``build_index``, in a temporary folder) and
-        ``search`` per query with the ``search.*`` settings it was built for.
+        ``search`` per query with the ``search.*`` settings it was built for."""
+        with tempfile.TemporaryDirectory(prefix="d2llm-eval-index-") as tmp:
+            return self.rank_index(self.index(corpus, tmp), queries, depth)
+
+    def index(self, corpus: PassageCorpus, out_dir: str | Path) -> Any:
+        """``corpus`` indexed as ``d2llm index`` indexes it (``search.*`` passages)."""
+        import pandas as pd
+
+        from d2llm.search import build_index
+
+        frame = pd.DataFrame({"doc_id": corpus.doc_ids, "text": corpus.docs})
+        return build_index(self.student, frame, out_dir, "evaluation", self.batch_size, self.search_cfg)
+
+    def rank_index(
+        self, index: Any, queries: Sequence[str], depth: int, cfg: SearchConfig | None = None
+    ) -> Ranking:
+        """``search`` per query on ``index`` with ``cfg`` (default: ``search_cfg``).
 
         Two-stage search returns the first stage's top ``search.rerank_depth`` documents
         re-ranked; when that is fewer than ``depth``, the first stage's next documents follow in
         its own order, as the teacher's ranking does, so that R@100 reads equally deep lists.
         """
-        import pandas as pd
         from tqdm.auto import tqdm
 
-        from d2llm.search import build_index, search
+        from d2llm.search import search
 
-        cfg = self.search_cfg
+        cfg = cfg or self.search_cfg
         reranked = depth if cfg.mode == "full" else min(depth, cfg.rerank_depth)
-        position = {doc_id: i for i, doc_id in enumerate(corpus.doc_ids)}
-        frame = pd.DataFrame({"doc_id": corpus.doc_ids, "text": corpus.docs})
+        position = {doc_id: i for i, doc_id in enumerate(index.doc_ids)}
         ranking = []
-        with tempfile.TemporaryDirectory(prefix="d2llm-eval-index-") as tmp:
-            index = build_index(self.student, frame, tmp, "evaluation", self.batch_size, cfg)
-            for query in tqdm(queries, desc=f"student search ({cfg.mode})", leave=False):
-                hits = search(
-                    self.student, index, query, reranked, cfg.mode, cfg.first_stage, cfg.rerank_depth,
-                    self.chunk_size, cfg.aggregation, cfg.first_weight,
-                )  # fmt: skip
-                row = [(position[hit.doc_id], hit.score) for hit in hits]
-                if len(row) < depth:
-                    row += self._first_stage_tail(index, query, depth, {doc for doc, _ in row})
-                ranking.append(row)
+        for query in tqdm(queries, desc=f"student search ({cfg.mode})", leave=False):
+            hits = search(
+                self.student, index, query, reranked, cfg.mode, cfg.first_stage, cfg.rerank_depth,
+                self.chunk_size, cfg.aggregation, cfg.first_weight,
+            )  # fmt: skip
+            row = [(position[hit.doc_id], hit.score) for hit in hits]
+            if len(row) < depth:
+                row += self._first_stage_tail(index, query, cfg, depth, {doc for doc, _ in row})
+            ranking.append(row)
         return ranking
 
     def _first_stage_tail(
-        self, index: Any, query: str, depth: int, shown: set[int]
+        self, index: Any, query: str, cfg: SearchConfig, depth: int, shown: set[int]
     ) -> list[tuple[int, float]]:
         """The first stage's documents after the re-ranked ones, in its order, scored below them."""
         from d2llm.search import encode_query, first_stage_documents
 
         e_q = encode_query(self.student, query)
-        docs = first_stage_documents(index, query, e_q, self.search_cfg.first_stage, depth)
+        docs = first_stage_documents(index, query, e_q, cfg.first_stage, depth)
         tail = [int(d) for d in docs if int(d) not in shown][: depth - len(shown)]
         return [(d, -1e9 - i) for i, d in enumerate(tail)]
 
@@ -446,17 +458,25 @@ def load_systems(
     if student_dir is None or not Path(student_dir).is_dir():
         notes.append(f"student skipped: no saved student at {student_dir}")
     else:
-        from d2llm.hub import pick_device
-        from d2llm.student.model import D2LLMStudent, inference_options
-
-        student = D2LLMStudent.from_pretrained(
-            student_dir,
-            device=pick_device(params.device),
-            merged=True,
-            **inference_options(params.student),
-        )
-        systems["student"] = StudentScorer(student, ev.batch_size, params.search.chunk_size, params.search)
+        systems["student"] = load_student_scorer(params, student_dir)
     return systems, notes
+
+
+def load_student_scorer(
+    params: Params, student_dir: str | Path, search_cfg: SearchConfig | None = None
+) -> StudentScorer:
+    """The saved student (LoRA merged) as a scorer, searching with ``search_cfg`` (default:
+    ``params.search``)."""
+    from d2llm.hub import pick_device
+    from d2llm.student.model import D2LLMStudent, inference_options
+
+    if not Path(student_dir).is_dir():
+        raise ArtifactError(f"no saved student at {student_dir}")
+    student = D2LLMStudent.from_pretrained(
+        student_dir, device=pick_device(params.device), merged=True, **inference_options(params.student)
+    )
+    search_cfg = search_cfg or params.search
+    return StudentScorer(student, params.evaluation.batch_size, search_cfg.chunk_size, search_cfg)
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -694,6 +714,7 @@ def evaluate_ir_dataset(
         "seconds": {},
     }
     per_query: dict[str, dict[str, dict[str, float]]] = {}
+    rankings: dict[str, Ranking] = {}
     for sys_name, system in systems.items():
         if not isinstance(system, Retriever):
             continue
@@ -701,7 +722,7 @@ def evaluate_ir_dataset(
             system = system.for_dataset(name)
         log.info("%s: ranking %d docs for %d queries with %s", name, len(docs), len(qids), sys_name)
         start = time.perf_counter()
-        ranking = system.rank(qtexts, collection, IR_DEPTH)
+        ranking = rankings[sys_name] = system.rank(qtexts, collection, IR_DEPTH)
         entry["seconds"][sys_name] = round(time.perf_counter() - start, 3)
         run = M.ranking_to_run(qids, doc_ids, ranking)
         per_query[sys_name], no_relevant = M.ir_per_query(qrels_dict, run)
@@ -720,7 +741,66 @@ def evaluate_ir_dataset(
             for name, by_query in per_query.items()
             if name != BASELINE
         }
+    student, encoder = systems.get("student"), systems.get(BASELINE)
+    if (
+        isinstance(student, StudentScorer)
+        and student.search_cfg.mode == "two_stage"
+        and isinstance(encoder, BiEncoderBaseline)
+    ):
+        entry["same_candidates"] = _same_candidates(
+            student.search_cfg, encoder, collection, qids, qtexts, qrels_dict, rankings["student"],
+            per_query["student"], entry["main_metric"], resamples, seed,
+        )  # fmt: skip
     return entry
+
+
+def _same_candidates(
+    cfg: SearchConfig,
+    encoder: BiEncoderBaseline,
+    collection: PassageCorpus,
+    qids: list[str],
+    qtexts: list[str],
+    qrels: dict[str, dict[str, int]],
+    student_ranking: Ranking,
+    student_per_query: dict[str, dict[str, float]],
+    main: str,
+    resamples: int,
+    seed: int,
+) -> dict[str, Any]:
+    """The bi-encoder re-ranking the documents the student's first stage kept: what the student
+    adds over that first stage, apart from what the first stage itself adds (a BM25 first stage
+    lifts a dense ranker on its own)."""
+    depth = min(IR_DEPTH, cfg.rerank_depth)
+    cosines = encoder.passage_cosines(qtexts, collection)
+    ranking = [
+        reorder_head(row, depth, collection.document_scores(cos))
+        for row, cos in zip(student_ranking, cosines, strict=True)
+    ]
+    run = M.ranking_to_run(qids, collection.doc_ids, ranking)
+    by_query, no_relevant = M.ir_per_query(qrels, run)
+    out: dict[str, Any] = {
+        "protocol": (
+            f"the bi-encoder re-ranking the student's first stage ({cfg.first_stage} top {depth} documents)"
+        ),
+        "metrics": M.ir_summary(by_query, no_relevant, run),
+    }
+    if resamples:
+        out["student_vs"] = S.bootstrap_unit_gain(
+            {q: v[main] for q, v in student_per_query.items()},
+            {q: v[main] for q, v in by_query.items()},
+            "query",
+            resamples,
+            seed,
+        )
+    return out
+
+
+def reorder_head(row: list[tuple[int, float]], depth: int, doc_scores: np.ndarray) -> list[tuple[int, float]]:
+    """A ranking's top ``depth`` documents re-ordered by ``doc_scores``; the rest follow as they were."""
+    head = [doc for doc, _ in row[:depth]]
+    order = top_k_positions(doc_scores[head], len(head))
+    reranked = [(head[i], float(doc_scores[head[i]])) for i in order]
+    return reranked + [(doc, -1e9 - i) for i, (doc, _) in enumerate(row[depth:])]
 
 
 def ir_passages(params: Params) -> Any:
@@ -1009,6 +1089,14 @@ def format_table(results: dict[str, Any]) -> str:
     rows.append(mean_row + ([""] if with_intervals else []))
     lines = ["| " + " | ".join(r) + " |" for r in rows]
     lines += [f"note: {n}" for n in results.get("notes", [])]
+    for name, entry in results["datasets"].items():
+        if "same_candidates" in entry:
+            same = entry["same_candidates"]
+            value = _cell(same["metrics"].get(entry["main_metric"]))
+            versus = f"; student - it {_gain_cell(same['student_vs'])}" if "student_vs" in same else ""
+            lines.append(
+                f"note: {name}: {same['protocol']}: {_METRIC_LABELS[entry['main_metric']]} {value}{versus}"
+            )
     if any(e["kind"] == "pair_classification" and _oracle_accuracy(e) for e in results["datasets"].values()):
         lines.append(
             "note: Acc (oracle) = accuracy at the best threshold on the test pairs themselves "

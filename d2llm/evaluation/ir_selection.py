@@ -8,7 +8,12 @@ them. ``select_ir_settings`` measures, on the dev collection only:
    bi-encoder (the cosine first stage every system shares, and where the student starts);
 2. the teacher's IR protocol: its first stage (``evaluation.teacher_first_stage``), its
    re-rank depth (``evaluation.teacher_rerank_depth``) and its fusion weight on IR
-   (``evaluation.ir_fusion_weight``), with the scheme chosen in 1.
+   (``evaluation.ir_fusion_weight``), with the scheme chosen in 1;
+3. with one or more saved students, the shipped search's first stage and depth
+   (``search.first_stage``, ``search.rerank_depth``, two-stage), with the scheme chosen in 1:
+   each setting's nDCG@10 is averaged over the students (seeds of one recipe), with full IEM
+   scoring beside them for reference. The bi-encoder re-ranking the same first stage is listed
+   too, so that what a first stage adds is not read as the student's gain.
 
 Each choice maximises nDCG@10 on the dev collection; ties go to the cheaper setting (the first
 of the grid). The report lists every grid point, so a choice can be read next to its neighbours.
@@ -17,6 +22,7 @@ of the grid). The report lists every grid point, so a choice can be read next to
 from __future__ import annotations
 
 import logging
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from d2llm.data.tables import load_ir
-from d2llm.errors import ConfigError
+from d2llm.errors import ArtifactError, ConfigError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation.evaluate import (
     IR_DEPTH,
@@ -32,6 +38,8 @@ from d2llm.evaluation.evaluate import (
     Bm25System,
     PassageCorpus,
     Ranking,
+    load_student_scorer,
+    reorder_head,
 )
 from d2llm.search import top_k_positions
 from d2llm.teachers.base import log_odds
@@ -48,6 +56,8 @@ STRIDE_SHARES = (0.75, 0.5)  # of the window
 AGGREGATIONS: tuple[tuple[str, float], ...] = (("best", 0.5), ("first", 0.5), ("blend", 0.5))
 DEPTHS = (10, 20, 50)
 FIRST_STAGES = ("bi-encoder", "bm25")
+STUDENT_FIRST_STAGES = ("cosine", "bm25")  # cosine: the student's own PMA vectors
+STUDENT_DEPTHS = (10, 20, 30, 50, 100)  # documents
 
 
 def _ndcg(dataset: IRDataset, qids: list[str], doc_ids: list[str], ranking: Ranking) -> float:
@@ -71,7 +81,9 @@ def passage_schemes(params: Params, dataset: IRDataset, encoder: BiEncoderBaseli
     room = passage_window(encoder.tokenizer, params.student.max_length, None)
     rows = []
     for window in WINDOWS:
-        size = room if window is None else min(window, room)
+        if window is not None and window > room:  # the student would truncate such passages
+            continue
+        size = room if window is None else window
         for share in STRIDE_SHARES:
             stride = max(1, int(size * share))
             for aggregation, weight in AGGREGATIONS:
@@ -136,8 +148,57 @@ def teacher_protocols(
     return rows
 
 
+def student_protocols(
+    params: Params, dataset: IRDataset, corpus: PassageCorpus, students: list[Any], encoder: BiEncoderBaseline
+) -> list[dict[str, Any]]:
+    """nDCG@10 of the shipped search per first stage and depth (documents), each student's and
+    their mean; depth 0 is full IEM scoring. ``bi-encoder`` is the bi-encoder re-ranking the same
+    candidates (for ``cosine``, the student's own vectors pick them), documents by their best
+    passage."""
+    qids, qtexts = _judged(dataset)
+    doc_cos = np.stack([corpus.document_scores(row) for row in encoder.passage_cosines(qtexts, corpus)])
+    grid = [(None, 0)] + [(f, d) for f in STUDENT_FIRST_STAGES for d in STUDENT_DEPTHS]
+    values: dict[tuple[str | None, int], list[float]] = {key: [] for key in grid}
+    bi_values: dict[tuple[str | None, int], list[float]] = {key: [] for key in grid}
+    for number, scorer in enumerate(students):
+        with tempfile.TemporaryDirectory(prefix="d2llm-ir-select-") as tmp:
+            index = scorer.index(corpus, tmp)
+            for first_stage, depth in grid:
+                cfg = scorer.search_cfg.model_copy(
+                    update={"mode": "full"} if depth == 0
+                    else {"mode": "two_stage", "first_stage": first_stage, "rerank_depth": depth}
+                )  # fmt: skip
+                ranking = scorer.rank_index(index, qtexts, IR_DEPTH, cfg)
+                values[(first_stage, depth)].append(_ndcg(dataset, qids, corpus.doc_ids, ranking))
+                if depth:
+                    bi = [reorder_head(row, depth, doc_cos[i]) for i, row in enumerate(ranking)]
+                    bi_values[(first_stage, depth)].append(_ndcg(dataset, qids, corpus.doc_ids, bi))
+                log.info(
+                    "student %d, %s top %s: nDCG@10 %.2f",
+                    number,
+                    first_stage,
+                    depth,
+                    values[(first_stage, depth)][-1],
+                )
+    rows = []
+    for first_stage, depth in grid:
+        row = {
+            "first_stage": first_stage,
+            "depth": depth,
+            "student": float(np.mean(values[(first_stage, depth)])),
+        }
+        row["per_student"] = values[(first_stage, depth)]
+        if depth:
+            row["bi-encoder"] = float(np.mean(bi_values[(first_stage, depth)]))
+        rows.append(row)
+    return rows
+
+
 def select_ir_settings(
-    params: Params, prepared_dir: str | Path, teacher_dir: str | Path | None = None
+    params: Params,
+    prepared_dir: str | Path,
+    teacher_dir: str | Path | None = None,
+    student_dirs: list[str | Path] | None = None,
 ) -> dict[str, Any]:
     """Measure the grids on ``evaluation.ir_dev_dataset`` and return the report with the choices."""
     from d2llm.evaluation.evaluate import load_systems
@@ -148,6 +209,9 @@ def select_ir_settings(
             f"evaluation.ir_dev_dataset {name!r} is also a test collection (evaluation.ir_datasets): "
             "IR settings must be chosen on a collection the report does not test on"
         )
+    missing = [str(d) for d in student_dirs or [] if not Path(d).is_dir()]
+    if missing:  # before the grids, which take minutes
+        raise ArtifactError(f"no saved student at {', '.join(missing)}")
     dataset = load_ir(prepared_dir, name)
     evaluation = params.evaluation.model_copy(update={"include_teacher": teacher_dir is not None})
     systems, notes = load_systems(params.model_copy(update={"evaluation": evaluation}), teacher_dir, None)
@@ -167,18 +231,18 @@ def select_ir_settings(
         },
         "notes": notes,
     }
+    cfg = params.search.model_copy(
+        update={"passage_window": best["window"], "passage_stride": best["stride"],
+                "aggregation": best["aggregation"], "first_weight": best["first_weight"]}
+    )  # fmt: skip
+    corpus = PassageCorpus.split(
+        dataset.corpus["doc_id"].astype(str).tolist(),
+        dataset.corpus["text"].astype(str).tolist(),
+        encoder.tokenizer,
+        params.student.max_length,
+        cfg,
+    )
     if "teacher" in systems:
-        cfg = params.search.model_copy(
-            update={"passage_window": best["window"], "passage_stride": best["stride"],
-                    "aggregation": best["aggregation"], "first_weight": best["first_weight"]}
-        )  # fmt: skip
-        corpus = PassageCorpus.split(
-            dataset.corpus["doc_id"].astype(str).tolist(),
-            dataset.corpus["text"].astype(str).tolist(),
-            encoder.tokenizer,
-            params.student.max_length,
-            cfg,
-        )
         rows = teacher_protocols(params, dataset, corpus, systems, systems["teacher"])
         report["teacher_protocols"] = rows
         reranked = [r for r in rows if r["depth"] > 0]
@@ -189,6 +253,15 @@ def select_ir_settings(
                 "evaluation.teacher_rerank_depth": chosen["depth"],
                 "evaluation.ir_fusion_weight": chosen["fusion_weight"],
             }
+        )
+    if student_dirs:
+        students = [load_student_scorer(params, d, cfg) for d in student_dirs]
+        rows = student_protocols(params, dataset, corpus, students, encoder)
+        report["student_protocols"] = rows
+        report["students"] = [str(d) for d in student_dirs]
+        chosen = max((r for r in rows if r["depth"] > 0), key=lambda r: r["student"])
+        report["chosen"].update(
+            {"search.first_stage": chosen["first_stage"], "search.rerank_depth": chosen["depth"]}
         )
     return report
 
@@ -213,6 +286,15 @@ def format_report(report: dict[str, Any]) -> str:
             depth = "first stage alone" if r["depth"] == 0 else r["depth"]
             w = "raw" if r["fusion_weight"] is None else r["fusion_weight"]
             lines.append(f"| {r['first_stage']} | {depth} | {w} | {r['teacher']:.2f} |")
+    if "student_protocols" in report:
+        n = len(report["students"])
+        head = f"| student first stage | depth (docs) | student (mean of {n}) | bi-encoder, same candidates |"
+        lines += ["", head]
+        lines.append("|---|---|---|---|")
+        for r in report["student_protocols"]:
+            first, depth = ("full IEM", "all") if r["depth"] == 0 else (r["first_stage"], r["depth"])
+            bi = f"{r['bi-encoder']:.2f}" if "bi-encoder" in r else "-"
+            lines.append(f"| {first} | {depth} | {r['student']:.2f} | {bi} |")
     overrides = " ".join(f"-S {k}={'null' if v is None else v}" for k, v in report["chosen"].items())
     lines += ["", f"chosen: {overrides}"]
     return "\n".join(lines)

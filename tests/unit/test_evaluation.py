@@ -345,6 +345,16 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
     )
     # BM25 on this corpus finds q1's grade-2 document first, and q2/q3's only relevant one.
     assert ir["metrics"]["bm25"]["mrr@10"] == pytest.approx(100.0)
+    # The bi-encoder re-ranking the student's candidates: here the first stage keeps all 8
+    # documents (M = 100), so that is the bi-encoder's own ranking.
+    same = ir["same_candidates"]
+    assert (
+        same["protocol"] == "the bi-encoder re-ranking the student's first stage (cosine top 100 documents)"
+    )
+    assert same["metrics"] == pytest.approx(ir["metrics"]["bi-encoder"])
+    student_gain = ir["metrics"]["student"]["ndcg@10"] - same["metrics"]["ndcg@10"]
+    assert same["student_vs"]["delta"] == pytest.approx(student_gain)
+    assert "note: tiny: the bi-encoder re-ranking the student's first stage" in format_table(results)
 
     # Gain recovered and the summary follow from the per-system main metrics.
     for entry in results["datasets"].values():
@@ -407,7 +417,7 @@ def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
     assert f"{ir['metrics']['bm25']['ndcg@10']:.2f}" in next(
         x for x in lines if x.startswith("| tiny | nDCG@10 *")
     )
-    mean_line = lines[-3]  # then the notes on the oracle accuracy and on "recovered"
+    mean_line = lines[-4]  # then the notes on the same candidates, the oracle accuracy and "recovered"
     assert mean_line.startswith("| mean | main * | - |")  # BM25 has no pair-dataset numbers: no mean
     assert results["summary"]["bm25"] == {"mean_main": None, "n_datasets": 1}
 

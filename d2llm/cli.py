@@ -351,6 +351,11 @@ def _search_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--rerank-depth", type=int, help="two-stage candidate documents M (default: search.rerank_depth)"
     )
+    p.add_argument(
+        "--lexical-weight",
+        type=float,
+        help="BM25's weight in hybrid scoring (default: search.lexical_weight)",
+    )
 
 
 @contextmanager
@@ -397,6 +402,7 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
         chunk_size=params.search.chunk_size,
         aggregation=params.search.aggregation,
         first_weight=params.search.first_weight,
+        lexical_weight=params.search.lexical_weight if args.lexical_weight is None else args.lexical_weight,
     )
     for rank, hit in enumerate(hits, start=1):
         snippet = textwrap.shorten(hit.text, width=100, placeholder=" ...")

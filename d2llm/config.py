@@ -611,6 +611,9 @@ class SearchConfig(_Section):
     passage_stride: int | None = Field(default=None, ge=1)
     aggregation: Literal["best", "first", "blend"] = "best"
     first_weight: float = Field(default=0.5, ge=0, le=1)
+    # Hybrid scoring: a document's score is z(IEM) + lexical_weight * z(BM25), each standardised
+    # over the documents scored for the query (0: the IEM alone, the paper's score).
+    lexical_weight: float = Field(default=0.0, ge=0)
     encode_chunk: int = Field(default=4096, ge=1)  # passages encoded and written per step
     # Cosine first stage on FAISS: exact (flat) below ann_min_size passages, from there on the
     # approximate index ann_index names (built by `d2llm index`, saved as ann.faiss). IVF by

@@ -241,6 +241,7 @@ class StudentPyfunc(mlflow.pyfunc.PythonModel):
                 chunk_size=int(self.settings.get("chunk_size", 4096)),
                 aggregation=self.settings.get("aggregation", "best"),
                 first_weight=float(self.settings.get("first_weight", 0.5)),
+                lexical_weight=float(self.settings.get("lexical_weight", 0.0)),
             )
             rows += [
                 {"query": query, "rank": rank, "doc_id": hit.doc_id, "score": hit.score}

@@ -46,7 +46,7 @@ from d2llm.evaluation import significance as S
 from d2llm.evaluation.dev import DevSet, dataset_metric, sample_rows
 from d2llm.jsonfile import write_json
 from d2llm.passages import PassageSpans, passage_window, split_passages
-from d2llm.search import Aggregation, Bm25Ranker, encode_corpus, rank_documents, top_k_positions
+from d2llm.search import Aggregation, Bm25Ranker, encode_corpus, rank_documents, standardised, top_k_positions
 from d2llm.teachers.base import probabilities
 from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.fusion import FusedScorer
@@ -250,7 +250,7 @@ class StudentScorer:
         for query in tqdm(queries, desc=f"student search ({cfg.mode})", leave=False):
             hits = search(
                 self.student, index, query, reranked, cfg.mode, cfg.first_stage, cfg.rerank_depth,
-                self.chunk_size, cfg.aggregation, cfg.first_weight,
+                self.chunk_size, cfg.aggregation, cfg.first_weight, cfg.lexical_weight,
             )  # fmt: skip
             row = [(position[hit.doc_id], hit.score) for hit in hits]
             if len(row) < depth:
@@ -271,11 +271,12 @@ class StudentScorer:
 
     def protocol(self) -> str:
         cfg = self.search_cfg
+        scorer = "the IEM" if not cfg.lexical_weight else f"z(IEM) + {cfg.lexical_weight:g} z(BM25)"
         if cfg.mode == "full":
-            return "the shipped search, full IEM over every passage"
+            return f"the shipped search, {scorer} over every passage"
         return (
             f"the shipped search, {cfg.first_stage} first stage top {cfg.rerank_depth} documents "
-            f"re-ranked by the IEM over all their passages; the first stage's next documents follow "
+            f"re-ranked by {scorer} over all their passages; the first stage's next documents follow "
             f"to depth {IR_DEPTH}"
         )
 
@@ -767,20 +768,26 @@ def _same_candidates(
     resamples: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The bi-encoder re-ranking the documents the student's first stage kept: what the student
-    adds over that first stage, apart from what the first stage itself adds (a BM25 first stage
-    lifts a dense ranker on its own)."""
+    """The bi-encoder re-ranking the documents the student's first stage kept, fused with BM25 as
+    the student's search fuses (``search.lexical_weight``): what the student adds, apart from what
+    the first stage and the fusion add (each lifts a dense ranker on its own)."""
     depth = min(IR_DEPTH, cfg.rerank_depth)
     cosines = encoder.passage_cosines(qtexts, collection)
+    lexical = lexical_document_scores(qtexts, collection) if cfg.lexical_weight else [None] * len(qtexts)
     ranking = [
-        reorder_head(row, depth, collection.document_scores(cos))
-        for row, cos in zip(student_ranking, cosines, strict=True)
+        reorder_head(row, depth, collection.document_scores(cos), lex, cfg.lexical_weight)
+        for row, cos, lex in zip(student_ranking, cosines, lexical, strict=True)
     ]
     run = M.ranking_to_run(qids, collection.doc_ids, ranking)
     by_query, no_relevant = M.ir_per_query(qrels, run)
     out: dict[str, Any] = {
         "protocol": (
             f"the bi-encoder re-ranking the student's first stage ({cfg.first_stage} top {depth} documents)"
+            + (
+                f", fused as the student is: z(cosine) + {cfg.lexical_weight:g} z(BM25)"
+                if cfg.lexical_weight
+                else ""
+            )
         ),
         "metrics": M.ir_summary(by_query, no_relevant, run),
     }
@@ -795,11 +802,32 @@ def _same_candidates(
     return out
 
 
-def reorder_head(row: list[tuple[int, float]], depth: int, doc_scores: np.ndarray) -> list[tuple[int, float]]:
-    """A ranking's top ``depth`` documents re-ordered by ``doc_scores``; the rest follow as they were."""
-    head = [doc for doc, _ in row[:depth]]
-    order = top_k_positions(doc_scores[head], len(head))
-    reranked = [(head[i], float(doc_scores[head[i]])) for i in order]
+def lexical_document_scores(queries: Sequence[str], collection: PassageCorpus) -> list[np.ndarray]:
+    """Per query, each document's best-passage BM25 score (the lexical part of hybrid search)."""
+    bm25 = Bm25Ranker(collection.passages)
+    out = []
+    for query in queries:
+        best = np.full(len(collection.docs), -np.inf)
+        np.maximum.at(best, collection.spans.doc, bm25.scores(query))
+        out.append(best)
+    return out
+
+
+def reorder_head(
+    row: list[tuple[int, float]],
+    depth: int,
+    doc_scores: np.ndarray,
+    lexical: np.ndarray | None = None,
+    lexical_weight: float = 0.0,
+) -> list[tuple[int, float]]:
+    """A ranking's top ``depth`` documents re-ordered by ``doc_scores`` (fused with ``lexical`` as
+    ``d2llm.search.fuse_lexical`` fuses, when ``lexical_weight`` > 0); the rest follow as they were."""
+    head = np.array([doc for doc, _ in row[:depth]], dtype=np.int64)
+    scores = doc_scores[head]
+    if lexical_weight:
+        scores = standardised(scores) + lexical_weight * standardised(lexical[head])
+    order = top_k_positions(scores, len(head))
+    reranked = [(int(head[i]), float(scores[i])) for i in order]
     return reranked + [(doc, -1e9 - i) for i, (doc, _) in enumerate(row[depth:])]
 
 

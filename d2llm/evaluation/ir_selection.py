@@ -9,8 +9,9 @@ them. ``select_ir_settings`` measures, on the dev collection only:
 2. the teacher's IR protocol: its first stage (``evaluation.teacher_first_stage``), its
    re-rank depth (``evaluation.teacher_rerank_depth``) and its fusion weight on IR
    (``evaluation.ir_fusion_weight``), with the scheme chosen in 1;
-3. with one or more saved students, the shipped search's first stage and depth
-   (``search.first_stage``, ``search.rerank_depth``, two-stage), with the scheme chosen in 1:
+3. with one or more saved students, the shipped search's first stage, depth and BM25 weight
+   (``search.first_stage``, ``search.rerank_depth``, ``search.lexical_weight``), with the scheme
+   chosen in 1:
    each setting's nDCG@10 is averaged over the students (seeds of one recipe), with full IEM
    scoring beside them for reference. The bi-encoder re-ranking the same first stage is listed
    too, so that what a first stage adds is not read as the student's gain.
@@ -24,10 +25,12 @@ from __future__ import annotations
 import logging
 import tempfile
 from dataclasses import replace
+from itertools import product
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from d2llm.data.tables import load_ir
 from d2llm.errors import ArtifactError, ConfigError
@@ -38,6 +41,7 @@ from d2llm.evaluation.evaluate import (
     Bm25System,
     PassageCorpus,
     Ranking,
+    lexical_document_scores,
     load_student_scorer,
     reorder_head,
 )
@@ -58,6 +62,7 @@ DEPTHS = (10, 20, 50)
 FIRST_STAGES = ("bi-encoder", "bm25")
 STUDENT_FIRST_STAGES = ("cosine", "bm25")  # cosine: the student's own PMA vectors
 STUDENT_DEPTHS = (10, 20, 30, 50, 100)  # documents
+LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # search.lexical_weight (0: the IEM alone)
 
 
 def _ndcg(dataset: IRDataset, qids: list[str], doc_ids: list[str], ranking: Ranking) -> float:
@@ -151,45 +156,44 @@ def teacher_protocols(
 def student_protocols(
     params: Params, dataset: IRDataset, corpus: PassageCorpus, students: list[Any], encoder: BiEncoderBaseline
 ) -> list[dict[str, Any]]:
-    """nDCG@10 of the shipped search per first stage and depth (documents), each student's and
-    their mean; depth 0 is full IEM scoring. ``bi-encoder`` is the bi-encoder re-ranking the same
-    candidates (for ``cosine``, the student's own vectors pick them), documents by their best
-    passage."""
+    """nDCG@10 of the shipped search per first stage, depth (documents) and BM25 weight
+    (``search.lexical_weight``), each student's and their mean; depth 0 is full scoring.
+    ``bi-encoder`` is the bi-encoder re-ranking the same candidates (for ``cosine``, the student's
+    own vectors pick them), fused with BM25 at the same weight."""
     qids, qtexts = _judged(dataset)
     doc_cos = np.stack([corpus.document_scores(row) for row in encoder.passage_cosines(qtexts, corpus)])
-    grid = [(None, 0)] + [(f, d) for f in STUDENT_FIRST_STAGES for d in STUDENT_DEPTHS]
-    values: dict[tuple[str | None, int], list[float]] = {key: [] for key in grid}
-    bi_values: dict[tuple[str | None, int], list[float]] = {key: [] for key in grid}
+    lexical = lexical_document_scores(qtexts, corpus)
+    grid = [
+        (f, d, w)
+        for f, d in [(None, 0), *product(STUDENT_FIRST_STAGES, STUDENT_DEPTHS)]
+        for w in LEXICAL_WEIGHTS
+    ]
+    values: dict[tuple[str | None, int, float], list[float]] = {key: [] for key in grid}
+    bi_values: dict[tuple[str | None, int, float], list[float]] = {key: [] for key in grid}
     for number, scorer in enumerate(students):
         with tempfile.TemporaryDirectory(prefix="d2llm-ir-select-") as tmp:
             index = scorer.index(corpus, tmp)
-            for first_stage, depth in grid:
-                cfg = scorer.search_cfg.model_copy(
-                    update={"mode": "full"} if depth == 0
-                    else {"mode": "two_stage", "first_stage": first_stage, "rerank_depth": depth}
-                )  # fmt: skip
-                ranking = scorer.rank_index(index, qtexts, IR_DEPTH, cfg)
-                values[(first_stage, depth)].append(_ndcg(dataset, qids, corpus.doc_ids, ranking))
+            for key in tqdm(grid, desc=f"student {number + 1} of {len(students)}: search settings"):
+                first_stage, depth, weight = key
+                update: dict[str, Any] = {"mode": "full"} if depth == 0 else {"mode": "two_stage"}
                 if depth:
-                    bi = [reorder_head(row, depth, doc_cos[i]) for i, row in enumerate(ranking)]
-                    bi_values[(first_stage, depth)].append(_ndcg(dataset, qids, corpus.doc_ids, bi))
-                log.info(
-                    "student %d, %s top %s: nDCG@10 %.2f",
-                    number,
-                    first_stage,
-                    depth,
-                    values[(first_stage, depth)][-1],
-                )
+                    update.update(first_stage=first_stage, rerank_depth=depth)
+                cfg = scorer.search_cfg.model_copy(update={**update, "lexical_weight": weight})
+                ranking = scorer.rank_index(index, qtexts, IR_DEPTH, cfg)
+                values[key].append(_ndcg(dataset, qids, corpus.doc_ids, ranking))
+                if depth:
+                    bi = [
+                        reorder_head(row, depth, doc_cos[i], lexical[i], weight)
+                        for i, row in enumerate(ranking)
+                    ]
+                    bi_values[key].append(_ndcg(dataset, qids, corpus.doc_ids, bi))
     rows = []
-    for first_stage, depth in grid:
-        row = {
-            "first_stage": first_stage,
-            "depth": depth,
-            "student": float(np.mean(values[(first_stage, depth)])),
-        }
-        row["per_student"] = values[(first_stage, depth)]
+    for key in grid:
+        first_stage, depth, weight = key
+        row = {"first_stage": first_stage, "depth": depth, "lexical_weight": weight}
+        row.update(student=float(np.mean(values[key])), per_student=values[key])
         if depth:
-            row["bi-encoder"] = float(np.mean(bi_values[(first_stage, depth)]))
+            row["bi-encoder"] = float(np.mean(bi_values[key]))
         rows.append(row)
     return rows
 
@@ -261,7 +265,11 @@ def select_ir_settings(
         report["students"] = [str(d) for d in student_dirs]
         chosen = max((r for r in rows if r["depth"] > 0), key=lambda r: r["student"])
         report["chosen"].update(
-            {"search.first_stage": chosen["first_stage"], "search.rerank_depth": chosen["depth"]}
+            {
+                "search.first_stage": chosen["first_stage"],
+                "search.rerank_depth": chosen["depth"],
+                "search.lexical_weight": chosen["lexical_weight"],
+            }
         )
     return report
 
@@ -288,13 +296,14 @@ def format_report(report: dict[str, Any]) -> str:
             lines.append(f"| {r['first_stage']} | {depth} | {w} | {r['teacher']:.2f} |")
     if "student_protocols" in report:
         n = len(report["students"])
-        head = f"| student first stage | depth (docs) | student (mean of {n}) | bi-encoder, same candidates |"
-        lines += ["", head]
-        lines.append("|---|---|---|---|")
+        head = (
+            f"| student first stage | depth (docs) | BM25 weight | student (mean of {n}) | bi-encoder, same |"
+        )
+        lines += ["", head, "|---|---|---|---|---|"]
         for r in report["student_protocols"]:
-            first, depth = ("full IEM", "all") if r["depth"] == 0 else (r["first_stage"], r["depth"])
+            first, depth = ("full", "all") if r["depth"] == 0 else (r["first_stage"], r["depth"])
             bi = f"{r['bi-encoder']:.2f}" if "bi-encoder" in r else "-"
-            lines.append(f"| {first} | {depth} | {r['student']:.2f} | {bi} |")
+            lines.append(f"| {first} | {depth} | {r['lexical_weight']:g} | {r['student']:.2f} | {bi} |")
     overrides = " ".join(f"-S {k}={'null' if v is None else v}" for k, v in report["chosen"].items())
     lines += ["", f"chosen: {overrides}"]
     return "\n".join(lines)

@@ -274,6 +274,7 @@ def register_student(
             "chunk_size": search.chunk_size,
             "aggregation": search.aggregation,
             "first_weight": search.first_weight,
+            "lexical_weight": search.lexical_weight,
             "hnsw_ef_search": search.hnsw_ef_search,
             "ivf_nprobe": search.ivf_nprobe,
             "iem_dtype": params.student.iem.inference_dtype,

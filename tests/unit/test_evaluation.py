@@ -307,6 +307,22 @@ def test_rank_documents_by_best_first_or_blend_by_hand():
         rank_documents(np.array([1, 5]), scores[[1, 5]], spans, 2, "first")
 
 
+def test_reorder_head_by_hand_plain_and_fused_with_bm25():
+    from d2llm.evaluation.evaluate import reorder_head
+
+    row = [(3, 0.9), (0, 0.8), (2, 0.7), (1, 0.6)]  # documents 3, 0, 2 kept (depth 3), then 1
+    dense = np.array([0.2, 0.9, 0.5, 0.1])
+    lexical = np.array([4.0, 0.0, 1.0, 7.0])
+    assert [d for d, _ in reorder_head(row, 3, dense)] == [2, 0, 3, 1]
+    # Fused over the kept documents only: z(dense) + 1.0 * z(lexical) on documents 3, 0, 2.
+    z = lambda v: (v - v.mean()) / v.std()  # noqa: E731
+    fused = z(dense[[3, 0, 2]]) + z(lexical[[3, 0, 2]])
+    ranked = reorder_head(row, 3, dense, lexical, 1.0)
+    assert [d for d, _ in ranked] == [3, 2, 0, 1]
+    np.testing.assert_allclose([s for _, s in ranked[:3]], sorted(fused, reverse=True))
+    assert ranked[3][1] < min(fused)  # the rest below every kept document
+
+
 # --------------------------------------------------------------------------- evaluate_systems
 
 

@@ -12,6 +12,7 @@ import torch
 from d2llm.config import Params, params_from_dict
 from d2llm.errors import ArtifactError, ConfigError
 from d2llm.evaluation.ir_selection import (
+    LEXICAL_WEIGHTS,
     STUDENT_DEPTHS,
     STUDENT_FIRST_STAGES,
     format_report,
@@ -93,25 +94,30 @@ def test_ir_select_chooses_the_students_first_stage_and_depth_on_the_dev_collect
     report = select_ir_settings(_params(tiny_bert_dir), prepared, None, students)
     rows = report["student_protocols"]
     assert report["students"] == [str(s) for s in students]
-    grid = [(r["first_stage"], r["depth"]) for r in rows]
-    assert grid == [(None, 0)] + [(f, d) for f in STUDENT_FIRST_STAGES for d in STUDENT_DEPTHS]
-    by = {(r["first_stage"], r["depth"]): r for r in rows}
+    grid = [(r["first_stage"], r["depth"], r["lexical_weight"]) for r in rows]
+    settings = [(None, 0)] + [(f, d) for f in STUDENT_FIRST_STAGES for d in STUDENT_DEPTHS]
+    assert grid == [(f, d, w) for f, d in settings for w in LEXICAL_WEIGHTS]
+    by = {key: r for key, r in zip(grid, rows, strict=True)}
     for row in rows:  # each setting: the mean over the seeds, which differ
         assert len(row["per_student"]) == 2
         assert row["student"] == pytest.approx(sum(row["per_student"]) / 2)
-    assert by[(None, 0)]["per_student"][0] != by[(None, 0)]["per_student"][1]
-    # Keeping at least every document, two-stage search is full scoring, and the bi-encoder
-    # re-ranking every document is the bi-encoder's own ranking of the chosen passage scheme.
+    assert by[(None, 0, 0.0)]["per_student"][0] != by[(None, 0, 0.0)]["per_student"][1]
+    # Keeping at least every document, two-stage search is full scoring (at each BM25 weight),
+    # and the bi-encoder re-ranking every document unfused is its own ranking of the chosen scheme.
     scheme = max(report["passage_schemes"], key=lambda r: r["bi-encoder"])
     for first_stage in STUDENT_FIRST_STAGES:
         for depth in (d for d in STUDENT_DEPTHS if d >= N_DOCS):
-            assert by[(first_stage, depth)]["per_student"] == pytest.approx(by[(None, 0)]["per_student"])
-            assert by[(first_stage, depth)]["bi-encoder"] == pytest.approx(scheme["bi-encoder"])
+            for w in LEXICAL_WEIGHTS:
+                full = by[(None, 0, w)]["per_student"]
+                assert by[(first_stage, depth, w)]["per_student"] == pytest.approx(full)
+            assert by[(first_stage, depth, 0.0)]["bi-encoder"] == pytest.approx(scheme["bi-encoder"])
+    assert by[(None, 0, 1.0)]["student"] != by[(None, 0, 0.0)]["student"]  # BM25 moves the ranking
     chosen = max((r for r in rows if r["depth"]), key=lambda r: r["student"])  # the first of equals
     assert report["chosen"]["search.first_stage"] == chosen["first_stage"]
     assert report["chosen"]["search.rerank_depth"] == chosen["depth"]
+    assert report["chosen"]["search.lexical_weight"] == chosen["lexical_weight"]
     text = format_report(report)
-    assert "| student first stage | depth (docs) | student (mean of 2) |" in text
+    assert "| student first stage | depth (docs) | BM25 weight | student (mean of 2) |" in text
     assert f"-S search.rerank_depth={chosen['depth']}" in text
 
 

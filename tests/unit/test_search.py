@@ -234,6 +234,29 @@ def test_two_stage_only_returns_first_stage_candidates(built, student):
     }
 
 
+@pytest.mark.parametrize("mode", ["full", "two_stage"])
+def test_hybrid_search_fuses_standardised_iem_and_bm25_by_hand(built, student, mode):
+    """``lexical_weight`` w: a document scores z(IEM) + w * z(BM25), each standardised over the
+    documents scored (here every document: M = the corpus)."""
+    _, index = built
+    query = "a man plays a guitar in the kitchen"
+    iem = {h.doc_id: h.score for h in search(student, index, query, k=len(DOCS), mode="full")}
+    bm25 = dict(zip([f"d{i}" for i in range(len(DOCS))], Bm25Ranker(DOCS).scores(query), strict=True))
+    ids = list(iem)
+    z_iem = (np.array([iem[d] for d in ids]) - np.mean(list(iem.values()))) / np.std(list(iem.values()))
+    b = np.array([bm25[d] for d in ids], dtype=np.float64)
+    expected = dict(zip(ids, z_iem + 0.5 * (b - b.mean()) / b.std(), strict=True))
+    hits = search(student, index, query, k=4, mode=mode, rerank_depth=len(DOCS), lexical_weight=0.5)
+    best4 = sorted(expected, key=lambda d: -expected[d])[:4]
+    assert [h.doc_id for h in hits] == best4
+    np.testing.assert_allclose([h.score for h in hits], [expected[d] for d in best4], rtol=1e-5, atol=1e-6)
+    assert best4 != sorted(iem, key=lambda d: -iem[d])[:4]  # BM25 moved the ranking
+    plain = search(student, index, query, k=4, mode=mode, rerank_depth=len(DOCS))
+    assert plain == search(student, index, query, k=4, mode=mode, rerank_depth=len(DOCS), lexical_weight=0.0)
+    with pytest.raises(ValueError, match="lexical_weight"):
+        search(student, index, query, mode=mode, lexical_weight=-1.0)
+
+
 def test_first_stage_recall(built, student):
     _, index = built
     perfect = first_stage_recall(student, index, QUERIES, k=3, first_stage="cosine", rerank_depth=len(DOCS))

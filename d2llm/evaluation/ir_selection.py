@@ -62,7 +62,7 @@ DEPTHS = (10, 20, 50)
 FIRST_STAGES = ("bi-encoder", "bm25")
 STUDENT_FIRST_STAGES = ("cosine", "bm25")  # cosine: the student's own PMA vectors
 STUDENT_DEPTHS = (10, 20, 30, 50, 100)  # documents
-LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # search.lexical_weight (0: the IEM alone)
+LEXICAL_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0)  # search.lexical_weight (0: the IEM alone)
 
 
 def _ndcg(dataset: IRDataset, qids: list[str], doc_ids: list[str], ranking: Ranking) -> float:

@@ -428,7 +428,10 @@ def test_pyfunc_with_index_searches_like_d2llm_search(store, student_dir: Path, 
     )
     build_index(student, corpus, tmp_path / "index", model_version="test")
     version = log_student(
-        student_dir, tmp_path / "index", cfg.registered_model, search_settings={"default_k": 3}
+        student_dir,
+        tmp_path / "index",
+        cfg.registered_model,
+        search_settings={"default_k": 3, "lexical_weight": 1.0},
     )
     assert version.tags["d2llm.with_index"] == "true"
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registered_model}/{version.version}")
@@ -439,7 +442,7 @@ def test_pyfunc_with_index_searches_like_d2llm_search(store, student_dir: Path, 
     assert out["rank"].tolist() == [1, 2, 1, 2, 3, 4]
     index = load_index(tmp_path / "index", student)
     for query, k in (("what is water", 2), ("a dog", 4)):
-        hits = search(student, index, query, k=k)
+        hits = search(student, index, query, k=k, lexical_weight=1.0)  # hybrid, as logged
         got = out[out["query"] == query]
         assert got["doc_id"].tolist() == [h.doc_id for h in hits]
         assert got["score"].tolist() == pytest.approx([h.score for h in hits], abs=1e-5)

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class Bm25Ranker:
     def __init__(self, texts: Sequence[str]):
         import bm25s
 
+        # bm25s sets its own logger to DEBUG when imported, so each index build would reach the
+        # root handlers (and `d2llm search`'s clean output); its narration is not for users.
+        logging.getLogger("bm25s").setLevel(logging.WARNING)
         self._bm25s = bm25s
         self.retriever = bm25s.BM25()
         tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)

@@ -639,6 +639,8 @@ def search(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if lexical_weight < 0:
+        raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
     e_q = encode_query(student, query)
     if mode == "full":
         positions = np.arange(index.n_passages)
@@ -654,8 +656,6 @@ def search(
         scores = iem_scores(student, e_q, cache, "asym", chunk_size)
     else:
         raise ValueError(f"unknown search mode {mode!r}; use 'full' or 'two_stage'")
-    if lexical_weight < 0:
-        raise ValueError(f"lexical_weight must be >= 0, got {lexical_weight}")
     hits = []
     depth = k if lexical_weight == 0 else len(index)  # fusion needs every scored document
     shown, doc_scores = rank_documents(positions, scores, index.spans, depth, aggregation, first_weight)

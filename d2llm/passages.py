@@ -50,6 +50,12 @@ class PassageSpans:
         n = int(self.doc[-1]) + 1 if n_docs is None and self.doc.size else int(n_docs or 0)
         return np.searchsorted(self.doc, np.arange(n))
 
+    def best_per_document(self, passage_scores: np.ndarray, n_docs: int) -> np.ndarray:
+        """Each document's best passage score (-inf for a document without passages)."""
+        best = np.full(n_docs, -np.inf)
+        np.maximum.at(best, self.doc, passage_scores)
+        return best
+
     def passages_of(self, docs: np.ndarray) -> np.ndarray:
         """Every passage position of the documents ``docs``, in position order."""
         docs = np.unique(np.asarray(docs, dtype=np.int64))

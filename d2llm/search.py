@@ -603,9 +603,7 @@ def fuse_lexical(
     index: SearchIndex, query: str, docs: np.ndarray, doc_scores: np.ndarray, weight: float
 ) -> np.ndarray:
     """``z(doc_scores) + weight * z(BM25)`` for the documents ``docs`` (their best passage's BM25)."""
-    bm25 = index.bm25().scores(query)
-    best = np.full(len(index), -np.inf)
-    np.maximum.at(best, index.spans.doc, bm25)
+    best = index.spans.best_per_document(index.bm25().scores(query), len(index))
     return standardised(doc_scores) + weight * standardised(best[docs])
 
 

@@ -805,12 +805,7 @@ def _same_candidates(
 def lexical_document_scores(queries: Sequence[str], collection: PassageCorpus) -> list[np.ndarray]:
     """Per query, each document's best-passage BM25 score (the lexical part of hybrid search)."""
     bm25 = Bm25Ranker(collection.passages)
-    out = []
-    for query in queries:
-        best = np.full(len(collection.docs), -np.inf)
-        np.maximum.at(best, collection.spans.doc, bm25.scores(query))
-        out.append(best)
-    return out
+    return [collection.spans.best_per_document(bm25.scores(q), len(collection.docs)) for q in queries]
 
 
 def reorder_head(

@@ -5,7 +5,11 @@ The cost model of the paper, measured:
 - teacher (cross-encoder / LLM judge): N joint forward passes of (query, passage);
 - student, full: one query pass + N IEM evaluations on cached passage projections (``W1b e_b``);
 - student, two-stage: one query pass + N cosines over cached PMA vectors, then the IEM on the top M;
-- bi-encoder: one query pass (mean pooling) + N dot products.
+- bi-encoder: one query pass (mean pooling) + N dot products;
+- hybrid (end to end only, when ``search.lexical_weight`` or ``--lexical-weight`` > 0): two-stage
+  with the BM25 fusion of ``search.lexical_weight``: the query's BM25 scores over the N
+  passages, standardised and added to the IEM's over the re-ranked documents (the BM25 index,
+  like the passage vectors, is built before any timing: ``d2llm index`` saves it).
 
 Passage encodings are computed once, before any timing: that is D2LLM's point, passages are
 indexed offline. Queries are not: every timed end-to-end call encodes each of its queries (no
@@ -45,6 +49,7 @@ from d2llm import layout
 
 NAME = "ranking_cost"
 SYSTEMS = ("teacher", "student", "two-stage", "bi-encoder")
+HYBRID = "hybrid"  # end to end only: two-stage with the BM25 fusion (search.lexical_weight)
 VARIANT = "student-{}"  # optional: the student with its IEM branch layer in another format
 TOP_K = 10
 
@@ -57,6 +62,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", type=int, nargs="+", default=[100, 1000, 10_000], help="candidates N")
     p.add_argument("--queries", type=int, default=3, help="Cranfield queries per timed repetition")
     p.add_argument("--rerank-depth", type=int, default=100, help="M, candidates the IEM re-ranks")
+    p.add_argument(
+        "--lexical-weight", type=float, default=None,
+        help="the hybrid system's BM25 weight (default: search.lexical_weight; 0 leaves it out)",
+    )  # fmt: skip
     p.add_argument("--teacher-max-pairs", type=int, default=100, help="teacher pairs timed per query")
     p.add_argument("--pool-size", type=int, default=1000, help="distinct passages candidates come from")
     p.add_argument("--pool-datasets", nargs="+", default=["cranfield", "cisi"], help="IR corpora")
@@ -120,8 +129,10 @@ def make_rankers(
     queries: Sequence[str],
     rerank_depth: int,
     chunk_size: int,
+    lexical_weight: float = 0.0,
 ) -> dict[str, Callable[[], Any]]:
-    """Callables that rank one candidate set for every query: student full, two-stage, bi-encoder."""
+    """Callables that rank one candidate set for every query: student full, two-stage, bi-encoder
+    (and hybrid: two-stage fused with BM25, when ``lexical_weight`` > 0)."""
     import torch
 
     from d2llm.search import search, top_k_positions
@@ -143,7 +154,15 @@ def make_rankers(
                 scores = (bi.encode([q]) @ bi_vectors.T).reshape(-1).numpy()
             top_k_positions(scores, TOP_K)
 
-    return {"student": student_full, "two-stage": two_stage, "bi-encoder": bi_encoder}
+    def hybrid() -> None:
+        for q in queries:
+            search(
+                student, index, q, k=TOP_K, mode="two_stage", first_stage="cosine",
+                rerank_depth=rerank_depth, chunk_size=chunk_size, lexical_weight=lexical_weight,
+            )  # fmt: skip
+
+    rankers = {"student": student_full, "two-stage": two_stage, "bi-encoder": bi_encoder}
+    return rankers | ({HYBRID: hybrid} if lexical_weight > 0 else {})
 
 
 def make_scorers(
@@ -310,6 +329,8 @@ def _summarise(
         for system in systems:
             end_to_end[system][str(n)] = stat(raw[f"{system}@{n}"]) / n_queries
             scoring[system][str(n)] = stat(raw[f"score:{system}@{n}"]) / n_queries
+        if f"{HYBRID}@{n}" in raw:
+            end_to_end.setdefault(HYBRID, {})[str(n)] = stat(raw[f"{HYBRID}@{n}"]) / n_queries
         # The teacher callable ranks one query per call; its cost scales linearly to N candidates.
         measured = teacher_pairs[n]
         end_to_end["teacher"][str(n)] = stat(raw[f"teacher@{measured}"]) * n / measured
@@ -385,12 +406,15 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
     for system, fn in make_encoders(student, bi, queries).items():
         timed[f"encode:{system}"] = fn
     teacher_pairs: dict[int, int] = {}
+    lexical_weight = params.search.lexical_weight if args.lexical_weight is None else args.lexical_weight
     for n in args.sizes:
         pos = candidate_positions(n, len(pool), args.seed)
         index = SearchIndex([str(i) for i in range(n)], [pool[i] for i in pos], vectors[pos], cache[pos], {})
+        if lexical_weight > 0:
+            index.bm25()  # offline, untimed: `d2llm index` saves it with the vectors
         chunk = params.search.chunk_size
         for system, fn in make_rankers(
-            student, bi, index, bi_pool[pos], queries, args.rerank_depth, chunk
+            student, bi, index, bi_pool[pos], queries, args.rerank_depth, chunk, lexical_weight
         ).items():
             timed[f"{system}@{n}"] = fn
         scorers = make_scorers(student, index, bi_pool[pos], e_q, bi_q, args.rerank_depth, chunk)
@@ -429,6 +453,7 @@ def measure(args: argparse.Namespace, params: Any) -> dict[str, Any]:
         "repeats": args.repeats,
         "clock": args.clock,  # wall or cpu seconds
         "rerank_depth": args.rerank_depth,
+        "lexical_weight": lexical_weight,  # the hybrid system's (0: not measured)
         "top_k": TOP_K,
         "pool": {"datasets": list(args.pool_datasets), "distinct_passages": len(pool)},
         "student": student_desc,
@@ -482,6 +507,14 @@ def print_report(results: dict[str, Any]) -> None:
     )
     header = ["N", "teacher", "student", "two-stage", "bi-encoder", "teacher/student", "student/bi-enc"]
     print(common.format_table([*header, "two-stage/bi-enc"], rows))
+    if HYBRID in t:
+        hybrid = []
+        for n in results["sizes"]:
+            h, two = t[HYBRID][str(n)], t["two-stage"][str(n)]
+            bh, btwo = bt[HYBRID][str(n)], bt["two-stage"][str(n)]
+            hybrid.append([n, _ms(h, bh), _ms(two, btwo), _x(h / two, bh / btwo)])
+        print(f"\nHybrid search (two-stage + BM25 fusion, w = {results['lexical_weight']:g}), end to end, ms")
+        print(common.format_table(["N", "hybrid", "two-stage", "hybrid/two-stage"], hybrid))
     capped = sorted((n for n, e in results["teacher_extrapolated"].items() if e), key=int)
     if capped:
         measured = results["teacher_measured_pairs"][capped[0]]

@@ -31,8 +31,10 @@ Index layout (``out_dir``): ``vectors.npy [P, d]`` and ``passage_cache.npy [P, h
 written chunk by chunk while encoding and memory-mapped when loaded), ``passages.parquet``
 (``doc, start, end``: document position and character span of each passage),
 ``corpus.parquet`` (``doc_id, text`` in index order), ``ann.faiss`` (only for an HNSW or IVF
-first stage; the manifest records which and its build settings), ``manifest.json`` (written
-last: an index without it is incomplete).
+first stage; the manifest records which and its build settings), ``bm25/`` (the passages' BM25
+index, bm25s's files, memory-mapped when loaded: hybrid scoring and the BM25 first stage read
+it instead of rebuilding it in every process), ``manifest.json`` (written last: an index
+without it is incomplete).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -58,12 +61,15 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+log = logging.getLogger(__name__)
+
 Aggregation = Literal["best", "first", "blend"]  # a document's score from its passages' (search.aggregation)
 INDEX_FORMAT_VERSION = 2
 VECTORS_FILE = "vectors.npy"
 CACHE_FILE = "passage_cache.npy"
 PASSAGES_FILE = "passages.parquet"
 CORPUS_FILE = "corpus.parquet"
+BM25_DIR = "bm25"
 MANIFEST_FILE = "manifest.json"
 
 
@@ -103,24 +109,44 @@ def student_fingerprint(student: Any) -> str:
 # --------------------------------------------------------------------------- BM25
 
 
+def _bm25s() -> Any:
+    import bm25s
+
+    # bm25s sets its own logger to DEBUG when imported, so each index build would reach the
+    # root handlers (and `d2llm search`'s clean output); its narration is not for users.
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
 class Bm25Ranker:
-    """BM25 (bm25s) over a fixed list of texts; scores every document of the corpus."""
+    """BM25 (bm25s, English stopwords) over a fixed list of texts; scores every one of them.
 
-    def __init__(self, texts: Sequence[str]):
-        import bm25s
+    ``Bm25Ranker.build(texts)`` indexes texts in memory; ``save`` / ``load`` keep that index in a
+    folder (``load`` memory-maps its arrays), so a saved search index never rebuilds it.
+    """
 
-        # bm25s sets its own logger to DEBUG when imported, so each index build would reach the
-        # root handlers (and `d2llm search`'s clean output); its narration is not for users.
-        logging.getLogger("bm25s").setLevel(logging.WARNING)
-        self._bm25s = bm25s
-        self.retriever = bm25s.BM25()
-        tokens = bm25s.tokenize(list(texts), stopwords="en", show_progress=False)
-        self.retriever.index(tokens, show_progress=False)
-        self.size = len(texts)
+    def __init__(self, retriever: Any, size: int):
+        self.retriever = retriever
+        self.size = size
+
+    @classmethod
+    def build(cls, texts: Sequence[str]) -> Bm25Ranker:
+        bm25s = _bm25s()
+        retriever = bm25s.BM25()
+        retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
+        return cls(retriever, len(texts))
+
+    def save(self, folder: str | Path) -> None:
+        self.retriever.save(str(folder), show_progress=False)
+
+    @classmethod
+    def load(cls, folder: str | Path) -> Bm25Ranker:
+        retriever = _bm25s().BM25.load(str(folder), mmap=True, show_progress=False)
+        return cls(retriever, int(retriever.scores["num_docs"]))
 
     def scores(self, query: str) -> np.ndarray:
-        """BM25 score of every document (0 where no query term occurs)."""
-        terms = self._bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        """BM25 score of every text (0 where no query term occurs)."""
+        terms = _bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
         if not terms:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.retriever.get_scores(terms), dtype=np.float32)
@@ -150,7 +176,7 @@ class SearchIndex:
     manifest: dict[str, Any]
     spans: PassageSpans | None = None  # None: one passage per document, the whole text
     ann: VectorIndex | None = field(default=None, repr=False)  # saved HNSW/IVF; else exact, built on use
-    _bm25: Bm25Ranker | None = field(default=None, repr=False)
+    bm25_index: Bm25Ranker | None = field(default=None, repr=False)  # saved BM25; else built on first use
 
     def __post_init__(self) -> None:
         if self.spans is None:
@@ -172,10 +198,13 @@ class SearchIndex:
         return int(position - self._first_passage[self.spans.doc[position]])
 
     def bm25(self) -> Bm25Ranker:
-        """Built on first use over the passages: only BM25 first-stage searches pay for it."""
-        if self._bm25 is None:
-            self._bm25 = Bm25Ranker([self.passage_text(i) for i in range(self.n_passages)])
-        return self._bm25
+        """The passages' BM25: the saved one (``d2llm index`` writes it), else built here on first
+        use (an index written before BM25 was saved; rebuilding the index saves it)."""
+        if self.bm25_index is None:
+            log.info("building BM25 over %d passages (an index without %s/: `d2llm index` saves it)",
+                     self.n_passages, BM25_DIR)  # fmt: skip
+            self.bm25_index = Bm25Ranker.build([self.passage_text(i) for i in range(self.n_passages)])
+        return self.bm25_index
 
     def vector_index(self) -> VectorIndex:
         """The cosine first stage: the saved HNSW/IVF index, or an exact flat one built on first use."""
@@ -291,6 +320,7 @@ def build_index(
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
     (out_dir / ANN_FILE).unlink(missing_ok=True)
+    shutil.rmtree(out_dir / BM25_DIR, ignore_errors=True)
     dim, cache_dim = _encode_to_files(
         student,
         lambda a, b: [spans.text(texts, i) for i in range(a, b)],
@@ -307,6 +337,9 @@ def build_index(
         ann.save(out_dir / ANN_FILE)
         ann_params = _ann_build_params(ann, cfg)
         del vectors, ann
+    # BM25 is seconds where the encoding above is minutes: always saved, so that a hybrid or
+    # BM25-first-stage search (any process, any --lexical-weight) never rebuilds it.
+    Bm25Ranker.build([spans.text(texts, i) for i in range(len(spans))]).save(out_dir / BM25_DIR)
     _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
     _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
     manifest = {
@@ -319,6 +352,7 @@ def build_index(
         "passages": split,
         "first_stage_ann": kind,
         "first_stage_ann_params": ann_params,
+        "bm25": BM25_DIR,
         "vector_dim": dim,
         "cache_dim": cache_dim,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -421,7 +455,18 @@ def _open_index(
             raise ArtifactError(
                 f"index at {index_dir} is corrupt: {ANN_FILE} holds {len(ann)} vectors, not {len(spans)}"
             )
-    return SearchIndex(doc_ids, texts, vectors, cache, manifest, spans, ann)
+    bm25 = None
+    if manifest.get("bm25"):  # indexes written before BM25 was saved have none: built on use
+        if not (index_dir / BM25_DIR).is_dir():
+            raise ArtifactError(
+                f"index at {index_dir} is incomplete: {BM25_DIR}/ is missing (run `d2llm index`)"
+            )
+        bm25 = Bm25Ranker.load(index_dir / BM25_DIR)
+        if bm25.size != len(spans):
+            raise ArtifactError(
+                f"index at {index_dir} is corrupt: {BM25_DIR}/ holds {bm25.size} passages, not {len(spans)}"
+            )
+    return SearchIndex(doc_ids, texts, vectors, cache, manifest, spans, ann, bm25)
 
 
 def load_index(

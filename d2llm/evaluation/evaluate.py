@@ -401,7 +401,7 @@ class Bm25System:
     name = "bm25"
 
     def rank(self, queries: Sequence[str], corpus: PassageCorpus, depth: int) -> Ranking:
-        bm25 = Bm25Ranker(corpus.passages)  # the passages the other systems rank, not whole documents
+        bm25 = Bm25Ranker.build(corpus.passages)  # the passages the other systems rank, not whole documents
         return [corpus.rank(bm25.scores(q), depth) for q in queries]
 
 
@@ -804,7 +804,7 @@ def _same_candidates(
 
 def lexical_document_scores(queries: Sequence[str], collection: PassageCorpus) -> list[np.ndarray]:
     """Per query, each document's best-passage BM25 score (the lexical part of hybrid search)."""
-    bm25 = Bm25Ranker(collection.passages)
+    bm25 = Bm25Ranker.build(collection.passages)
     return [collection.spans.best_per_document(bm25.scores(q), len(collection.docs)) for q in queries]
 
 

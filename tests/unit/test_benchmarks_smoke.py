@@ -171,6 +171,9 @@ def test_ranking_cost(tiny_bert_dir, prepared_dir, tmp_path):
         assert all(report["best"]["end_to_end"][system][n] <= per_query[system][n] for n in ("8", "40"))
     for system in ("student", "two-stage", "bi-encoder"):
         assert all(scoring[system][n] > 0 for n in ("8", "40")), system
+    # The hybrid search (the preset's BM25 weight) is timed end to end beside the plain two-stage.
+    assert report["lexical_weight"] == 1.5
+    assert all(per_query["hybrid"][n] > 0 for n in ("8", "40")) and "hybrid" not in scoring
     assert (
         report["query_encoding_seconds"]["student"] > 0 and report["query_encoding_seconds"]["bi-encoder"] > 0
     )

@@ -188,7 +188,9 @@ def test_index_streams_to_memory_mapped_files(student, tmp_path):
     assert _mapped_from(loaded.passage_cache, tmp_path / "index" / "passage_cache.npy")
     assert not _mapped_from(expected, tmp_path / "index" / "vectors.npy")  # the check can fail
     torch.testing.assert_close(loaded.passage_cache, student.passage_cache(expected), rtol=1e-5, atol=1e-5)
+    assert isinstance(loaded.bm25_index.retriever.scores["data"], np.memmap)  # BM25 mapped, not read
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
+        "bm25",
         "corpus.parquet",
         "manifest.json",
         "passage_cache.npy",

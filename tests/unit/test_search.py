@@ -8,6 +8,7 @@ scores on real vectors, so search results can be checked against brute-force pai
 from __future__ import annotations
 
 import json
+import shutil
 import zlib
 from pathlib import Path
 
@@ -223,14 +224,14 @@ def test_two_stage_with_depth_equal_to_corpus_is_full_search(built, student, que
 def test_two_stage_only_returns_first_stage_candidates(built, student):
     _, index = built
     query = "a man plays a guitar"
-    bm25_top = {f"d{p}" for p in Bm25Ranker(DOCS).top(query, 3)}
+    bm25_top = {f"d{p}" for p in Bm25Ranker.build(DOCS).top(query, 3)}
     hits = search(student, index, query, k=3, mode="two_stage", first_stage="bm25", rerank_depth=3)
     assert len(hits) == 3 and {h.doc_id for h in hits} == bm25_top
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     # Asked for more documents than M, it re-ranks that many: k documents come back.
     deeper = search(student, index, query, k=5, mode="two_stage", first_stage="bm25", rerank_depth=3)
     assert len(deeper) == 5 and {h.doc_id for h in deeper} == {
-        f"d{p}" for p in Bm25Ranker(DOCS).top(query, 5)
+        f"d{p}" for p in Bm25Ranker.build(DOCS).top(query, 5)
     }
 
 
@@ -241,7 +242,7 @@ def test_hybrid_search_fuses_standardised_iem_and_bm25_by_hand(built, student, m
     _, index = built
     query = "a man plays a guitar in the kitchen"
     iem = {h.doc_id: h.score for h in search(student, index, query, k=len(DOCS), mode="full")}
-    bm25 = dict(zip([f"d{i}" for i in range(len(DOCS))], Bm25Ranker(DOCS).scores(query), strict=True))
+    bm25 = dict(zip([f"d{i}" for i in range(len(DOCS))], Bm25Ranker.build(DOCS).scores(query), strict=True))
     ids = list(iem)
     z_iem = (np.array([iem[d] for d in ids]) - np.mean(list(iem.values()))) / np.std(list(iem.values()))
     b = np.array([bm25[d] for d in ids], dtype=np.float64)
@@ -286,11 +287,63 @@ def test_search_rejects_bad_arguments(built, student):
 
 
 def test_bm25_ranker():
-    bm25 = Bm25Ranker(DOCS)
+    bm25 = Bm25Ranker.build(DOCS)
     assert bm25.top("guitar", 1).tolist() == [0]
     assert bm25.top("piano kitchen", 2).tolist()[0] == 1
     assert not bm25.scores("zebra").any()  # no known term: every score is 0
     assert top_k_positions(np.array([0.5, 0.9, 0.5, 0.1]), 3).tolist() == [1, 0, 2]  # ties by position
+
+
+def test_bm25_saved_and_loaded_scores_alike(tmp_path):
+    built = Bm25Ranker.build(DOCS)
+    built.save(tmp_path / "bm25")
+    loaded = Bm25Ranker.load(tmp_path / "bm25")
+    assert loaded.size == len(DOCS)
+    for query in ("guitar", "piano kitchen", "zebra", "a dog in the garden"):
+        np.testing.assert_array_equal(loaded.scores(query), built.scores(query))
+
+
+def test_index_saves_its_bm25_and_search_reads_it(built, student, monkeypatch):
+    out, index = built
+    assert json.loads((out / "manifest.json").read_text())["bm25"] == "bm25"
+    loaded = load_index(out, student)
+    assert loaded.bm25_index is not None and loaded.bm25_index.size == len(DOCS)
+    expected = [(h.doc_id, h.score) for h in search(student, index, "piano kitchen", k=4, lexical_weight=1.5)]
+
+    def no_rebuild(texts):
+        raise AssertionError("a saved index rebuilt its BM25")
+
+    monkeypatch.setattr(Bm25Ranker, "build", staticmethod(no_rebuild))
+    hits = search(student, loaded, "piano kitchen", k=4, lexical_weight=1.5)
+    assert [h.doc_id for h in hits] == [d for d, _ in expected]
+    np.testing.assert_allclose([h.score for h in hits], [s for _, s in expected], rtol=1e-5)
+    bm25_first = search(student, loaded, "guitar", k=2, mode="two_stage", first_stage="bm25", rerank_depth=2)
+    assert "d0" in {h.doc_id for h in bm25_first}
+
+
+def test_index_without_saved_bm25_builds_it_on_use_or_is_refused(built, student):
+    out, index = built
+    expected = [h.doc_id for h in search(student, index, "piano kitchen", k=4, lexical_weight=1.5)]
+    shutil.rmtree(out / "bm25")
+    # The manifest names the folder: its absence is an incomplete index, not a silent rebuild.
+    with pytest.raises(ArtifactError, match=r"bm25/ is missing"):
+        load_index(out, student)
+    # An index written before BM25 was saved (no "bm25" in its manifest) builds it on first use.
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["bm25"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    older = load_index(out, student)
+    assert older.bm25_index is None
+    assert [h.doc_id for h in search(student, older, "piano kitchen", k=4, lexical_weight=1.5)] == expected
+    assert older.bm25_index is not None and older.bm25_index.size == len(DOCS)
+
+
+def test_index_with_a_bm25_of_another_corpus_is_refused(built, student):
+    out, _ = built
+    shutil.rmtree(out / "bm25")
+    Bm25Ranker.build(DOCS[:3]).save(out / "bm25")
+    with pytest.raises(ArtifactError, match=r"corrupt: bm25/ holds 3 passages, not 12"):
+        load_index(out, student)
 
 
 # --------------------------------------------------------------------------- with the real student

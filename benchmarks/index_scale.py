@@ -23,8 +23,15 @@ against the exact top 10, over ``--recall-queries`` queries, says what the appro
 costs; for IVF also at each nprobe of ``--ivf-nprobes`` (the query-time trade-off). The load
 average is recorded at each step: the machine may be shared.
 
+With ``--bm25-datasets`` (IR collections of ``data.prepared_dir``), the same sizes also measure
+the passages' BM25 index that ``d2llm index`` saves for hybrid and BM25-first-stage search:
+build, save and (memory-mapped) load seconds, folder size, and milliseconds per query of
+scoring all N passages. REAL TEXT, REPEATED: the collections' documents tiled to N passages
+and their queries (so the vocabulary stays the collections', and posting lists grow with N).
+
     python -m benchmarks.index_scale [--sizes 100000 1000000] [--dim 384] [--queries 50]
         [--first-stages exact hnsw ivf] [--no-full-iem] [--ivf-nprobes 1 2 4 8 16 32 64]
+        [--bm25-datasets cranfield cisi cacm]
 
 ``--first-stages exact ivf`` leaves out HNSW, whose build is the one part that takes long at
 1M vectors on a few cores; recall needs ``exact`` among the first stages.
@@ -54,6 +61,8 @@ SYNTHETIC_NOTE = (
     "encoding cost is excluded; build, memory and query figures are the index's own"
 )
 
+BM25_NOTE = "BM25: real text, repeated: the documents of {} tiled to N passages, and their queries"
+
 log = logging.getLogger(__name__)
 
 
@@ -74,6 +83,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="nprobe values whose IVF recall@10 and latency are reported besides search.ivf_nprobe",
     )  # fmt: skip
     p.add_argument("--no-full-iem", action="store_true", help="leave out the full IEM over all N")
+    p.add_argument(
+        "--bm25-datasets", nargs="*", default=[],
+        help="also measure the saved BM25 index over these prepared IR collections' texts, tiled to N",
+    )  # fmt: skip
     common.add_clock_option(p)
     args = p.parse_args(argv)
     for name in ("dim", "clusters", "queries", "repeats", "recall_queries"):
@@ -277,6 +290,54 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     return results
 
 
+def bm25_texts(prepared_dir: Path, datasets: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The documents and queries of the named prepared IR collections."""
+    from d2llm.data import load_ir
+
+    docs, queries = [], []
+    for name in datasets:
+        ir = load_ir(prepared_dir, name)
+        docs += ir.corpus["text"].astype(str).tolist()
+        queries += ir.queries["text"].astype(str).tolist()
+    return docs, queries
+
+
+def measure_bm25(
+    n: int, docs: Sequence[str], queries: Sequence[str], args: argparse.Namespace, work_dir: Path
+) -> dict[str, Any]:
+    """Build, save, load (memory-mapped) and query the BM25 index of ``n`` passages (``docs`` tiled)."""
+    from d2llm.search import Bm25Ranker
+
+    texts = [docs[i % len(docs)] for i in range(n)]
+    folder = work_dir / f"bm25-{n}"
+    start = time.perf_counter()
+    built = Bm25Ranker.build(texts)
+    build_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    built.save(folder)
+    save_seconds = time.perf_counter() - start
+    del built, texts
+    start = time.perf_counter()
+    loaded = Bm25Ranker.load(folder)
+    load_seconds = time.perf_counter() - start
+    asked = list(queries[: args.queries])
+
+    def score() -> None:
+        for q in asked:
+            loaded.scores(q)
+
+    raw = common.interleaved_timings({"bm25": score}, args.repeats, clock=args.clock)["bm25"]
+    return {
+        "texts": n,
+        "build_seconds": build_seconds,
+        "save_seconds": save_seconds,
+        "load_seconds": load_seconds,
+        "folder_mib": sum(f.stat().st_size for f in folder.iterdir()) / 2**20,
+        "query_ms": 1000 * common.median(raw) / len(asked),
+        "raw_seconds": raw,
+    }
+
+
 def measure_recall(
     indexes: dict[str, Any], vectors: np.ndarray, args: argparse.Namespace, rng: np.random.Generator
 ) -> dict[str, Any]:
@@ -302,9 +363,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     faiss.omp_set_num_threads(args.threads)  # FAISS gets the same threads as torch
     s = params.search
     by_size = []
+    texts = bm25_texts(args.prepared_dir or params.data.prepared_dir, args.bm25_datasets)
     with tempfile.TemporaryDirectory(prefix="d2llm-index-scale-", dir=args.work_dir) as tmp:
         for n in args.sizes:
             by_size.append(measure_size(n, args, params, Path(tmp)))
+            if args.bm25_datasets:
+                log.info("N=%d: the BM25 index of %d tiled texts", n, n)
+                by_size[-1]["bm25"] = measure_bm25(n, *texts, args, Path(tmp))
     results = {
         "data": SYNTHETIC_NOTE,
         "dim": args.dim,
@@ -318,10 +383,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "hnsw": {"m": s.hnsw_m, "ef_construction": s.hnsw_ef_construction, "ef_search": s.hnsw_ef_search},
         "ivf": {"nlist": s.ivf_nlist, "nprobe": s.ivf_nprobe, "train_size": s.ivf_train_size},
         "iem": params.student.iem.model_dump(),
+        "bm25_data": BM25_NOTE.format(", ".join(args.bm25_datasets)) if args.bm25_datasets else None,
         "sizes": by_size,
     }
     path = common.write_report(NAME, args.out_dir, argv, results)
     print(f"{SYNTHETIC_NOTE}\n")
+    if results["bm25_data"]:
+        print(f"{results['bm25_data']}\n")
     print_tables(by_size)
     print(f"\nwritten to {path}")
     return results
@@ -350,6 +418,11 @@ def print_tables(by_size: list[dict[str, Any]]) -> None:
         for r in by_size
     ]
     print("\n" + common.format_table([*header, "load"], rows))
+    bm25 = [r["bm25"] for r in by_size if "bm25" in r]
+    if bm25:
+        keys = ("texts", "build_seconds", "save_seconds", "load_seconds", "folder_mib", "query_ms")
+        print("\n" + common.format_table(["N", "BM25 build s", "save s", "load s", "MiB", "query ms"],
+                                          [[row[k] for k in keys] for row in bm25]))  # fmt: skip
     sweep = [[r["n"], *row.values()] for r in by_size for row in r["ivf_nprobe_sweep"]]
     if sweep:
         print("\n" + common.format_table(["N", "nprobe", "lists scanned", "recall@10 ivf", "ivf ms"], sweep))

@@ -719,3 +719,22 @@ def test_cpu_bf16_times_both_formats_whatever_the_cpu_has(tiny_bert_dir, prepare
     assert os.environ["D2LLM_CPU_BF16"] == "auto"  # put back
     with pytest.raises(SystemExit, match="--texts"):
         cpu_bf16.main([*args, "--texts", "0"])
+
+
+def test_index_scale_measures_the_saved_bm25_on_tiled_real_text(prepared_dir, tmp_path):
+    from benchmarks import index_scale
+
+    args = ["--params", str(ROOT / "params.yaml"), "--out-dir", str(tmp_path), "--threads", "1"]
+    args += ["--prepared-dir", str(prepared_dir), "--sizes", "90", "--dim", "8", "--clusters", "4"]
+    args += ["--queries", "3", "--repeats", "2", "--first-stages", "exact", "--no-full-iem"]
+    args += ["--bm25-datasets", "cranfield", "cisi", "-S", "search.rerank_depth=5"]
+    args += ["-S", "student.iem.hidden_size=8", "-S", "student.iem.branch_size=8"]
+    report = index_scale.main(args)
+    assert "cranfield, cisi tiled" in report["bm25_data"]
+    (size,) = report["sizes"]
+    bm25 = size["bm25"]
+    assert bm25["texts"] == 90  # 60 documents of the two tiny collections, tiled
+    for key in ("build_seconds", "save_seconds", "load_seconds", "folder_mib", "query_ms"):
+        assert bm25[key] > 0, key
+    assert len(bm25["raw_seconds"]) == 2
+    assert bm25["query_ms"] == pytest.approx(1000 * np.median(bm25["raw_seconds"]) / 3)

@@ -743,11 +743,7 @@ def evaluate_ir_dataset(
             if name != BASELINE
         }
     student, encoder = systems.get("student"), systems.get(BASELINE)
-    if (
-        isinstance(student, StudentScorer)
-        and student.search_cfg.mode == "two_stage"
-        and isinstance(encoder, BiEncoderBaseline)
-    ):
+    if isinstance(student, StudentScorer) and isinstance(encoder, BiEncoderBaseline):
         entry["same_candidates"] = _same_candidates(
             student.search_cfg, encoder, collection, qids, qtexts, qrels_dict, rankings["student"],
             per_query["student"], entry["main_metric"], resamples, seed,
@@ -768,21 +764,31 @@ def _same_candidates(
     resamples: int,
     seed: int,
 ) -> dict[str, Any]:
-    """The bi-encoder re-ranking the documents the student's first stage kept, fused with BM25 as
-    the student's search fuses (``search.lexical_weight``): what the student adds, apart from what
-    the first stage and the fusion add (each lifts a dense ranker on its own)."""
-    depth = min(IR_DEPTH, cfg.rerank_depth)
+    """The bi-encoder re-ranking the documents the student's first stage kept (full search: every
+    document), fused with BM25 as the student's search fuses (``search.lexical_weight``): what the
+    student adds, apart from what the first stage and the fusion add (each lifts a dense ranker
+    on its own)."""
     cosines = encoder.passage_cosines(qtexts, collection)
     lexical = lexical_document_scores(qtexts, collection) if cfg.lexical_weight else [None] * len(qtexts)
+    if cfg.mode == "full":  # the student scored (and fused over) every document
+        depth = len(collection.docs)
+        student_ranking = [[(d, 0.0) for d in range(depth)]] * len(qtexts)
+    else:
+        depth = min(IR_DEPTH, cfg.rerank_depth)
     ranking = [
-        reorder_head(row, depth, collection.document_scores(cos), lex, cfg.lexical_weight)
+        reorder_head(row, depth, collection.document_scores(cos), lex, cfg.lexical_weight)[:IR_DEPTH]
         for row, cos, lex in zip(student_ranking, cosines, lexical, strict=True)
     ]
+    candidates = (
+        "ranking every document, as full search does"
+        if cfg.mode == "full"
+        else f"re-ranking the student's first stage ({cfg.first_stage} top {depth} documents)"
+    )
     run = M.ranking_to_run(qids, collection.doc_ids, ranking)
     by_query, no_relevant = M.ir_per_query(qrels, run)
     out: dict[str, Any] = {
         "protocol": (
-            f"the bi-encoder re-ranking the student's first stage ({cfg.first_stage} top {depth} documents)"
+            f"the bi-encoder {candidates}"
             + (
                 f", fused as the student is: z(cosine) + {cfg.lexical_weight:g} z(BM25)"
                 if cfg.lexical_weight

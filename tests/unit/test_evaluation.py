@@ -323,6 +323,46 @@ def test_reorder_head_by_hand_plain_and_fused_with_bm25():
     assert ranked[3][1] < min(fused)  # the rest below every kept document
 
 
+def test_same_candidates_of_a_full_search_is_the_bi_encoder_fused_over_every_document(prepared, models):
+    """With ``search.mode: full`` the student scores (and fuses) every document, so its baseline is
+    the bi-encoder ranking every document with the same BM25 fusion, computed here by hand."""
+    from d2llm.config import SearchConfig
+    from d2llm.evaluation.evaluate import evaluate_ir_dataset
+    from d2llm.search import Bm25Ranker, standardised
+
+    cfg = SearchConfig(mode="full", lexical_weight=1.0)
+    student = StudentScorer(models["student"].student, batch_size=4, chunk_size=3, search_cfg=cfg)
+    systems = {"bi-encoder": models["bi-encoder"], "student": student}
+    tables = {
+        t: pd.read_parquet(prepared / "ir" / "tiny" / f"{t}.parquet") for t in ("corpus", "queries", "qrels")
+    }
+    entry = evaluate_ir_dataset("tiny", **tables, systems=systems)
+    same = entry["same_candidates"]
+    assert same["protocol"] == (
+        "the bi-encoder ranking every document, as full search does, fused as the student is: "
+        "z(cosine) + 1 z(BM25)"
+    )
+    docs, ids = list(DOCS.values()), list(DOCS)
+    bm25 = Bm25Ranker.build(docs)
+    judged = {q for q, _, r in QRELS if r > 0}
+    run = {}
+    for qid, text in QUERIES.items():
+        if qid not in judged:
+            continue
+        cos = models["bi-encoder"].score_pairs([text] * len(docs), docs, "asym")
+        fused = standardised(cos) + standardised(bm25.scores(text))
+        run[qid] = {ids[d]: float(fused[d]) for d in range(len(docs))}
+    qrels = {}
+    for q, d, r in QRELS:
+        if q in judged:
+            qrels.setdefault(q, {})[d] = r
+    per_query, _ = M.ir_per_query(qrels, run)
+    expected = 100 * np.mean([v["ndcg@10"] for v in per_query.values()])
+    assert same["metrics"]["ndcg@10"] == pytest.approx(expected)
+    # The fusion is what moved it: the bi-encoder alone ranks this corpus worse.
+    assert entry["metrics"]["bi-encoder"]["ndcg@10"] < same["metrics"]["ndcg@10"]
+
+
 # --------------------------------------------------------------------------- evaluate_systems
 
 

@@ -306,13 +306,16 @@ def measure_bm25(
     n: int, docs: Sequence[str], queries: Sequence[str], args: argparse.Namespace, work_dir: Path
 ) -> dict[str, Any]:
     """Build, save, load (memory-mapped) and query the BM25 index of ``n`` passages (``docs`` tiled)."""
+    from benchmarks.training_throughput import PeakRSS
     from d2llm.search import Bm25Ranker
 
     texts = [docs[i % len(docs)] for i in range(n)]
     folder = work_dir / f"bm25-{n}"
-    start = time.perf_counter()
-    built = Bm25Ranker.build(texts)
-    build_seconds = time.perf_counter() - start
+    with PeakRSS() as memory:
+        before = memory.current()
+        start = time.perf_counter()
+        built = Bm25Ranker.build(texts)
+        build_seconds = time.perf_counter() - start
     start = time.perf_counter()
     built.save(folder)
     save_seconds = time.perf_counter() - start
@@ -330,6 +333,7 @@ def measure_bm25(
     return {
         "texts": n,
         "build_seconds": build_seconds,
+        "build_peak_rss_growth_mib": (memory.peak - before) / 2**20,
         "save_seconds": save_seconds,
         "load_seconds": load_seconds,
         "folder_mib": sum(f.stat().st_size for f in folder.iterdir()) / 2**20,
@@ -420,9 +424,10 @@ def print_tables(by_size: list[dict[str, Any]]) -> None:
     print("\n" + common.format_table([*header, "load"], rows))
     bm25 = [r["bm25"] for r in by_size if "bm25" in r]
     if bm25:
-        keys = ("texts", "build_seconds", "save_seconds", "load_seconds", "folder_mib", "query_ms")
-        print("\n" + common.format_table(["N", "BM25 build s", "save s", "load s", "MiB", "query ms"],
-                                          [[row[k] for k in keys] for row in bm25]))  # fmt: skip
+        keys = ("texts", "build_seconds", "build_peak_rss_growth_mib", "save_seconds", "load_seconds")
+        keys += ("folder_mib", "query_ms")
+        header = ["N", "BM25 build s", "RSS+ MiB", "save s", "load s", "MiB", "query ms"]
+        print("\n" + common.format_table(header, [[row[k] for k in keys] for row in bm25]))
     sweep = [[r["n"], *row.values()] for r in by_size for row in r["ivf_nprobe_sweep"]]
     if sweep:
         print("\n" + common.format_table(["N", "nprobe", "lists scanned", "recall@10 ivf", "ivf ms"], sweep))

@@ -734,6 +734,7 @@ def test_index_scale_measures_the_saved_bm25_on_tiled_real_text(prepared_dir, tm
     (size,) = report["sizes"]
     bm25 = size["bm25"]
     assert bm25["texts"] == 90  # 60 documents of the two tiny collections, tiled
+    assert bm25["build_peak_rss_growth_mib"] >= 0
     for key in ("build_seconds", "save_seconds", "load_seconds", "folder_mib", "query_ms"):
         assert bm25[key] > 0, key
     assert len(bm25["raw_seconds"]) == 2

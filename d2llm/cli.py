@@ -332,7 +332,7 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
     )
     print(
         f"indexed {len(index)} documents of {name} as {index.n_passages} passages into {out_dir} "
-        f"(first stage: {index.manifest['first_stage_ann']})"
+        f"(first stage: {index.manifest['first_stage_ann']}), with their BM25 for hybrid search"
     )
     return 0
 

@@ -26,8 +26,9 @@ average is recorded at each step: the machine may be shared.
 With ``--bm25-datasets`` (IR collections of ``data.prepared_dir``), the same sizes also measure
 the passages' BM25 index that ``d2llm index`` saves for hybrid and BM25-first-stage search:
 build, save and (memory-mapped) load seconds, folder size, and milliseconds per query of
-scoring all N passages. REAL TEXT, REPEATED: the collections' documents tiled to N passages
-and their queries (so the vocabulary stays the collections', and posting lists grow with N).
+scoring all N passages. REAL TEXT, REPEATED: the collections' documents cut into 36-word
+passages (about the preset's 48-token window), tiled to N, and their queries (so the
+vocabulary stays the collections', and posting lists grow with N).
 
     python -m benchmarks.index_scale [--sizes 100000 1000000] [--dim 384] [--queries 50]
         [--first-stages exact hnsw ivf] [--no-full-iem] [--ivf-nprobes 1 2 4 8 16 32 64]
@@ -61,7 +62,9 @@ SYNTHETIC_NOTE = (
     "encoding cost is excluded; build, memory and query figures are the index's own"
 )
 
-BM25_NOTE = "BM25: real text, repeated: the documents of {} tiled to N passages, and their queries"
+BM25_NOTE = (
+    "BM25: real text, repeated: the documents of {} cut into 36-word passages, tiled to N, and their queries"
+)
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +293,22 @@ def measure_size(n: int, args: argparse.Namespace, params: Any, work_dir: Path) 
     return results
 
 
+PASSAGE_WORDS = 36  # about the preset's 48-token passage window (search.passage_window)
+
+
 def bm25_texts(prepared_dir: Path, datasets: Sequence[str]) -> tuple[list[str], list[str]]:
-    """The documents and queries of the named prepared IR collections."""
+    """Passage-sized texts (consecutive ``PASSAGE_WORDS``-word pieces of the documents) and the
+    queries of the named prepared IR collections."""
     from d2llm.data import load_ir
 
-    docs, queries = [], []
+    passages, queries = [], []
     for name in datasets:
         ir = load_ir(prepared_dir, name)
-        docs += ir.corpus["text"].astype(str).tolist()
+        for doc in ir.corpus["text"].astype(str):
+            words = doc.split()
+            passages += [" ".join(words[i : i + PASSAGE_WORDS]) for i in range(0, len(words), PASSAGE_WORDS)]
         queries += ir.queries["text"].astype(str).tolist()
-    return docs, queries
+    return passages, queries
 
 
 def measure_bm25(

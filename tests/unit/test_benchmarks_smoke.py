@@ -730,10 +730,10 @@ def test_index_scale_measures_the_saved_bm25_on_tiled_real_text(prepared_dir, tm
     args += ["--bm25-datasets", "cranfield", "cisi", "-S", "search.rerank_depth=5"]
     args += ["-S", "student.iem.hidden_size=8", "-S", "student.iem.branch_size=8"]
     report = index_scale.main(args)
-    assert "cranfield, cisi tiled" in report["bm25_data"]
+    assert "cranfield, cisi cut into 36-word passages, tiled" in report["bm25_data"]
     (size,) = report["sizes"]
     bm25 = size["bm25"]
-    assert bm25["texts"] == 90  # 60 documents of the two tiny collections, tiled
+    assert bm25["texts"] == 90  # the 60 short documents (one passage each) of the two collections, tiled
     assert bm25["build_peak_rss_growth_mib"] >= 0
     for key in ("build_seconds", "save_seconds", "load_seconds", "folder_mib", "query_ms"):
         assert bm25[key] > 0, key

@@ -55,9 +55,9 @@ def bm25_tokens(text: str) -> list[str]:
 
 def bm25_rankings(queries: Sequence[str], corpus: Sequence[str], k: int) -> list[list[int]]:
     """Corpus positions of the top-``k`` BM25 matches of each query; zero-score matches dropped."""
-    import bm25s
+    from d2llm.search import import_bm25s
 
-    retriever = bm25s.BM25()
+    retriever = import_bm25s().BM25()
     retriever.index([bm25_tokens(t) for t in corpus], show_progress=False)
     k = min(k, len(corpus))
     docs, scores = retriever.retrieve([bm25_tokens(q) for q in queries], k=k, show_progress=False)

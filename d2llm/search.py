@@ -109,7 +109,8 @@ def student_fingerprint(student: Any) -> str:
 # --------------------------------------------------------------------------- BM25
 
 
-def _bm25s() -> Any:
+def import_bm25s() -> Any:
+    """The bm25s module, its logger put back to WARNING (bm25s sets it to DEBUG when imported)."""
     import bm25s
 
     # bm25s sets its own logger to DEBUG when imported, so each index build would reach the
@@ -131,7 +132,7 @@ class Bm25Ranker:
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> Bm25Ranker:
-        bm25s = _bm25s()
+        bm25s = import_bm25s()
         retriever = bm25s.BM25()
         retriever.index(bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False)
         return cls(retriever, len(texts))
@@ -141,12 +142,12 @@ class Bm25Ranker:
 
     @classmethod
     def load(cls, folder: str | Path) -> Bm25Ranker:
-        retriever = _bm25s().BM25.load(str(folder), mmap=True, show_progress=False)
+        retriever = import_bm25s().BM25.load(str(folder), mmap=True, show_progress=False)
         return cls(retriever, int(retriever.scores["num_docs"]))
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every text (0 where no query term occurs)."""
-        terms = _bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        terms = import_bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
         if not terms:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.retriever.get_scores(terms), dtype=np.float32)

@@ -62,6 +62,16 @@ def test_bm25_ranks_lexical_overlap_first_and_drops_zero_scores():
     assert bm25_rankings(["man guitar"], corpus, k=4) == [[1, 2]]
 
 
+def test_bm25_mining_keeps_the_bm25s_debug_narration_out_of_the_logs():
+    import logging
+
+    import bm25s  # noqa: F401  (imported: bm25s set its logger to DEBUG then)
+
+    logging.getLogger("bm25s").setLevel(logging.DEBUG)  # as a first import leaves it
+    bm25_rankings(["a dog"], ["a dog runs", "a cat sleeps"], 1)
+    assert logging.getLogger("bm25s").level == logging.WARNING
+
+
 def test_chunked_topk_equals_full_sort_with_ties():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(7, 8, generator=gen)

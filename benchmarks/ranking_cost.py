@@ -85,6 +85,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         common.check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     for n in args.sizes:
         common.check_positive("--sizes", n)
+    if args.lexical_weight is not None and args.lexical_weight < 0:
+        p.error(f"--lexical-weight must be >= 0, got {args.lexical_weight}")
     return args
 
 

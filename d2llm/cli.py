@@ -338,7 +338,14 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
 
 
 def _search_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("query", help="the search query")
+    p.add_argument("query", nargs="?", help="the search query (or --queries FILE)")
+    p.add_argument(
+        "--queries", type=Path, help="a text file of queries, one per line: the model loads once for all"
+    )
+    p.add_argument(
+        "--json", action="store_true",
+        help="one JSON object per hit (query, rank, doc_id, score, passage, text) instead of the table",
+    )  # fmt: skip
     p.add_argument("-k", type=int, default=10, help="number of documents to show (each by its best passage)")
     p.add_argument(
         "--index-dir", type=Path, default=_AtLayout("index_root", "cranfield"), help="index folder"
@@ -376,14 +383,34 @@ def _quiet_model_loading() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+def _search_queries(args: argparse.Namespace) -> list[str]:
+    """The query on the command line, or the non-blank lines of ``--queries`` (one of the two)."""
+    from d2llm.errors import ConfigError, DataError
+
+    if (args.query is None) == (args.queries is None):
+        raise ConfigError("give one query, or --queries FILE with one query per line (not both)")
+    if args.query is not None:
+        return [args.query]
+    if not args.queries.is_file():
+        raise DataError(f"--queries {args.queries}: no such file")
+    queries = [line.strip() for line in args.queries.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not queries:
+        raise DataError(f"--queries {args.queries}: no query in it (one per line)")
+    return queries
+
+
 @command("search", "search an index with the student and print ranked documents with scores")
 @arguments(_search_args)
 def cmd_search(args: argparse.Namespace, params: Params) -> int:
+    import json
     import textwrap
+
+    from tqdm.auto import tqdm
 
     from d2llm.search import load_index, search
     from d2llm.student.model import D2LLMStudent, inference_options
 
+    queries = _search_queries(args)  # before the model loads: a bad file costs nothing
     with _quiet_model_loading():
         student = D2LLMStudent.from_pretrained(
             args.student_dir, device="cpu", merged=True, **inference_options(params.student)
@@ -391,22 +418,29 @@ def cmd_search(args: argparse.Namespace, params: Params) -> int:
     index = load_index(
         args.index_dir, student, ef_search=params.search.hnsw_ef_search, nprobe=params.search.ivf_nprobe
     )
-    hits = search(
-        student,
-        index,
-        args.query,
-        k=args.k,
-        mode=args.mode or params.search.mode,
-        first_stage=args.first_stage or params.search.first_stage,
-        rerank_depth=args.rerank_depth or params.search.rerank_depth,
-        chunk_size=params.search.chunk_size,
-        aggregation=params.search.aggregation,
-        first_weight=params.search.first_weight,
-        lexical_weight=params.search.lexical_weight if args.lexical_weight is None else args.lexical_weight,
-    )
-    for rank, hit in enumerate(hits, start=1):
-        snippet = textwrap.shorten(hit.text, width=100, placeholder=" ...")
-        print(f"{rank:>3}  {hit.score:9.4f}  {hit.doc_id:>8}  {snippet}")
+    lexical_weight = params.search.lexical_weight if args.lexical_weight is None else args.lexical_weight
+    settings = {
+        "k": args.k,
+        "mode": args.mode or params.search.mode,
+        "first_stage": args.first_stage or params.search.first_stage,
+        "rerank_depth": args.rerank_depth or params.search.rerank_depth,
+        "chunk_size": params.search.chunk_size,
+        "aggregation": params.search.aggregation,
+        "first_weight": params.search.first_weight,
+        "lexical_weight": lexical_weight,
+    }
+    many = len(queries) > 1
+    for query in tqdm(queries, desc="search", unit="query", disable=not many, leave=False):
+        hits = search(student, index, query, **settings)
+        if many and not args.json:
+            print(f"query: {query}")
+        for rank, hit in enumerate(hits, start=1):
+            if args.json:
+                row = {"query": query, "rank": rank, "doc_id": hit.doc_id, "score": hit.score}
+                print(json.dumps(row | {"passage": hit.passage, "text": hit.text}, ensure_ascii=False))
+            else:
+                snippet = textwrap.shorten(hit.text, width=100, placeholder=" ...")
+                print(f"{rank:>3}  {hit.score:9.4f}  {hit.doc_id:>8}  {snippet}")
     return 0
 
 

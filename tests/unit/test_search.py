@@ -409,6 +409,45 @@ def save_cli_inputs(tmp_path: Path, tiny_bert_dir: Path, search_cfg: dict | None
     return params_file, student
 
 
+def test_cli_searches_a_file_of_queries_with_json_output(tiny_bert_dir, tmp_path, corpus, capsys):
+    """``--queries FILE`` runs every non-blank line through one loaded model; ``--json`` prints one
+    object per hit, the same hits and scores as ``search`` gives for each query."""
+    from d2llm.cli import main
+
+    params_file, student = save_cli_inputs(tmp_path, tiny_bert_dir)
+    build_index(student, corpus, tmp_path / "index", model_version="test-v1", batch_size=5)
+    queries = ["a man plays a guitar", "a dog in the garden"]
+    (tmp_path / "queries.txt").write_text(f"{queries[0]}\n\n  {queries[1]}  \n", encoding="utf-8")
+    common = ["--params", str(params_file), "search", "-k", "3", "--mode", "full", "--lexical-weight", "0.5"]
+    common += ["--index-dir", str(tmp_path / "index"), "--student-dir", str(tmp_path / "student")]
+    assert main([*common, "--queries", str(tmp_path / "queries.txt"), "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    index = load_index(tmp_path / "index", student)
+    expected = [
+        (q, rank, hit)
+        for q in queries
+        for rank, hit in enumerate(search(student, index, q, k=3, mode="full", lexical_weight=0.5), start=1)
+    ]
+    assert len(rows) == len(expected) == 6
+    for row, (query, rank, hit) in zip(rows, expected, strict=True):
+        assert (row["query"], row["rank"], row["doc_id"], row["passage"]) == (query, rank, hit.doc_id, 0)
+        assert row["score"] == pytest.approx(hit.score) and row["text"] == hit.text
+    # The table form heads each query's hits with the query.
+    assert main([*common, "--queries", str(tmp_path / "queries.txt")]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == f"query: {queries[0]}" and lines[4] == f"query: {queries[1]}" and len(lines) == 8
+    # One query or a file, not neither nor both; an empty file is refused before the model loads.
+    assert main(common) == 1
+    assert "give one query, or --queries FILE" in capsys.readouterr().err
+    assert main([*common, "dog", "--queries", str(tmp_path / "queries.txt")]) == 1
+    assert "not both" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n  \n", encoding="utf-8")
+    assert main([*common, "--queries", str(tmp_path / "empty.txt")]) == 1
+    assert "no query in it" in capsys.readouterr().err
+    assert main([*common, "--queries", str(tmp_path / "missing.txt")]) == 1
+    assert "no such file" in capsys.readouterr().err
+
+
 def test_cli_index_and_search(tiny_bert_dir, tmp_path, corpus, capsys):
     from d2llm.cli import main
 

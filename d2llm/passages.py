@@ -44,6 +44,10 @@ class PassageSpans:
     def text(self, texts: Sequence[str], i: int) -> str:
         return texts[int(self.doc[i])][int(self.start[i]) : int(self.end[i])]
 
+    def texts(self, texts: Sequence[str]) -> list[str]:
+        """Every passage's text, in position order."""
+        return [self.text(texts, i) for i in range(len(self))]
+
     def first_passages(self, n_docs: int | None = None) -> np.ndarray:
         """The position of each document's first passage (passages of a document are contiguous
         and documents in order, so this is where each document's run begins)."""

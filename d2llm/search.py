@@ -129,6 +129,7 @@ class Bm25Ranker:
     def __init__(self, retriever: Any, size: int):
         self.retriever = retriever
         self.size = size
+        self._bm25s = import_bm25s()  # its tokenizer, for each query
 
     @classmethod
     def build(cls, texts: Sequence[str]) -> Bm25Ranker:
@@ -147,7 +148,7 @@ class Bm25Ranker:
 
     def scores(self, query: str) -> np.ndarray:
         """BM25 score of every text (0 where no query term occurs)."""
-        terms = import_bm25s().tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
+        terms = self._bm25s.tokenize([query], stopwords="en", return_ids=False, show_progress=False)[0]
         if not terms:
             return np.zeros(self.size, dtype=np.float32)
         return np.asarray(self.retriever.get_scores(terms), dtype=np.float32)
@@ -204,7 +205,7 @@ class SearchIndex:
         if self.bm25_index is None:
             log.info("building BM25 over %d passages (an index without %s/: `d2llm index` saves it)",
                      self.n_passages, BM25_DIR)  # fmt: skip
-            self.bm25_index = Bm25Ranker.build([self.passage_text(i) for i in range(self.n_passages)])
+            self.bm25_index = Bm25Ranker.build(self.spans.texts(self.texts))
         return self.bm25_index
 
     def vector_index(self) -> VectorIndex:
@@ -340,7 +341,7 @@ def build_index(
         del vectors, ann
     # BM25 is seconds where the encoding above is minutes: always saved, so that a hybrid or
     # BM25-first-stage search (any process, any --lexical-weight) never rebuilds it.
-    Bm25Ranker.build([spans.text(texts, i) for i in range(len(spans))]).save(out_dir / BM25_DIR)
+    Bm25Ranker.build(spans.texts(texts)).save(out_dir / BM25_DIR)
     _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
     _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
     manifest = {

@@ -103,7 +103,7 @@ class PassageCorpus:
 
     @cached_property
     def passages(self) -> list[str]:
-        return [self.spans.text(self.docs, i) for i in range(len(self.spans))]
+        return self.spans.texts(self.docs)
 
     @classmethod
     def split(cls, doc_ids: list[str], docs: list[str], tokenizer: Any, max_length: int, cfg: SearchConfig):

@@ -294,9 +294,13 @@ def _index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepared-dir", type=Path, help="canonical tables (default: data.prepared_dir)")
     p.add_argument("--out-dir", type=Path, help="index folder (default: index/<dataset or file name>)")
     p.add_argument("--model-version", help="recorded in the manifest (default: the student dir)")
+    p.add_argument(
+        "--no-resume", action="store_true",
+        help="encode every passage anew instead of going on from a stopped build of the same inputs",
+    )  # fmt: skip
 
 
-@command("index", "encode a corpus once with the student (PMA vectors + cached IEM projections)")
+@command("index", "encode a corpus once with the student (PMA vectors + cached IEM projections; resumable)")
 @arguments(_index_args)
 def cmd_index(args: argparse.Namespace, params: Params) -> int:
     import pandas as pd
@@ -329,6 +333,7 @@ def cmd_index(args: argparse.Namespace, params: Params) -> int:
         model_version=args.model_version or str(args.student_dir),
         batch_size=params.evaluation.batch_size,
         search_cfg=params.search,
+        resume=not args.no_resume,
     )
     print(
         f"indexed {len(index)} documents of {name} as {index.n_passages} passages into {out_dir} "

@@ -34,7 +34,9 @@ written chunk by chunk while encoding and memory-mapped when loaded), ``passages
 first stage; the manifest records which and its build settings), ``bm25/`` (the passages' BM25
 index, bm25s's files, memory-mapped when loaded: hybrid scoring and the BM25 first stage read
 it instead of rebuilding it in every process), ``manifest.json`` (written last: an index
-without it is incomplete).
+without it is incomplete), ``build.json`` (how far the encoding got, and for which student,
+numerics, code, corpus and passage scheme: a build stopped part-way resumes from the last
+written chunk instead of encoding again from the first passage).
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ PASSAGES_FILE = "passages.parquet"
 CORPUS_FILE = "corpus.parquet"
 BM25_DIR = "bm25"
 MANIFEST_FILE = "manifest.json"
+BUILD_FILE = "build.json"  # progress of the encoding, for resuming a stopped build
 
 
 class SearchHit(NamedTuple):
@@ -252,25 +255,95 @@ def document_passages(
     return split_passages(texts, tokenizer, window, stride), {"window": window, "stride": stride}
 
 
+def encoding_key(
+    student: Any, corpus_digest: str, split: dict[str, int] | None, n_passages: int
+) -> dict[str, Any]:
+    """Everything the encoded vectors depend on: a stopped build resumes only where all of it
+    is unchanged, so an index never mixes vectors of two students, numerics or corpora.
+
+    The d2llm code is part of it (a fix to the encoder must not meet vectors encoded before);
+    the chunk and batch sizes are not (they change how passages are grouped, not what they give).
+    """
+    from d2llm.fingerprint import code_fingerprint
+    from d2llm.quantization import is_quantized
+
+    backbone, cfg = getattr(student, "backbone", None), getattr(student, "cfg", None)
+    return {
+        "student_fingerprint": student_fingerprint(student),
+        "numerics": {
+            "int8_backbone": backbone is not None and is_quantized(backbone),
+            "iem_branch": getattr(getattr(student, "iem", None), "branch_format", None),
+            "cpu_bf16": getattr(cfg, "cpu_bf16", None),
+            "device": str(getattr(student, "device", "cpu")),
+        },
+        "code": code_fingerprint(),
+        "corpus_hash": corpus_digest,
+        "passages": split,
+        "n_passages": n_passages,
+    }
+
+
+def _resume_point(out_dir: Path, key: dict[str, Any]) -> int:
+    """Passages already encoded in ``out_dir`` for ``key`` (0: nothing usable, start over)."""
+    try:
+        progress = json.loads((out_dir / BUILD_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(progress, dict) or progress.get("key") != key:
+        log.info(
+            "index build: %s belongs to another student, corpus or passage scheme; encoding anew", BUILD_FILE
+        )
+        return 0
+    encoded = progress.get("encoded")
+    n = key["n_passages"]
+    try:
+        shapes = [np.load(out_dir / name, mmap_mode="r").shape for name in (VECTORS_FILE, CACHE_FILE)]
+    except (OSError, ValueError):
+        shapes = []
+    if not isinstance(encoded, int) or not 0 <= encoded <= n or [s[0] for s in shapes] != [n, n]:
+        log.warning("index build: %s and the vector files disagree; encoding anew", BUILD_FILE)
+        return 0
+    return encoded
+
+
 def _encode_to_files(
     student: Any,
     passages: Callable[[int, int], list[str]],
-    n: int,
+    key: dict[str, Any],
     out_dir: Path,
     batch_size: int,
     chunk: int,
+    resume: bool = True,
 ) -> tuple[int, int]:
-    """Encode ``n`` passages ``chunk`` at a time into ``vectors.npy`` / ``passage_cache.npy``.
+    """Encode ``key["n_passages"]`` passages ``chunk`` at a time into ``vectors.npy`` /
+    ``passage_cache.npy``, recording in ``build.json`` how many are on disk after each chunk.
 
     ``passages(start, stop)`` gives the texts of one chunk; only that chunk's tensors are in
-    memory at a time, the rest is on disk. Returns ``(d, h)``.
+    memory at a time, the rest is on disk. With ``resume``, a build of the same ``key`` stopped
+    part-way (a crash, Ctrl-C, a lost machine) goes on from its last written chunk. Returns ``(d, h)``.
     """
     import torch
     from tqdm.auto import tqdm
 
+    n = key["n_passages"]
+    done = _resume_point(out_dir, key) if resume else 0
     vectors = cache = None
+    if done:
+        log.info("index build: resuming, %d of %d passages already encoded", done, n)
+        vectors = np.load(out_dir / VECTORS_FILE, mmap_mode="r+")
+        cache = np.load(out_dir / CACHE_FILE, mmap_mode="r+")
+    else:
+        (out_dir / BUILD_FILE).unlink(missing_ok=True)
+    chunks = tqdm(
+        range(done, n, chunk),
+        desc="encode passages",
+        unit="chunk",
+        leave=False,
+        initial=-(-done // chunk),
+        total=-(-n // chunk),
+    )
     with torch.inference_mode():
-        for start in tqdm(range(0, n, chunk), desc="encode passages", unit="chunk", leave=False):
+        for start in chunks:
             stop = min(start + chunk, n)
             e_b = student.encode(passages(start, stop), batch_size=batch_size).float().cpu()
             c_b = student.passage_cache(e_b).float().cpu()
@@ -283,10 +356,12 @@ def _encode_to_files(
                 )
             vectors[start:stop] = e_b.numpy()
             cache[start:stop] = c_b.numpy()
+            # The record follows the data to disk: a stop between the two re-encodes one chunk.
+            vectors.flush()
+            cache.flush()
+            write_json(out_dir / BUILD_FILE, {"key": key, "encoded": stop})
     assert vectors is not None and cache is not None
     dims = (int(vectors.shape[1]), int(cache.shape[1]))
-    vectors.flush()
-    cache.flush()
     del vectors, cache
     return dims
 
@@ -298,6 +373,7 @@ def build_index(
     model_version: str,
     batch_size: int = 64,
     search_cfg: SearchConfig | None = None,
+    resume: bool = True,
 ) -> SearchIndex:
     """Encode the corpus once, passage by passage, and write the index to ``out_dir``.
 
@@ -305,6 +381,11 @@ def build_index(
     vectors; the vectors themselves stream to disk. From ``search.ann_min_size`` passages on,
     an approximate first-stage index (``search.ann_index``: HNSW or IVF) is built and saved as
     well. Returns the index, memory-mapped.
+
+    ``resume``: a build into ``out_dir`` that stopped part-way for the same student, numerics,
+    code, corpus and passage scheme (``build.json``) goes on from its last written chunk; a
+    finished one is not encoded again (only its first-stage, BM25 and manifest are rewritten).
+    False encodes everything anew.
     """
     cfg = search_cfg or SearchConfig()
     missing = {"doc_id", "text"} - set(corpus_df.columns)
@@ -317,6 +398,7 @@ def build_index(
     if not texts:
         raise ArtifactError("cannot index an empty corpus")
     spans, split = document_passages(student, texts, cfg.passage_window, cfg.passage_stride)
+    key = encoding_key(student, corpus_hash(doc_ids, texts), split, len(spans))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -326,10 +408,11 @@ def build_index(
     dim, cache_dim = _encode_to_files(
         student,
         lambda a, b: [spans.text(texts, i) for i in range(a, b)],
-        len(spans),
+        key,
         out_dir,
         batch_size,
         cfg.encode_chunk,
+        resume,
     )
     kind = ann_kind(len(spans), cfg.ann_min_size, cfg.ann_index)
     ann_params = None
@@ -347,8 +430,8 @@ def build_index(
     manifest = {
         "format_version": INDEX_FORMAT_VERSION,
         "model_version": model_version,
-        "student_fingerprint": student_fingerprint(student),
-        "corpus_hash": corpus_hash(doc_ids, texts),
+        "student_fingerprint": key["student_fingerprint"],
+        "corpus_hash": key["corpus_hash"],
         "n_docs": len(doc_ids),
         "n_passages": len(spans),
         "passages": split,

@@ -191,6 +191,7 @@ def test_index_streams_to_memory_mapped_files(student, tmp_path):
     assert isinstance(loaded.bm25_index.retriever.scores["data"], np.memmap)  # BM25 mapped, not read
     assert sorted(p.name for p in (tmp_path / "index").iterdir()) == [
         "bm25",
+        "build.json",
         "corpus.parquet",
         "manifest.json",
         "passage_cache.npy",

@@ -39,4 +39,5 @@ class ArtifactError(D2LLMError):
 
 
 class PipelineLockedError(D2LLMError):
-    """Another pipeline run holds this working copy's lock (d2llm.lock)."""
+    """Another process holds a lock this one needs (d2llm.lock): the working copy's pipeline
+    lock, or an index folder another ``d2llm index`` is writing."""

@@ -5,6 +5,10 @@ registry. The Prefect flow and every ``d2llm`` pipeline step take this lock firs
 refuses at once with the holder's process id, or waits up to ``wait`` seconds for it to finish.
 The lock is ``flock`` on ``.d2llm.lock`` (POSIX): the kernel releases it when the holding process
 ends, however it ends, so a killed run never leaves a stale lock behind.
+
+``folder_lock`` is the same kind of lock on one folder that a command writes outside the
+pipeline's artefacts (a search index): two ``d2llm index`` runs into one folder would write the
+same vector files.
 """
 
 from __future__ import annotations
@@ -66,3 +70,24 @@ def pipeline_lock(root: str | Path = ".", wait: float = 0.0) -> Iterator[Path]:
             fcntl.flock(handle, fcntl.LOCK_UN)
     finally:
         handle.close()
+
+
+@contextmanager
+def folder_lock(folder: str | Path, busy: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder`` itself for the ``with`` block (``flock`` on the
+    directory: nothing is added to it). Raises PipelineLockedError(``busy``) at once when
+    another process holds it."""
+    import fcntl
+
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise PipelineLockedError(busy) from None
+        try:
+            yield
+        finally:
+            fcntl.flock(descriptor, fcntl.LOCK_UN)
+    finally:
+        os.close(descriptor)

@@ -57,6 +57,7 @@ from d2llm.ann import ANN_FILE, AnnKind, VectorIndex, ann_kind
 from d2llm.config import DEFAULT_SEARCH_MODE, ScoringKey, SearchConfig, SearchMode
 from d2llm.errors import ArtifactError
 from d2llm.jsonfile import write_json
+from d2llm.lock import folder_lock
 from d2llm.passages import PassageSpans, passage_window, split_passages
 
 if TYPE_CHECKING:
@@ -265,16 +266,21 @@ def encoding_key(
     the chunk and batch sizes are not (they change how passages are grouped, not what they give).
     """
     from d2llm.fingerprint import code_fingerprint
+    from d2llm.hub import cpu_bf16_active
     from d2llm.quantization import is_quantized
 
     backbone, cfg = getattr(student, "backbone", None), getattr(student, "cfg", None)
+    device = getattr(student, "device", None)
+    int8 = backbone is not None and is_quantized(backbone)
+    # What the encoder runs in, not what was asked: `cpu_bf16` is float32 on a CPU without bf16.
+    bf16 = device is not None and cpu_bf16_active(device, bool(getattr(cfg, "cpu_bf16", False)) and not int8)
     return {
         "student_fingerprint": student_fingerprint(student),
         "numerics": {
-            "int8_backbone": backbone is not None and is_quantized(backbone),
+            "int8_backbone": int8,
+            "bf16_autocast": bf16,
             "iem_branch": getattr(getattr(student, "iem", None), "branch_format", None),
-            "cpu_bf16": getattr(cfg, "cpu_bf16", None),
-            "device": str(getattr(student, "device", "cpu")),
+            "device": str(device or "cpu"),
         },
         "code": code_fingerprint(),
         "corpus_hash": corpus_digest,
@@ -402,48 +408,50 @@ def build_index(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
-    (out_dir / ANN_FILE).unlink(missing_ok=True)
-    shutil.rmtree(out_dir / BM25_DIR, ignore_errors=True)
-    dim, cache_dim = _encode_to_files(
-        student,
-        lambda a, b: [spans.text(texts, i) for i in range(a, b)],
-        key,
-        out_dir,
-        batch_size,
-        cfg.encode_chunk,
-        resume,
-    )
-    kind = ann_kind(len(spans), cfg.ann_min_size, cfg.ann_index)
-    ann_params = None
-    if kind != "flat":
-        vectors = np.load(out_dir / VECTORS_FILE, mmap_mode="r")
-        ann = build_vector_index(vectors, kind, cfg)
-        ann.save(out_dir / ANN_FILE)
-        ann_params = _ann_build_params(ann, cfg)
-        del vectors, ann
-    # BM25 is seconds where the encoding above is minutes: always saved, so that a hybrid or
-    # BM25-first-stage search (any process, any --lexical-weight) never rebuilds it.
-    Bm25Ranker.build(spans.texts(texts)).save(out_dir / BM25_DIR)
-    _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
-    _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
-    manifest = {
-        "format_version": INDEX_FORMAT_VERSION,
-        "model_version": model_version,
-        "student_fingerprint": key["student_fingerprint"],
-        "corpus_hash": key["corpus_hash"],
-        "n_docs": len(doc_ids),
-        "n_passages": len(spans),
-        "passages": split,
-        "first_stage_ann": kind,
-        "first_stage_ann_params": ann_params,
-        "bm25": BM25_DIR,
-        "vector_dim": dim,
-        "cache_dim": cache_dim,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    write_json(out_dir / MANIFEST_FILE, manifest)
-    return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search, cfg.ivf_nprobe)
+    busy = f"another process is building an index in {out_dir}: wait for it, or stop it (a new run resumes)"
+    with folder_lock(out_dir, busy):  # two builds into one folder would write the same files
+        (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
+        (out_dir / ANN_FILE).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / BM25_DIR, ignore_errors=True)
+        dim, cache_dim = _encode_to_files(
+            student,
+            lambda a, b: [spans.text(texts, i) for i in range(a, b)],
+            key,
+            out_dir,
+            batch_size,
+            cfg.encode_chunk,
+            resume,
+        )
+        kind = ann_kind(len(spans), cfg.ann_min_size, cfg.ann_index)
+        ann_params = None
+        if kind != "flat":
+            vectors = np.load(out_dir / VECTORS_FILE, mmap_mode="r")
+            ann = build_vector_index(vectors, kind, cfg)
+            ann.save(out_dir / ANN_FILE)
+            ann_params = _ann_build_params(ann, cfg)
+            del vectors, ann
+        # BM25 is seconds where the encoding above is minutes: always saved, so that a hybrid or
+        # BM25-first-stage search (any process, any --lexical-weight) never rebuilds it.
+        Bm25Ranker.build(spans.texts(texts)).save(out_dir / BM25_DIR)
+        _passage_frame(spans).to_parquet(out_dir / PASSAGES_FILE, index=False)
+        _corpus_frame(doc_ids, texts).to_parquet(out_dir / CORPUS_FILE, index=False)
+        manifest = {
+            "format_version": INDEX_FORMAT_VERSION,
+            "model_version": model_version,
+            "student_fingerprint": key["student_fingerprint"],
+            "corpus_hash": key["corpus_hash"],
+            "n_docs": len(doc_ids),
+            "n_passages": len(spans),
+            "passages": split,
+            "first_stage_ann": kind,
+            "first_stage_ann_params": ann_params,
+            "bm25": BM25_DIR,
+            "vector_dim": dim,
+            "cache_dim": cache_dim,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        write_json(out_dir / MANIFEST_FILE, manifest)
+        return _open_index(out_dir, doc_ids, texts, spans, manifest, cfg.hnsw_ef_search, cfg.ivf_nprobe)
 
 
 def build_vector_index(vectors: Any, kind: AnnKind, cfg: SearchConfig) -> VectorIndex:

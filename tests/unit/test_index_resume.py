@@ -183,3 +183,42 @@ def test_cli_index_resumes_unless_told_not_to(student, tiny_bert_dir, tmp_path, 
     assert main([*args, "--no-resume"]) == 0
     assert len(seen) == n
     assert f"as {n} passages" in capsys.readouterr().out
+
+
+# A second process that locks the folder argv[1] as a build does, says so, and holds it.
+HOLDER = """
+import sys, time
+from d2llm.lock import folder_lock
+with folder_lock(sys.argv[1], "busy"):
+    print("held", flush=True)
+    time.sleep(60)
+"""
+
+
+def test_a_second_build_into_the_same_folder_refuses_and_touches_nothing(student, tmp_path, monkeypatch):
+    """Two builds into one folder would write the same vector files (and, since builds resume,
+    each would take the other's chunks for its own): the second refuses while the first runs."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from d2llm.errors import PipelineLockedError
+
+    out = tmp_path / "index"
+    _stop_after_two_chunks(monkeypatch, student, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    root = Path(__file__).resolve().parents[2]
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(out)], stdout=subprocess.PIPE, text=True, cwd=root
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        seen = _watch_encode(monkeypatch, student)
+        with pytest.raises(PipelineLockedError, match="another process is building an index in"):
+            _build(student, out)
+        assert seen == [] and {p.name: p.read_bytes() for p in out.iterdir()} == before
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    _build(student, out)  # the holder gone, the build goes on
+    assert len(seen) == load_index(out, student).n_passages - 2 * CHUNK

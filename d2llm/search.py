@@ -403,13 +403,13 @@ def build_index(
     texts = [str(t) for t in corpus_df["text"]]
     if not texts:
         raise ArtifactError("cannot index an empty corpus")
-    spans, split = document_passages(student, texts, cfg.passage_window, cfg.passage_stride)
-    key = encoding_key(student, corpus_hash(doc_ids, texts), split, len(spans))
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     busy = f"another process is building an index in {out_dir}: wait for it, or stop it (a new run resumes)"
     with folder_lock(out_dir, busy):  # two builds into one folder would write the same files
+        spans, split = document_passages(student, texts, cfg.passage_window, cfg.passage_stride)
+        key = encoding_key(student, corpus_hash(doc_ids, texts), split, len(spans))
         (out_dir / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the end
         (out_dir / ANN_FILE).unlink(missing_ok=True)
         shutil.rmtree(out_dir / BM25_DIR, ignore_errors=True)

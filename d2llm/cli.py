@@ -473,9 +473,13 @@ def _teacher_finetune_args(p: argparse.ArgumentParser) -> None:
         default=_AtLayout("teacher_metrics", inside=("out_dir", "teacher_metrics.json")),
         help="fine-tuning report JSON (default: reports/, or <out-dir>/teacher_metrics.json with --out-dir)",
     )
+    p.add_argument(
+        "--no-resume", action="store_true",
+        help="train afresh instead of going on from <out-dir>/checkpoint of a stopped run",
+    )  # fmt: skip
 
 
-@command("teacher-finetune", "fine-tune the teacher on gold labels and save it (or its reference)")
+@command("teacher-finetune", "fine-tune the teacher on gold labels and save it (resumes from its checkpoint)")
 @arguments(_teacher_finetune_args)
 def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
     import json
@@ -483,7 +487,8 @@ def cmd_teacher_finetune(args: argparse.Namespace, params: Params) -> int:
     from d2llm.teachers.dev_report import format_dev_table, read_dev_report
     from d2llm.teachers.finetune import finetune_teacher
 
-    result = finetune_teacher(params, args.prepared_dir or params.data.prepared_dir, args.out_dir)
+    prepared_dir = args.prepared_dir or params.data.prepared_dir
+    result = finetune_teacher(params, prepared_dir, args.out_dir, resume=not args.no_resume)
     summary = json.dumps({k: v for k, v in result.items() if k != "history"}, indent=2)
     args.metrics.parent.mkdir(parents=True, exist_ok=True)
     args.metrics.write_text(summary + "\n", encoding="utf-8")

@@ -256,6 +256,10 @@ class TeacherFinetuneConfig(_Section):
     # asym (QA) ones another, each from the base model with this recipe, and each scores its own
     # task's pairs (labelling, fusion, the test rows). False: one teacher for both (the paper).
     per_task: bool = False
+    # Steps between resumable checkpoints (<out-dir>/checkpoint; also after each epoch's dev
+    # evaluation): a stopped `d2llm teacher-finetune` goes on from the last one. Removed once the
+    # teacher is saved.
+    checkpoint_every: int = Field(default=100, ge=1)
 
     @model_validator(mode="after")
     def _lists_fit_batches(self) -> TeacherFinetuneConfig:

@@ -117,6 +117,7 @@ STAGES: dict[str, Stage] = {
                 "d2llm/evaluation/dev.py",
                 "d2llm/data/tables.py",
                 "d2llm/optim.py",
+                "d2llm/checkpoint.py",
             ),
         ),
         Stage(

@@ -22,7 +22,9 @@ from __future__ import annotations
 import logging
 import math
 import random
+import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -42,7 +44,7 @@ from d2llm.evaluation.dev import (
     mean_metric,
     sample_rows,
 )
-from d2llm.hub import cpu_bf16_autocast, seed_everything
+from d2llm.hub import cpu_bf16_active, cpu_bf16_autocast, seed_everything
 from d2llm.optim import warmup_decay_scheduler
 from d2llm.teachers.base import Pair, Teacher, log_odds
 from d2llm.teachers.dev_report import teacher_gains, write_dev_report
@@ -314,16 +316,102 @@ def list_softmax_loss(margins: Tensor, targets: Tensor, list_ids: Tensor) -> Ten
     return torch.stack(losses).mean() if losses else None
 
 
+CHECKPOINT_DIR = "checkpoint"  # inside the teacher's out_dir while it trains
+
+
+@dataclass
+class TeacherLoop:
+    """Where the teacher's loop stands; each checkpoint saves it, and a resumed run goes on from it."""
+
+    inputs: str  # fingerprint of what the run depends on: a checkpoint of other inputs is stale
+    step: int = 0
+    epoch: int = 0  # the epoch in progress (or last finished), 1-based; 0 before training
+    batch: int = 0  # batches of that epoch done; 0 once its dev evaluation is done
+    history: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    best_main: float | None = None  # None: no epoch measured yet (eval_before off)
+    best_epoch: int = 0
+    best_scores: dict[str, list[float]] = field(default_factory=dict)  # the kept epoch's dev log-odds
+
+
+def teacher_inputs_fingerprint(
+    params: Params, train: list[GoldPair], dev_sets: list[DevSet], bf16: bool
+) -> str:
+    """What a fine-tuning run depends on: the config of stage "teacher-finetune", its training
+    pairs and targets, its dev pairs, and whether its steps run in bf16."""
+    from d2llm.fingerprint import value_fingerprint
+    from d2llm.stages import param_values
+
+    return value_fingerprint(
+        {
+            "params": param_values("teacher-finetune", params),
+            "train": [[row.task, *row.pair, row.target, row.list_id] for row in train],
+            "dev": [
+                {"name": d.name, "pairs": d.pairs, "gold": d.gold.tolist(), "task": d.task} for d in dev_sets
+            ],
+            "bf16": bf16,
+        }
+    )
+
+
+def _save_teacher_checkpoint(
+    folder: Path, trainable: list[Tensor], best: list[Tensor] | None, optimizer, scheduler, loop: TeacherLoop
+) -> None:
+    from d2llm.checkpoint import save_checkpoint
+
+    tensors = {str(i): p for i, p in enumerate(trainable)}
+    tensors.update({f"best.{i}": p for i, p in enumerate(best or [])})
+    save_checkpoint(folder, tensors, optimizer, scheduler, asdict(loop))
+
+
+def _resume_teacher(
+    folder: Path, trainable: list[Tensor], optimizer, scheduler, inputs: str
+) -> tuple[TeacherLoop, list[Tensor] | None] | None:
+    """The loop and kept weights of ``folder``'s checkpoint, the trainable weights, optimizer,
+    scheduler and RNGs restored; None (train afresh) when there is none or it is of other inputs."""
+    import torch
+
+    from d2llm.checkpoint import load_checkpoint, read_loop_state
+
+    if not folder.exists():
+        return None
+    saved = read_loop_state(folder)
+    if saved is None or saved.get("inputs") != inputs:
+        log.warning("teacher checkpoint in %s was made from other data or settings: training afresh", folder)
+        return None
+    weights, loop = load_checkpoint(folder, optimizer, scheduler)
+    shapes = [tuple(p.shape) for p in trainable]
+    if [tuple(weights[str(i)].shape) if str(i) in weights else None for i in range(len(trainable))] != shapes:
+        raise ArtifactError(
+            f"teacher checkpoint {folder} does not match the teacher's trainable weights; "
+            "delete it (or run with --no-resume)"
+        )
+    with torch.no_grad():
+        for i, p in enumerate(trainable):
+            p.copy_(weights[str(i)].to(p.device))
+    best = [weights[f"best.{i}"] for i in range(len(trainable))] if "best.0" in weights else None
+    state = TeacherLoop(**loop)
+    log.info("teacher fine-tuning: resumed at step %d (epoch %d)", state.step, max(state.epoch, 1))
+    return state, best
+
+
 def train_teacher(
     teacher: Teacher,
     params: Params,
     train: list[GoldPair],
     dev_sets: list[DevSet],
     best_log_odds: dict[str, np.ndarray] | None = None,
+    checkpoint_dir: Path | None = None,
+    stop_after_steps: int | None = None,
 ):
     """The training loop; returns metrics per epoch, losses and the number of optimiser steps.
 
     ``best_log_odds``, when given, receives the kept epoch's dev scores (for fusion).
+    ``checkpoint_dir``: the loop's whole state is saved there every
+    ``teacher.finetune.checkpoint_every`` steps and after each epoch's dev evaluation, and a run
+    finding a checkpoint of the same inputs there goes on from it (the same steps, batches and
+    dropout as without the stop). ``stop_after_steps`` stops (InterruptedError) after that many
+    steps of this call, its state saved, as a kill would (to test resumption).
     """
     import torch
 
@@ -343,22 +431,35 @@ def train_teacher(
     target_t = torch.tensor(targets, dtype=torch.float32)
     list_t = torch.tensor([-1 if i is None else i for i in list_ids], dtype=torch.long)
 
-    scores: dict[str, np.ndarray] = {}
-    if ft.eval_before:
-        history = [{"epoch": 0, "step": 0, **evaluate_teacher(teacher, dev_sets, scores)}]
-        best = (history[0]["main"], 0, [p.detach().clone() for p in trainable], scores)
-    else:  # no "before": the first epoch is kept unless a later one beats it
-        history = [{"epoch": 0, "step": 0}]
-        best = (math.nan, 0, None, scores)
-    losses: list[float] = []
-    step, epoch = 0, 0
-    bar = tqdm(total=total, desc="teacher fine-tune", leave=False)
-    while step < total:
-        epoch += 1
+    bf16 = cpu_bf16_active(teacher.device, ft.cpu_bf16)
+    inputs = teacher_inputs_fingerprint(params, train, dev_sets, bf16)
+    resumed = (
+        _resume_teacher(checkpoint_dir, trainable, optimizer, scheduler, inputs) if checkpoint_dir else None
+    )
+    if resumed is not None:
+        loop, best_weights = resumed
+    else:
+        loop, best_weights = TeacherLoop(inputs), None
+        loop.history.append({"epoch": 0, "step": 0})
+        if ft.eval_before:  # else the first epoch is kept unless a later one beats it
+            scores: dict[str, np.ndarray] = {}
+            loop.history[0].update(evaluate_teacher(teacher, dev_sets, scores))
+            loop.best_main, best_weights = loop.history[0]["main"], [p.detach().clone() for p in trainable]
+            loop.best_scores = {k: v.tolist() for k, v in scores.items()}
+
+    def save() -> None:
+        if checkpoint_dir is not None:
+            _save_teacher_checkpoint(checkpoint_dir, trainable, best_weights, optimizer, scheduler, loop)
+
+    steps_this_run = 0
+    bar = tqdm(total=total, initial=loop.step, desc="teacher fine-tune", leave=False)
+    while loop.step < total:
+        if loop.batch == 0:
+            loop.epoch += 1
         teacher.train()
-        order = epoch_batches(encodings, list_ids, ft.batch_size, params.seed + epoch)
-        batches = padded_batches(encodings, order, teacher.tokenizer.pad_token_id, teacher.padding_side)
-        for batch in batches:
+        # The epoch's seeded order, less the batches a stopped run already trained on.
+        order = epoch_batches(encodings, list_ids, ft.batch_size, params.seed + loop.epoch)[loop.batch :]
+        for batch in padded_batches(encodings, order, teacher.tokenizer.pad_token_id, teacher.padding_side):
             with cpu_bf16_autocast(teacher.device, ft.cpu_bf16):
                 logits, _ = teacher.forward({k: v.to(teacher.device) for k, v in batch.tensors.items()})
             y = target_t[batch.indices].to(logits.device)
@@ -374,26 +475,35 @@ def train_teacher(
             torch.nn.utils.clip_grad_norm_(trainable, ft.grad_clip)
             optimizer.step()
             scheduler.step()
-            losses.append(float(loss.detach()))
-            step += 1
+            loop.losses.append(float(loss.detach()))
+            loop.step, loop.batch, steps_this_run = loop.step + 1, loop.batch + 1, steps_this_run + 1
             bar.update(1)
-            bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            if step >= total:
+            bar.set_postfix(loss=f"{loop.losses[-1]:.4f}")
+            if loop.step >= total:
                 break
+            if loop.step % ft.checkpoint_every == 0 or steps_this_run == stop_after_steps:
+                save()
+            if steps_this_run == stop_after_steps:
+                bar.close()
+                raise InterruptedError(f"teacher fine-tuning stopped after {steps_this_run} steps on request")
         scores = {}
         metrics = evaluate_teacher(teacher, dev_sets, scores)
-        history.append({"epoch": epoch, "step": step, **metrics})
-        log.info("teacher epoch %d (step %d): dev %s", epoch, step, metrics)
-        if metrics["main"] > best[0] or math.isnan(best[0]):
-            best = (metrics["main"], epoch, [p.detach().clone() for p in trainable], scores)
+        loop.history.append({"epoch": loop.epoch, "step": loop.step, **metrics})
+        log.info("teacher epoch %d (step %d): dev %s", loop.epoch, loop.step, metrics)
+        if loop.best_main is None or metrics["main"] > loop.best_main:
+            loop.best_main, loop.best_epoch = metrics["main"], loop.epoch
+            best_weights = [p.detach().clone() for p in trainable]
+            loop.best_scores = {k: v.tolist() for k, v in scores.items()}
+        loop.batch = 0
+        save()
     bar.close()
     if best_log_odds is not None:
-        best_log_odds.update(best[3])
+        best_log_odds.update({k: np.asarray(v) for k, v in loop.best_scores.items()})
     with torch.no_grad():
-        for p, saved in zip(trainable, best[2] or [], strict=best[2] is not None):
+        for p, saved in zip(trainable, best_weights or [], strict=best_weights is not None):
             p.copy_(saved)
     teacher.eval()
-    return history, losses, step, best[1]
+    return loop.history, loop.losses, loop.step, loop.best_epoch
 
 
 class TeacherFit(NamedTuple):
@@ -414,29 +524,42 @@ def _fit(
     train: list[GoldPair],
     dev_sets: list[DevSet],
     log_odds: dict[str, np.ndarray],
+    checkpoint_dir: Path | None = None,
+    stop_after_steps: int | None = None,
 ) -> TeacherFit:
-    history, losses, steps, best_epoch = train_teacher(teacher, params, train, dev_sets, log_odds)
+    history, losses, steps, best_epoch = train_teacher(
+        teacher, params, train, dev_sets, log_odds, checkpoint_dir, stop_after_steps
+    )
     metrics = [{k: v for k, v in h.items() if k not in ("epoch", "step")} for h in history]
     return TeacherFit(history, losses, steps, best_epoch, metrics[0] or None, metrics[best_epoch], len(train))
 
 
 def _fit_per_task(
-    params: Params, train: list[GoldPair], dev_sets: list[DevSet], log_odds: dict[str, np.ndarray]
+    params: Params,
+    train: list[GoldPair],
+    dev_sets: list[DevSet],
+    log_odds: dict[str, np.ndarray],
+    checkpoint_dir: Path | None = None,
+    stop_after_steps: int | None = None,
 ) -> tuple[PerTaskTeacher, TeacherFit]:
     """One teacher per task kind, each fine-tuned from the base model on its task's datasets and
-    chosen on its task's dev sets, as if trained alone (the same seed, sampling and recipe)."""
+    chosen on its task's dev sets, as if trained alone (the same seed, sampling and recipe).
+    Each part checkpoints in ``checkpoint_dir/<task>``."""
     parts: dict[TaskKind, Teacher] = {}
     fits: dict[str, TeacherFit] = {}
-    for task in TASK_KINDS:
-        rows = [row for row in train if row.task == task]
+    rows_of = {task: [row for row in train if row.task == task] for task in TASK_KINDS}
+    for task, rows in rows_of.items():  # before either part trains (and checkpoints)
         if not rows:
             raise DataError(
                 f"teacher.finetune.per_task: no {task} dataset in teacher.finetune.datasets to fine-tune "
                 f"the {task} teacher on (sym: NLI, STS; asym: QA)"
             )
+    for task, rows in rows_of.items():
         seed_everything(params.seed)
         parts[task] = load_teacher(params.teacher, None, params.device)
-        fits[task] = _fit(parts[task], params, rows, [d for d in dev_sets if d.task == task], log_odds)
+        part_dev = [d for d in dev_sets if d.task == task]
+        part_checkpoint = checkpoint_dir / task if checkpoint_dir is not None else None
+        fits[task] = _fit(parts[task], params, rows, part_dev, log_odds, part_checkpoint, stop_after_steps)
         log.info("%s teacher: %d pairs, dev %s", task, len(rows), fits[task].dev_after)
 
     def merged(key: str) -> dict[str, float] | None:
@@ -459,7 +582,12 @@ def _fit_per_task(
 
 
 def finetune_teacher(
-    params: Params, prepared_dir: str | Path, out_dir: str | Path, teacher: Teacher | None = None
+    params: Params,
+    prepared_dir: str | Path,
+    out_dir: str | Path,
+    teacher: Teacher | None = None,
+    resume: bool = True,
+    stop_after_steps: int | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``params.teacher`` on the gold train splits and save it to ``out_dir``.
 
@@ -467,6 +595,11 @@ def finetune_teacher(
     ``teacher.finetune.per_task`` one teacher per task kind is fine-tuned and saved
     (``d2llm.teachers.per_task``; ``teacher`` must then be None). Returns dev metrics
     before/after, the best epoch, losses and timing.
+
+    While it trains, ``out_dir/checkpoint`` holds the loop's state (``train_teacher``); with
+    ``resume`` a run finding one of the same inputs there goes on from it; without, it is
+    replaced. It is removed once the teacher is saved. ``stop_after_steps``: as in
+    ``train_teacher`` (tests).
     """
     seed_everything(params.seed)
     ft = params.teacher.finetune
@@ -481,13 +614,17 @@ def finetune_teacher(
     train, dev_sets = load_gold(params, prepared_dir)
     start = time.perf_counter()
     log_odds: dict[str, np.ndarray] = {}
+    checkpoint_dir = Path(out_dir) / CHECKPOINT_DIR
+    if not resume:
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
     if ft.per_task:
-        teacher, fit = _fit_per_task(params, train, dev_sets, log_odds)
+        teacher, fit = _fit_per_task(params, train, dev_sets, log_odds, checkpoint_dir, stop_after_steps)
     else:
         assert teacher is not None
-        fit = _fit(teacher, params, train, dev_sets, log_odds)
+        fit = _fit(teacher, params, train, dev_sets, log_odds, checkpoint_dir, stop_after_steps)
     seconds = time.perf_counter() - start
     teacher.save_pretrained(out_dir)
+    shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the teacher is saved: nothing to resume
     cosines: dict[str, np.ndarray] = {}
     dev_baseline = baseline_dev_metrics(params, dev_sets, cosines)
     dev_report: dict[str, Any] = {"dev_after": fit.dev_after, "dev_baseline": dev_baseline}

@@ -30,6 +30,13 @@ _COMMANDS: dict[str, tuple[Command, Callable[[argparse.ArgumentParser], None], s
 # Commands that write no pipeline artefact run without the working copy's lock (d2llm.lock);
 # every other one refuses (or waits, --wait) while another pipeline run holds it.
 _READ_ONLY = {"index", "search", "ir-select"}
+# Commands that keep their work when stopped, and where (said when Ctrl-C stops one).
+_RESUMES_FROM = {
+    "teacher-finetune": "its checkpoint",
+    "label": "its finished shards",
+    "train": "its checkpoint",
+    "index": "its last encoded chunk",
+}
 
 
 @dataclass(frozen=True)
@@ -682,6 +689,11 @@ def main(argv: list[str] | None = None) -> int:
     except D2LLMError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        kept = _RESUMES_FROM.get(args.command)
+        again = f": run it again to go on from {kept}" if kept else ""
+        print(f"\ninterrupted: d2llm {args.command} stopped{again}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 
 
 if __name__ == "__main__":

@@ -984,32 +984,48 @@ def evaluate_systems(
 
     ``systems`` overrides loading (tests, or callers that already hold the models); by default
     they are built from params, ``teacher_dir`` and ``student_dir`` (a missing one is skipped
-    with a note in the results).
+    with a note in the results). Then, with an ``output``, each finished dataset is kept in
+    ``<output>.parts/`` until the report is written, and a run that stopped part-way scores only
+    the datasets it had not finished (``d2llm.evaluation.parts``).
     """
+    from d2llm.evaluation.parts import EvaluationParts
+
     ev = params.evaluation
     prepared_dir = Path(prepared_dir)
     notes: list[str] = []
+    parts = None
     if systems is None:
         systems, notes = load_systems(params, teacher_dir, student_dir)
+        if output is not None:
+            parts = EvaluationParts.beside(output, params, teacher_dir, student_dir)
     datasets: dict[str, dict[str, Any]] = {}
     memo: dict[Any, np.ndarray] = {}
     for name in ev.pair_datasets:
-        pairs = load_pairs(prepared_dir, name)
-        datasets[name] = evaluate_pair_dataset(
-            name, pairs, systems, ev.max_pairs, params.seed, memo, ev.bootstrap_resamples
-        )
+        data = prepared_dir / "pairs" / f"{name}.parquet"
+        if (entry := parts.get(name, data) if parts else None) is None:
+            pairs = load_pairs(prepared_dir, name)
+            entry = evaluate_pair_dataset(
+                name, pairs, systems, ev.max_pairs, params.seed, memo, ev.bootstrap_resamples
+            )
+            if parts:
+                parts.put(name, data, entry)
+        datasets[name] = entry
     for name in ev.ir_datasets:
         base = prepared_dir / "ir" / name
-        tables = {t: _read_table(base / f"{t}.parquet", f"IR table {name}/{t}") for t in IR_TABLE_NAMES}
-        datasets[name] = evaluate_ir_dataset(
-            name,
-            **tables,
-            systems=systems,
-            max_queries=ev.max_queries,
-            seed=params.seed,
-            resamples=ev.bootstrap_resamples,
-            passages=ir_passages(params),
-        )
+        if (entry := parts.get(name, base) if parts else None) is None:
+            tables = {t: _read_table(base / f"{t}.parquet", f"IR table {name}/{t}") for t in IR_TABLE_NAMES}
+            entry = evaluate_ir_dataset(
+                name,
+                **tables,
+                systems=systems,
+                max_queries=ev.max_queries,
+                seed=params.seed,
+                resamples=ev.bootstrap_resamples,
+                passages=ir_passages(params),
+            )
+            if parts:
+                parts.put(name, base, entry)
+        datasets[name] = entry
     for entry in datasets.values():
         _add_gain(entry)
     summary = summarize(datasets)
@@ -1036,6 +1052,8 @@ def evaluate_systems(
     )
     if output is not None:
         write_json(output, results)
+    if parts:
+        parts.clear()  # the report holds every dataset now
     return results
 
 

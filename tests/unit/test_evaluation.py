@@ -366,6 +366,74 @@ def test_same_candidates_of_a_full_search_is_the_bi_encoder_fused_over_every_doc
 # --------------------------------------------------------------------------- evaluate_systems
 
 
+@pytest.fixture()
+def saved_models(models, tmp_path):
+    """The teacher and student of ``models`` in folders, as the pipeline leaves them."""
+    models["teacher"].teacher.save_pretrained(tmp_path / "teacher")
+    models["student"].student.save_pretrained(tmp_path / "student")
+    return tmp_path / "teacher", tmp_path / "student"
+
+
+def test_a_stopped_evaluation_scores_only_the_datasets_it_had_not_finished(
+    prepared, saved_models, tiny_bert_dir, tmp_path, monkeypatch
+):
+    """Each finished dataset waits in ``<report>.parts/``: after a stop in the IR dataset the
+    next run takes nli and sts from there, scores tiny, and writes the report an unstopped run
+    writes; parts made for another student are not reused."""
+    import d2llm.evaluation.evaluate as E
+    from d2llm.student.model import D2LLMStudent
+
+    params = _params(tiny_bert_dir)
+    teacher_dir, student_dir = saved_models
+    clean = evaluate_systems(params, prepared, teacher_dir, student_dir, tmp_path / "clean.json")
+    assert not (tmp_path / "clean.json.parts").exists()  # removed once the report is written
+
+    out = tmp_path / "reports" / "metrics.json"
+    real_ir, real_pairs = E.evaluate_ir_dataset, E.evaluate_pair_dataset
+    scored: list[str] = []
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def run(student=student_dir, stop=False):
+        with monkeypatch.context() as patch:
+            patch.setattr(
+                E,
+                "evaluate_pair_dataset",
+                lambda name, *a, **k: scored.append(name) or real_pairs(name, *a, **k),
+            )
+            patch.setattr(
+                E,
+                "evaluate_ir_dataset",
+                stopped if stop else lambda name, **k: scored.append(name) or real_ir(name, **k),
+            )
+            return evaluate_systems(params, prepared, teacher_dir, student, out)
+
+    with pytest.raises(KeyboardInterrupt):
+        run(stop=True)
+    assert sorted(p.name for p in (out.parent / "metrics.json.parts").iterdir()) == ["nli.json", "sts.json"]
+    scored.clear()
+    resumed = run()
+    assert scored == ["tiny"]
+
+    def untimed(results):  # when it ran and how long each system took differ, nothing else
+        datasets = {n: {k: v for k, v in e.items() if k != "seconds"} for n, e in results["datasets"].items()}
+        return {**{k: v for k, v in results.items() if k != "created"}, "datasets": datasets}
+
+    assert untimed(resumed) == untimed(clean)
+    assert json.loads(out.read_text()) == resumed and not (out.parent / "metrics.json.parts").exists()
+
+    other = D2LLMStudent.from_pretrained(student_dir)
+    with torch.no_grad():
+        next(other.iem.parameters()).add_(0.5)
+    other.save_pretrained(tmp_path / "student2")
+    with pytest.raises(KeyboardInterrupt):
+        run(stop=True)
+    scored.clear()
+    run(student=tmp_path / "student2")
+    assert scored == ["nli", "sts", "tiny"]
+
+
 def test_evaluate_systems_end_to_end(prepared, models, tiny_bert_dir, tmp_path):
     params = _params(tiny_bert_dir)
     out = tmp_path / "reports" / "metrics.json"

@@ -490,7 +490,7 @@ def train_teacher(
         metrics = evaluate_teacher(teacher, dev_sets, scores)
         loop.history.append({"epoch": loop.epoch, "step": loop.step, **metrics})
         log.info("teacher epoch %d (step %d): dev %s", loop.epoch, loop.step, metrics)
-        if loop.best_main is None or metrics["main"] > loop.best_main:
+        if loop.best_main is None or math.isnan(loop.best_main) or metrics["main"] > loop.best_main:
             loop.best_main, loop.best_epoch = metrics["main"], loop.epoch
             best_weights = [p.detach().clone() for p in trainable]
             loop.best_scores = {k: v.tolist() for k, v in scores.items()}

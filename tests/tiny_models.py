@@ -4,7 +4,11 @@
 - ``save_tiny_causal_lm``: a 2-layer, 32-d causal LM of any family (Llama, Qwen2, GPT-2, ...)
   with a byte-level BPE tokenizer trained on the given words, saved with its LM head, so it can
   be a causal-LM teacher as well as a decoder student backbone;
-- ``save_tiny_student``: a whole D2LLM student on a tiny BERT.
+- ``save_tiny_student``: a whole D2LLM student on a tiny BERT;
+- ``cosine_student_cfg`` / ``cosine_student``: the ``student`` section of, and the student
+  whose untrained IEM logit is a scaled cosine (index and search tests);
+- ``teacher_finetune_params``: params of a cross-encoder teacher on a tiny model, fused with the
+  tiny model as bi-encoder, fine-tuned on ``datasets``.
 
 Shared by the unit, integration and serving tests (``pythonpath = ["tests"]`` in pyproject).
 Nothing is downloaded.
@@ -158,3 +162,47 @@ def save_tiny_student(folder: Path, words: Sequence[str], seed: int = 0, perturb
                 if "lora_B" in name:
                     p.normal_(0, 0.5)
     return student.save_pretrained(folder / "student")
+
+
+def cosine_student_cfg(backbone: Path, max_length: int) -> dict[str, Any]:
+    """A student without LoRA whose IEM has the cosine residual and a zero output layer: before
+    training its logit is ``scale * cos(e_q, e_b)``, so a query equal to a passage ranks it first."""
+    return {
+        "backbone": str(backbone),
+        "max_length": max_length,
+        "lora": {"enabled": False},
+        "pma": {"num_heads": 4, "init": "mean"},
+        "iem": {"hidden_size": 16, "branch_size": 8, "residual": "cosine"},
+    }
+
+
+def cosine_student(backbone: Path, max_length: int):
+    """The student of ``cosine_student_cfg``, seeded (0)."""
+    from d2llm.config import params_from_dict
+    from d2llm.hub import seed_everything
+    from d2llm.student.model import D2LLMStudent
+
+    seed_everything(0)
+    return D2LLMStudent.from_config(
+        params_from_dict({"student": cosine_student_cfg(backbone, max_length)}).student
+    )
+
+
+def teacher_finetune_params(model: Path, datasets: Sequence[str], **finetune: Any):
+    """Params of a cross-encoder teacher on ``model`` fine-tuned on ``datasets`` (``finetune``:
+    more ``teacher.finetune`` keys), fused with ``model`` read as the bi-encoder."""
+    from d2llm.config import params_from_dict
+
+    return params_from_dict(
+        {
+            "device": "cpu",
+            "teacher": {
+                "model": str(model),
+                "max_length": 64,
+                "batch_size": 8,
+                "fusion": "biencoder",
+                "finetune": {"datasets": list(datasets), **finetune},
+            },
+            "student": {"backbone": str(model)},
+        }
+    )

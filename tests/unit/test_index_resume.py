@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
+from tiny_models import cosine_student, cosine_student_cfg
 
 from d2llm.config import SearchConfig, params_from_dict
 from d2llm.errors import ArtifactError
@@ -34,22 +35,12 @@ CHUNK = 2  # passages per encoding step: the build records its progress after ea
 
 
 def _student_cfg(tiny_bert_dir) -> dict:
-    return {
-        "backbone": str(tiny_bert_dir),
-        "max_length": MAX_LENGTH,
-        "lora": {"enabled": False},
-        "pma": {"num_heads": 4, "init": "mean"},
-        "iem": {"hidden_size": 16, "branch_size": 8, "residual": "cosine"},
-    }
+    return cosine_student_cfg(tiny_bert_dir, MAX_LENGTH)
 
 
 @pytest.fixture(scope="module")
 def student(tiny_bert_dir):
-    from d2llm.hub import seed_everything
-    from d2llm.student.model import D2LLMStudent
-
-    seed_everything(0)
-    return D2LLMStudent.from_config(params_from_dict({"student": _student_cfg(tiny_bert_dir)}).student)
+    return cosine_student(tiny_bert_dir, MAX_LENGTH)
 
 
 class Stopped(Exception):

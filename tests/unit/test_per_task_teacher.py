@@ -8,6 +8,7 @@ import json
 import pandas as pd
 import pytest
 import torch
+from tiny_models import teacher_finetune_params
 from toy_tasks import mined_rows, pair_table, rule_pairs
 
 from d2llm.config import params_from_dict
@@ -39,26 +40,8 @@ def prepared(tmp_path):
 
 
 def _params(model_dir, datasets, per_task=True, **ft):
-    return params_from_dict(
-        {
-            "device": "cpu",
-            "teacher": {
-                "model": str(model_dir),
-                "max_length": 64,
-                "batch_size": 8,
-                "fusion": "biencoder",
-                "finetune": {
-                    "datasets": datasets,
-                    "epochs": 2.0,
-                    "batch_size": 8,
-                    "lr": 1e-3,
-                    "warmup_ratio": 0.0,
-                    "per_task": per_task,
-                    **ft,
-                },
-            },
-            "student": {"backbone": str(model_dir)},
-        }
+    return teacher_finetune_params(
+        model_dir, datasets, epochs=2.0, batch_size=8, lr=1e-3, warmup_ratio=0.0, per_task=per_task, **ft
     )
 
 

@@ -13,9 +13,9 @@ import logging
 import pandas as pd
 import pytest
 import torch
+from tiny_models import teacher_finetune_params
 from toy_tasks import mined_rows, pair_table, rule_pairs
 
-from d2llm.config import params_from_dict
 from d2llm.teachers.factory import load_teacher
 from d2llm.teachers.finetune import CHECKPOINT_DIR, finetune_teacher
 
@@ -41,27 +41,14 @@ def prepared(tmp_path):
 
 
 def _params(model_dir, datasets=("rule",), **ft):
-    return params_from_dict(
-        {
-            "device": "cpu",
-            "teacher": {
-                "model": str(model_dir),
-                "max_length": 64,
-                "batch_size": 8,
-                "fusion": "biencoder",
-                "finetune": {
-                    "datasets": list(datasets),
-                    "epochs": float(EPOCHS),
-                    "batch_size": 16,
-                    "lr": 1e-3,
-                    "warmup_ratio": 0.25,
-                    "checkpoint_every": 3,
-                    **ft,
-                },
-            },
-            "student": {"backbone": str(model_dir)},
-        }
-    )
+    recipe = {
+        "epochs": float(EPOCHS),
+        "batch_size": 16,
+        "lr": 1e-3,
+        "warmup_ratio": 0.25,
+        "checkpoint_every": 3,
+    }
+    return teacher_finetune_params(model_dir, datasets, **{**recipe, **ft})
 
 
 def _weights(params, folder) -> dict[str, torch.Tensor]:

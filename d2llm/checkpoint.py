@@ -9,6 +9,7 @@ half-written checkpoint behind.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from pathlib import Path
@@ -21,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from d2llm.errors import ArtifactError
 
 FORMAT_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -134,3 +137,42 @@ def load_checkpoint(
     np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
     weights = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
     return weights, meta["loop"]
+
+
+def resume_matching(
+    folder: Path,
+    inputs: str,
+    trainable: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    stale: str,
+    what: str,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+    """Resume from ``folder``'s checkpoint when it was made from ``inputs`` (the fingerprint in its
+    loop state): the ``trainable`` weights, optimizer, scheduler and RNGs restored in place.
+
+    Returns the loop state and the checkpoint's other tensors (beyond ``trainable``), or None: no
+    checkpoint, or one of other inputs (``stale`` is logged as a warning: resuming it would hand
+    back a model of the old inputs, so the caller trains afresh and overwrites it). A checkpoint
+    whose weights do not fit ``trainable`` (``what`` names the model) is an ArtifactError.
+    """
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    saved = read_loop_state(folder)
+    if saved is None or saved.get("inputs") != inputs:
+        log.warning(stale)
+        return None
+    weights, loop = load_checkpoint(folder, optimizer, scheduler)
+    mismatched = sorted(
+        name for name, param in trainable.items() if name not in weights or weights[name].shape != param.shape
+    )
+    if mismatched:
+        raise ArtifactError(
+            f"checkpoint {folder} does not match {what} ({len(mismatched)} params missing or of another "
+            f"shape, e.g. {mismatched[0]}); delete it or train into a new folder"
+        )
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(weights[name].to(param.device))
+    return loop, {name: tensor for name, tensor in weights.items() if name not in trainable}

@@ -483,38 +483,21 @@ class Distiller:
 
     def resume(self) -> None:
         """Continue from ``out_dir/checkpoint`` when it was made from the same inputs."""
-        from d2llm.checkpoint import load_checkpoint, read_loop_state
+        from d2llm.checkpoint import resume_matching
 
-        if not self.checkpoint_dir.exists():
-            return
-        saved = read_loop_state(self.checkpoint_dir)
-        if saved is None or saved.get("inputs") != self.state.inputs:
-            # A kept checkpoint of other labels or settings (e.g. after a param change under DVC,
-            # which keeps models/student to allow resumption) is stale: resuming it would hand
-            # back the old student. Train afresh; the new run overwrites it.
-            log.warning(
-                "checkpoint in %s was made from other labels or settings (or in another number format, "
-                "bf16 or float32): training afresh",
-                self.out_dir,
-            )
-            return
-        weights, loop = load_checkpoint(self.checkpoint_dir, self.optimizer, self.scheduler)
-        mismatched = sorted(
-            name
-            for name, param in self.trainable.items()
-            if name not in weights or weights[name].shape != param.shape
+        # A kept checkpoint of other labels or settings (e.g. after a param change under DVC,
+        # which keeps models/student to allow resumption) is stale: train afresh.
+        stale = (
+            f"checkpoint in {self.out_dir} was made from other labels or settings (or in another number "
+            "format, bf16 or float32): training afresh"
         )
-        if mismatched:
-            raise ArtifactError(
-                f"checkpoint {self.checkpoint_dir} does not match the student config "
-                f"({len(mismatched)} params missing or of another shape, e.g. {mismatched[0]}); "
-                "delete it or train into a new folder"
-            )
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                self.trainable[name].copy_(tensor.to(self.student.device))
-        self.state = LoopState(**loop)
-        log.info("resumed from step %d", self.state.step)
+        resumed = resume_matching(
+            self.checkpoint_dir, self.state.inputs, self.trainable, self.optimizer, self.scheduler, stale,
+            "the student config",
+        )  # fmt: skip
+        if resumed is not None:
+            self.state = LoopState(**resumed[0])
+            log.info("resumed from step %d", self.state.step)
 
     def save_state(self) -> None:
         from d2llm.checkpoint import save_checkpoint

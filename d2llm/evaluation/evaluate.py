@@ -44,6 +44,7 @@ from d2llm.errors import ArtifactError
 from d2llm.evaluation import metrics as M
 from d2llm.evaluation import significance as S
 from d2llm.evaluation.dev import DevSet, dataset_metric, sample_rows
+from d2llm.evaluation.parts import EvaluationParts
 from d2llm.jsonfile import write_json
 from d2llm.passages import PassageSpans, passage_window, split_passages
 from d2llm.search import Aggregation, Bm25Ranker, encode_corpus, rank_documents, standardised, top_k_positions
@@ -988,8 +989,6 @@ def evaluate_systems(
     ``<output>.parts/`` until the report is written, and a run that stopped part-way scores only
     the datasets it had not finished (``d2llm.evaluation.parts``).
     """
-    from d2llm.evaluation.parts import EvaluationParts
-
     ev = params.evaluation
     prepared_dir = Path(prepared_dir)
     notes: list[str] = []

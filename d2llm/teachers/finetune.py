@@ -40,6 +40,7 @@ from d2llm.evaluation.dev import (
     DevSet,
     dataset_metric,
     dev_score,
+    dev_sets_id,
     load_dev_sets,
     mean_metric,
     sample_rows,
@@ -346,9 +347,7 @@ def teacher_inputs_fingerprint(
         {
             "params": param_values("teacher-finetune", params),
             "train": [[row.task, *row.pair, row.target, row.list_id] for row in train],
-            "dev": [
-                {"name": d.name, "pairs": d.pairs, "gold": d.gold.tolist(), "task": d.task} for d in dev_sets
-            ],
+            "dev": dev_sets_id(dev_sets),
             "bf16": bf16,
         }
     )
@@ -369,27 +368,17 @@ def _resume_teacher(
 ) -> tuple[TeacherLoop, list[Tensor] | None] | None:
     """The loop and kept weights of ``folder``'s checkpoint, the trainable weights, optimizer,
     scheduler and RNGs restored; None (train afresh) when there is none or it is of other inputs."""
-    import torch
+    from d2llm.checkpoint import resume_matching
 
-    from d2llm.checkpoint import load_checkpoint, read_loop_state
-
-    if not folder.exists():
+    stale = f"teacher checkpoint in {folder} was made from other data or settings: training afresh"
+    named = {str(i): p for i, p in enumerate(trainable)}
+    resumed = resume_matching(
+        folder, inputs, named, optimizer, scheduler, stale, "the teacher's trainable weights"
+    )
+    if resumed is None:
         return None
-    saved = read_loop_state(folder)
-    if saved is None or saved.get("inputs") != inputs:
-        log.warning("teacher checkpoint in %s was made from other data or settings: training afresh", folder)
-        return None
-    weights, loop = load_checkpoint(folder, optimizer, scheduler)
-    shapes = [tuple(p.shape) for p in trainable]
-    if [tuple(weights[str(i)].shape) if str(i) in weights else None for i in range(len(trainable))] != shapes:
-        raise ArtifactError(
-            f"teacher checkpoint {folder} does not match the teacher's trainable weights; "
-            "delete it (or run with --no-resume)"
-        )
-    with torch.no_grad():
-        for i, p in enumerate(trainable):
-            p.copy_(weights[str(i)].to(p.device))
-    best = [weights[f"best.{i}"] for i in range(len(trainable))] if "best.0" in weights else None
+    loop, extra = resumed
+    best = [extra[f"best.{i}"] for i in range(len(trainable))] if "best.0" in extra else None
     state = TeacherLoop(**loop)
     log.info("teacher fine-tuning: resumed at step %d (epoch %d)", state.step, max(state.epoch, 1))
     return state, best
